@@ -1,0 +1,89 @@
+"""Admin API: the delegation threshold at runtime. Bearer token from CASCADE_ADMIN_TOKEN."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import Forbidden, Unauthorized
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+def require_admin(request: Request) -> str:
+    """Returns who is calling (for the audit log) or raises 401/403."""
+    token = request.app.state.gateway.settings.admin_token
+    if token is None:
+        raise Forbidden("the admin API is disabled: no CASCADE_ADMIN_TOKEN is configured")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise Unauthorized("admin calls need `Authorization: Bearer <token>`")
+    expected = token.get_secret_value()
+    if not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise Forbidden("the admin token is not valid")
+    fingerprint = hashlib.sha256(expected.encode()).hexdigest()[:8]
+    actor = request.headers.get("x-cascade-actor", "")[:64].strip()
+    client = request.client.host if request.client else "?"
+    return f"{actor or 'admin'} (token {fingerprint}, from {client})"
+
+
+Admin = Annotated[str, Depends(require_admin)]
+
+
+class ThresholdUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cascade: str | None = None
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    target_delegation_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one(self) -> ThresholdUpdate:
+        if (self.threshold is None) == (self.target_delegation_rate is None):
+            raise ValueError("give exactly one of `threshold` and `target_delegation_rate`")
+        return self
+
+
+def _describe(cascade) -> dict:
+    state = cascade.thresholds.current()
+    calibration = cascade.manifest.calibration
+    return {
+        "cascade": cascade.name,
+        **state.model_dump(),
+        "default_threshold": cascade.manifest.default_threshold,
+        # What the calibration split says this threshold delegates.
+        "expected_delegation_rate": calibration.rate_for_threshold(state.threshold),
+    }
+
+
+@router.get("/threshold")
+async def get_threshold(request: Request, _: Admin, cascade: str | None = None) -> dict:
+    """The current threshold, where it came from (bundle calibration or an admin), and when."""
+    return _describe(request.app.state.gateway.resolve(cascade))
+
+
+@router.put("/threshold")
+async def put_threshold(request: Request, update: ThresholdUpdate, actor: Admin) -> dict:
+    """Set the threshold, or a target delegation rate resolved through the calibration table.
+    Applies to every worker at once and survives restarts."""
+    cascade = request.app.state.gateway.resolve(update.cascade)
+    old, _ = cascade.thresholds.set(
+        threshold=update.threshold, target_delegation_rate=update.target_delegation_rate,
+        actor=actor,
+    )
+    cascade.metrics.threshold_changes.labels(cascade.name).inc()
+    cascade.threshold()
+    return {**_describe(cascade), "previous_threshold": old.threshold}
+
+
+@router.delete("/threshold")
+async def reset_threshold(request: Request, actor: Admin, cascade: str | None = None) -> dict:
+    """Back to the student bundle's calibrated default."""
+    target = request.app.state.gateway.resolve(cascade)
+    old, _ = target.thresholds.reset(actor=actor)
+    target.metrics.threshold_changes.labels(target.name).inc()
+    target.threshold()
+    return {**_describe(target), "previous_threshold": old.threshold}

@@ -1,0 +1,148 @@
+"""The cascade bundle: what `cascade-train export` writes and the gateway reads.
+
+One directory per student version: `student.onnx` and `manifest.json`. The manifest is the
+contract between training and serving, so it lives here (no torch) and both sides import it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImagePreprocess(_Strict):
+    """How any uploaded image becomes the student's input tensor (NCHW float32)."""
+
+    kind: Literal["image"] = "image"
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    channels: Literal[1, 3]
+    # Per channel, applied to pixel / 255.
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    # Transparent pixels are composited onto this grey level (0 black .. 255 white).
+    background: int = Field(default=0, ge=0, le=255)
+    resample: Literal["nearest", "box", "bilinear", "bicubic", "lanczos"] = "bilinear"
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> ImagePreprocess:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean and std need one value per channel")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std must be positive")
+        return self
+
+
+class TeacherRef(_Strict):
+    """The Triton model the student delegates to, and its tensor contract."""
+
+    model_name: str
+    model_version: str = ""  # "" = Triton's version policy picks
+    input_name: str = "input"
+    output_name: str = "logits"
+    max_batch_size: int = Field(default=64, gt=0)
+
+
+class CalibrationRow(_Strict):
+    threshold: float
+    delegation_rate: float
+    cascade_accuracy: float
+    expected_cost: float
+
+
+class Calibration(_Strict):
+    """Threshold table measured on a held-out split (never the training data)."""
+
+    split: str
+    n: int
+    student_accuracy: float
+    teacher_accuracy: float
+    # Relative cost per request, teacher alone = 1.0 (from MACs).
+    cost_student: float
+    cost_teacher: float
+    target_delegation_rate: float
+    threshold: float
+    # Sorted by delegation_rate, one row per percent.
+    table: tuple[CalibrationRow, ...]
+
+    def threshold_for_rate(self, rate: float) -> float:
+        """Threshold whose calibration-split delegation rate is `rate` (linear interpolation)."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError("target delegation rate must be within [0, 1]")
+        rates = np.array([r.delegation_rate for r in self.table])
+        thresholds = np.array([r.threshold for r in self.table])
+        return float(np.interp(rate, rates, thresholds))
+
+    def rate_for_threshold(self, threshold: float) -> float:
+        rates = np.array([r.delegation_rate for r in self.table])
+        thresholds = np.array([r.threshold for r in self.table])
+        # Thresholds are non-decreasing in rate; interp needs increasing x, so dedupe.
+        thresholds, idx = np.unique(thresholds, return_index=True)
+        return float(np.interp(threshold, thresholds, rates[idx]))
+
+
+class Manifest(_Strict):
+    format_version: int = FORMAT_VERSION
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    version: str
+    modality: Literal["image"]
+    classes: tuple[str, ...]
+    student_file: str = "student.onnx"
+    student_input: str = "input"
+    student_output: str = "logits"
+    preprocess: ImagePreprocess
+    default_threshold: float = Field(ge=0.0, le=1.0)
+    calibration: Calibration
+    teacher: TeacherRef
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _classes(self) -> Manifest:
+        if len(self.classes) < 2:
+            raise ValueError("a classifier needs at least 2 classes")
+        return self
+
+
+class Bundle:
+    """A loaded bundle directory."""
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path = path
+        self.manifest = manifest
+
+    @property
+    def student_path(self) -> Path:
+        return self.path / self.manifest.student_file
+
+    @classmethod
+    def load(cls, path: str | Path) -> Bundle:
+        path = Path(path)
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"no {MANIFEST_FILE} in bundle directory {path}")
+        manifest = Manifest.model_validate_json(manifest_path.read_bytes())
+        if manifest.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"{manifest_path}: format_version {manifest.format_version}, "
+                f"this gateway reads {FORMAT_VERSION}"
+            )
+        bundle = cls(path, manifest)
+        if not bundle.student_path.is_file():
+            raise FileNotFoundError(f"bundle {path} names {manifest.student_file}, which is missing")
+        return bundle
+
+    def save(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / (MANIFEST_FILE + ".tmp")
+        tmp.write_text(self.manifest.model_dump_json(indent=2) + "\n")
+        tmp.replace(self.path / MANIFEST_FILE)

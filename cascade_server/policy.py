@@ -1,0 +1,49 @@
+"""The delegation decision, in exactly one place: a pure function of the student's logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class NonFiniteLogits(ValueError):
+    """The student produced NaN or inf; its probabilities mean nothing."""
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of a (batch, classes) array; rejects non-finite logits."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"expected (batch, classes>=2) logits, got shape {logits.shape}")
+    if not np.isfinite(logits).all():
+        raise NonFiniteLogits("logits contain NaN or inf")
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def top2_margin(probs: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 probability per row; 0 on a tie, in [0, 1]."""
+    top2 = np.partition(probs, -2, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+@dataclass(frozen=True)
+class Decision:
+    probs: np.ndarray  # (batch, classes) float64; rows of non-finite logits are uniform
+    margins: np.ndarray  # (batch,); 0 where logits were non-finite
+    delegate: np.ndarray  # (batch,) bool
+    non_finite: np.ndarray  # (batch,) bool
+
+
+def decide(logits: np.ndarray, threshold: float) -> Decision:
+    """Delegate iff margin < threshold. A row with non-finite logits is always delegated:
+    the student has no answer to give, and the teacher may."""
+    logits = np.asarray(logits, dtype=np.float64)
+    bad = ~np.isfinite(logits).all(axis=1)
+    safe = np.where(bad[:, None], 0.0, logits)
+    probs = softmax(safe)
+    margins = np.where(bad, 0.0, top2_margin(probs))
+    delegate = (margins < threshold) | bad
+    return Decision(probs=probs, margins=margins, delegate=delegate, non_finite=bad)
