@@ -82,6 +82,18 @@ class Cascade:
         await self.teacher.setup()
         self.metrics.prime(self.name)
         self.threshold()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Pay first-call costs (Pillow's codec imports, ORT's first run) before traffic does."""
+        import io
+
+        from PIL import Image
+
+        spec = self.manifest.preprocess
+        buf = io.BytesIO()
+        Image.new("L", (spec.width, spec.height)).save(buf, "PNG")
+        self.student.predict(self.preprocessor([buf.getvalue()]))
 
     async def close(self) -> None:
         await self.teacher.close()

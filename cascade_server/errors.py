@@ -25,6 +25,9 @@ class CascadeError(Exception):
         super().__init__(message)
         self.message = message
 
+    def __str__(self) -> str:
+        return self.message
+
 
 class BadRequest(CascadeError):
     status, code = 400, "bad_request"

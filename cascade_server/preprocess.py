@@ -60,10 +60,12 @@ class ImagePreprocessor:
                         f"the limit is {self.max_pixels}"
                     )
                 img.load()
-        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        except UnidentifiedImageError:
             raise InvalidInput(
-                f"bytes are not a supported image ({', '.join(ALLOWED_FORMATS)}): {exc}"
+                f"bytes are not a supported image ({', '.join(ALLOWED_FORMATS)})"
             ) from None
+        except Image.DecompressionBombError as exc:
+            raise PayloadTooLarge(str(exc)) from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise InvalidInput(f"image could not be decoded: {exc}") from None
         return self._to_array(img)

@@ -110,6 +110,16 @@ def prepare_backends(workdir: Path) -> Path:
     return backends
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM if its parent dies (even by SIGKILL),
+    so a crashed gateway never leaves a tritonserver running."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -183,7 +193,7 @@ class TritonServer:
             # gateway has drained; we stop it ourselves.
             self.process = subprocess.Popen(
                 cmd, stdout=logfile, stderr=subprocess.STDOUT, env=self.environment(),
-                start_new_session=True,
+                start_new_session=True, preexec_fn=_die_with_parent,
             )
         try:
             self.wait_ready(timeout_s)

@@ -15,7 +15,7 @@ from ..preprocess import normalize
 from .calibrate import calibrate
 from .data import DATASETS, split
 from .engine import FitConfig, accuracy, fit, predict_logits, seed_everything
-from .export import write_bundle, write_teacher_entry
+from .export import save_weights, write_bundle, write_teacher_entry
 from .losses import LOSSES
 from .models import build, count_macs, count_parameters
 
@@ -120,6 +120,9 @@ def build_demo(
         },
     )
     bundle = write_bundle(bundle_dir, student, manifest)
+    # PyTorch weights beside the export (state dicts only: loaded with weights_only=True).
+    save_weights(student, bundle_dir / "student.pt")
+    save_weights(teacher, teacher_dir / "1" / "teacher.pt")
     log.info(
         "demo built in %.1fs: teacher %.3f, student %.3f, cascade %.3f at %.0f%% delegation (test)",
         time.perf_counter() - started, manifest.training["test"]["teacher_accuracy"],

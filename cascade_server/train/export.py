@@ -95,3 +95,14 @@ def write_bundle(path: Path, model: nn.Module, manifest: Manifest) -> Bundle:
     bundle = Bundle(path, manifest)
     bundle.save()
     return bundle
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Tensors only: `weights_only=True` refuses pickled code."""
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()

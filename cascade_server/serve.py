@@ -1,0 +1,119 @@
+"""cascade-serve: run the gateway (uvicorn, N workers), optionally with the bundled Triton.
+
+Settings come from `CASCADE_*` variables; the flags here override them and are handed to the
+worker processes through the environment, so every worker builds the same Settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+
+log = logging.getLogger("cascade_server.serve")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="cascade-serve", description=__doc__)
+    p.add_argument("--demo", action="store_true",
+                   help="build the digits demo if missing, run the bundled Triton with it, and "
+                        "set an admin token if none is configured")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--bundle", type=Path, action="append", dest="bundles",
+                   help="a cascade bundle directory (repeat for several; else CASCADE_BUNDLES)")
+    p.add_argument("--triton-url", help="Triton gRPC host:port (else CASCADE_TRITON_URL)")
+    p.add_argument("--launch-triton", action="store_true",
+                   help="start the bundled tritonserver on --model-repository, on free ports")
+    p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--bundles-dir", type=Path, default=Path("bundles"),
+                   help="with --demo: where the demo bundle lives")
+    p.add_argument("--workdir", type=Path, default=Path(".cascade"),
+                   help="runtime files: Triton's derived repository and logs, metrics files")
+    p.add_argument("--graceful-shutdown-s", type=float, default=10.0,
+                   help="how long in-flight requests may take to finish on shutdown")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env = os.environ
+    if args.demo:
+        from .train.demo import DemoConfig, build_demo, demo_paths
+
+        for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        build_demo(args.model_repository, args.bundles_dir, DemoConfig(progress=False))
+        args.bundles = args.bundles or [demo_paths(args.model_repository, args.bundles_dir)[1]]
+        args.launch_triton = True
+        if not env.get("CASCADE_ADMIN_TOKEN"):
+            env["CASCADE_ADMIN_TOKEN"] = "demo-" + secrets.token_urlsafe(12)
+    if args.bundles:
+        env["CASCADE_BUNDLES"] = ",".join(str(p.resolve()) for p in args.bundles)
+    if args.triton_url:
+        env["CASCADE_TRITON_URL"] = args.triton_url
+
+    # Multiprocess metrics must be configured before prometheus_client is first imported.
+    metrics_dir = Path(env.get("PROMETHEUS_MULTIPROC_DIR") or args.workdir / "metrics")
+    if args.workers > 1 or "PROMETHEUS_MULTIPROC_DIR" in env:
+        shutil.rmtree(metrics_dir, ignore_errors=True)  # stale files from a previous run
+        metrics_dir.mkdir(parents=True)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+
+    from .bundle import Bundle
+    from .settings import Settings
+
+    settings = Settings()  # fail here, once, rather than in every worker
+    for path in settings.bundles:
+        Bundle.load(path)
+
+    triton = None
+    try:
+        if args.launch_triton:
+            from .triton import TritonServer, python_backend_repository
+
+            workdir = (args.workdir / "triton").resolve()
+            repo = python_backend_repository(args.model_repository.resolve(), workdir / "repository")
+            triton = TritonServer(repo, workdir).start()
+            env["CASCADE_TRITON_URL"] = triton.grpc_url
+            log.info("bundled tritonserver ready: grpc %s (log: %s)", triton.grpc_url, triton.log_path)
+        _banner(args, env)
+        import uvicorn
+
+        uvicorn.run(
+            "cascade_server.app:create_app_from_env", factory=True, host=args.host,
+            port=args.port, workers=args.workers, access_log=False,
+            timeout_graceful_shutdown=args.graceful_shutdown_s,
+            log_level=settings.log_level.lower(),
+        )
+    finally:
+        if triton is not None:
+            log.info("stopping tritonserver")
+            triton.stop()
+    return 0
+
+
+def _banner(args: argparse.Namespace, env) -> None:
+    base = f"http://{args.host}:{args.port}"
+    lines = [
+        f"cascade gateway on {base}  ({args.workers} worker(s); teacher at "
+        f"{env.get('CASCADE_TRITON_URL', '127.0.0.1:8001')})",
+        f"  predict:  curl -s {base}/predict -H 'content-type: application/json' "
+        "-d '{\"image\": \"<base64 PNG>\"}'",
+        f"  metrics:  curl -s {base}/metrics",
+    ]
+    token = env.get("CASCADE_ADMIN_TOKEN")
+    if args.demo and token:
+        lines.append(f"  admin token (demo): {token}")
+        lines.append(f"  admin:    curl -s {base}/admin/threshold -H 'authorization: Bearer {token}'")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

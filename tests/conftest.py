@@ -1,0 +1,69 @@
+"""Shared fixtures: the demo cascade, built once per test session into a temporary directory."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Demo:
+    repository: Path  # Triton model repository (production config + model.onnx)
+    bundle: Path  # student bundle directory
+    images: np.ndarray  # uint8 (N, 8, 8, 1): all of scikit-learn's digits
+    labels: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    from cascade_server.train.data import DATASETS
+    from cascade_server.train.demo import DemoConfig, build_demo
+
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    root = tmp_path_factory.mktemp("demo")
+    bundle = build_demo(root / "model_repository", root / "bundles", DemoConfig(progress=False))
+    data = DATASETS.get("digits")()
+    return Demo(root / "model_repository", bundle.path, data.x, data.y)
+
+
+def png_bytes(array: np.ndarray, mode: str = "L", fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
+    img.convert(mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def student_margins(demo: Demo) -> np.ndarray:
+    """The demo student's margins on every digit, computed outside the gateway."""
+    import onnxruntime as ort
+
+    from cascade_server.bundle import Bundle
+    from cascade_server.policy import softmax, top2_margin
+    from cascade_server.preprocess import normalize
+
+    bundle = Bundle.load(demo.bundle)
+    session = ort.InferenceSession(str(bundle.student_path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input": normalize(demo.images, bundle.manifest.preprocess)})
+    return top2_margin(softmax(logits))
+
+
+def easy_and_hard(demo: Demo, threshold: float, n: int = 5) -> tuple[list[int], list[int]]:
+    """Indices of digits far above and far below the threshold."""
+    margins = student_margins(demo)
+    order = np.argsort(margins)
+    hard = [int(i) for i in order if margins[i] < threshold * 0.8][:n]
+    easy = [int(i) for i in order[::-1] if margins[i] > min(0.99, threshold + 0.1)][:n]
+    assert len(hard) == n and len(easy) == n, "demo student has too few easy or hard digits"
+    return easy, hard

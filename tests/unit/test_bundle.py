@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from cascade_server.bundle import Bundle, ImagePreprocess, Manifest, TeacherRef
+from cascade_server.train.calibrate import calibrate
+
+
+def make_calibration(seed=0, target=0.2):
+    rng = np.random.default_rng(seed)
+    student = rng.normal(size=(500, 5)) * 3
+    labels = rng.integers(0, 5, 500)
+    teacher = np.eye(5)[labels] * 10  # a perfect teacher
+    return calibrate(student, teacher, labels, target_delegation_rate=target, cost_student=0.1)
+
+
+def make_manifest(**overrides):
+    cal = make_calibration()
+    fields = dict(
+        name="toy", version="1", modality="image", classes=("a", "b", "c", "d", "e"),
+        preprocess=ImagePreprocess(height=8, width=8, channels=1, mean=(0.5,), std=(0.5,)),
+        default_threshold=cal.threshold, calibration=cal, teacher=TeacherRef(model_name="t"),
+    )
+    return Manifest(**{**fields, **overrides})
+
+
+def test_threshold_for_rate_and_back():
+    cal = make_calibration()
+    for rate in (0.1, 0.2, 0.5, 0.8):
+        assert cal.rate_for_threshold(cal.threshold_for_rate(rate)) == pytest.approx(rate, abs=0.01)
+    assert cal.threshold_for_rate(0.0) == 0.0
+    assert cal.threshold_for_rate(1.0) == 1.0
+    with pytest.raises(ValueError):
+        cal.threshold_for_rate(1.5)
+
+
+def test_manifest_roundtrip(tmp_path):
+    manifest = make_manifest()
+    bundle = Bundle(tmp_path, manifest)
+    bundle.save()
+    (tmp_path / "student.onnx").write_bytes(b"x")
+    assert Bundle.load(tmp_path).manifest == manifest
+
+
+def test_missing_student_file_is_reported(tmp_path):
+    Bundle(tmp_path, make_manifest()).save()
+    with pytest.raises(FileNotFoundError, match=r"student\.onnx"):
+        Bundle.load(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [
+    {"classes": ("only",)},
+    {"name": "Bad Name"},
+    {"default_threshold": 1.5},
+    {"preprocess": {"height": 8, "width": 8, "channels": 3, "mean": [0.5], "std": [0.5]}},
+])
+def test_manifest_rejects_nonsense(bad):
+    with pytest.raises(ValidationError):
+        make_manifest(**bad)

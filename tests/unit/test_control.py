@@ -1,0 +1,69 @@
+import json
+
+import pytest
+
+from cascade_server.control import ThresholdStore
+
+from .test_bundle import make_calibration
+
+
+def store(tmp_path, version="v1"):
+    cal = make_calibration()
+    return ThresholdStore(tmp_path, "toy", default_threshold=cal.threshold, calibration=cal,
+                          student_version=version)
+
+
+def test_default_comes_from_the_bundle(tmp_path):
+    s = store(tmp_path)
+    state = s.current()
+    assert state.source == "bundle"
+    assert state.threshold == s.calibration.threshold
+
+
+def test_a_change_in_one_process_is_seen_by_another_at_once(tmp_path):
+    worker_a, worker_b = store(tmp_path), store(tmp_path)
+    assert worker_b.current().threshold != 0.42
+    old, new = worker_a.set(threshold=0.42, actor="alice")
+    assert old.source == "bundle" and new.threshold == 0.42
+    seen = worker_b.current()
+    assert (seen.threshold, seen.source, seen.updated_by) == (0.42, "admin", "alice")
+    for value in (0.1, 0.2, 0.3):  # quick successive writes of the same size
+        worker_a.set(threshold=value, actor="alice")
+        assert worker_b.current().threshold == value
+
+
+def test_state_survives_a_restart_and_reset_restores_the_default(tmp_path):
+    store(tmp_path).set(threshold=0.9, actor="a")
+    restarted = store(tmp_path)
+    assert restarted.current().threshold == 0.9
+    restarted.reset(actor="b")
+    assert store(tmp_path).current().source == "bundle"
+
+
+def test_target_rate_is_resolved_through_the_calibration(tmp_path):
+    s = store(tmp_path)
+    _, new = s.set(target_delegation_rate=0.5, actor="a")
+    assert new.threshold == pytest.approx(s.calibration.threshold_for_rate(0.5))
+    assert new.target_delegation_rate == 0.5
+
+
+def test_exactly_one_of_threshold_and_rate(tmp_path):
+    with pytest.raises(ValueError):
+        store(tmp_path).set(threshold=0.1, target_delegation_rate=0.1, actor="a")
+    with pytest.raises(ValueError):
+        store(tmp_path).set(actor="a")
+
+
+def test_every_change_is_audited(tmp_path):
+    s = store(tmp_path)
+    s.set(threshold=0.3, actor="alice")
+    s.set(threshold=0.4, actor="bob")
+    lines = [json.loads(x) for x in s.audit_path.read_text().splitlines()]
+    assert [(x["by"], x["old"], x["new"]) for x in lines][1:] == [("bob", 0.3, 0.4)]
+    assert lines[0]["by"] == "alice" and lines[0]["new"] == 0.3
+
+
+def test_an_unreadable_state_file_falls_back_to_the_default(tmp_path):
+    s = store(tmp_path)
+    s.path.write_text("{not json")
+    assert s.current().source == "bundle"
