@@ -164,6 +164,8 @@ def create_app(settings: Settings | None = None, *, teacher_factory=build_teache
             body = {"outputs": outputs} if batched else outputs[0]
             return Response(orjson.dumps(body), media_type="application/json", headers=worker_header)
         except CascadeError:
+            if cascade is None and len(gateway.cascades) == 1:
+                cascade = next(iter(gateway.cascades.values()))
             label = cascade.name if cascade is not None else "unknown"
             Cascade._safe(metrics.requests.labels(label, "rejected").inc)
             raise
@@ -248,12 +250,14 @@ async def _read_inputs(
             raise
         except Exception as exc:  # python-multipart's errors for malformed bodies
             raise BadRequest(f"malformed multipart body: {exc}") from None
-        files = [v for v in form.getlist("file") if isinstance(v, UploadFile)]
-        if not files:
-            raise InvalidInput("multipart body has no `file` field")
-        _check_batch(len(files), settings)
-        blobs = [await f.read() for f in files]
-        await form.close()
+        try:
+            files = [v for v in form.getlist("file") if isinstance(v, UploadFile)]
+            if not files:
+                raise InvalidInput("multipart body has no `file` field")
+            _check_batch(len(files), settings)
+            blobs = [await f.read() for f in files]
+        finally:
+            await form.close()  # spooled temporary files, on every path
         name = form.get("cascade")
         return (
             blobs, name if isinstance(name, str) else cascade_name,

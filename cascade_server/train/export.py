@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,17 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
-        torch.onnx.export(
-            model, (example,), str(raw), input_names=[input_name], output_names=[output_name],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-            dynamo=True, external_data=False, verbose=False,
-        )
+        with warnings.catch_warnings():
+            # The exporter's internal deprecation chatter is not actionable for users; the
+            # result is checked against PyTorch below.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model, (example,), str(raw), input_names=[input_name],
+                output_names=[output_name],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                dynamo=True, external_data=False, verbose=False,
+            )
         proto = onnx.load(str(raw))
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
