@@ -1,3 +1,3 @@
-"""cascade-server: a distilled student answers easy requests, a Triton-hosted teacher the hard ones."""
+"""cascade-server: a small student answers easy requests, a teacher on Triton the hard ones."""
 
 __version__ = "0.1.0"

@@ -71,7 +71,8 @@ async def put_threshold(request: Request, update: ThresholdUpdate, actor: Admin)
     Applies to every worker at once and survives restarts."""
     cascade = request.app.state.gateway.resolve(update.cascade)
     old, _ = cascade.thresholds.set(
-        threshold=update.threshold, target_delegation_rate=update.target_delegation_rate,
+        threshold=update.threshold,
+        target_delegation_rate=update.target_delegation_rate,
         actor=actor,
     )
     cascade.metrics.threshold_changes.labels(cascade.name).inc()

@@ -99,7 +99,9 @@ class Gateway:
 
 def build_teacher(settings: Settings, bundle: Bundle) -> Teacher:
     return TritonTeacher(
-        settings.triton_url, bundle.manifest.teacher, timeout_s=settings.teacher_timeout_s,
+        settings.triton_url,
+        bundle.manifest.teacher,
+        timeout_s=settings.teacher_timeout_s,
         readiness_timeout_s=settings.readiness_timeout_s,
         reconnect_backoff_ms=settings.teacher_reconnect_backoff_ms,
     )
@@ -137,14 +139,27 @@ def create_app(settings: Settings | None = None, *, teacher_factory=build_teache
 
     @app.post(
         "/predict",
-        openapi_extra={"requestBody": {"content": {
-            "application/json": {"schema": PredictRequest.model_json_schema()},
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                "cascade": {"type": "string"}, "top_k": {"type": "integer"},
-            }}},
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        }}},
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "application/json": {"schema": PredictRequest.model_json_schema()},
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "file": {
+                                    "type": "array",
+                                    "items": {"type": "string", "format": "binary"},
+                                },
+                                "cascade": {"type": "string"},
+                                "top_k": {"type": "integer"},
+                            },
+                        }
+                    },
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                }
+            }
+        },
     )
     async def predict(request: Request) -> Response:
         """Classify one image or a batch. JSON (base64), multipart upload (`file` fields, one or
@@ -162,7 +177,9 @@ def create_app(settings: Settings | None = None, *, teacher_factory=build_teache
                 out["timings_ms"] = timings.as_ms(total)
             cascade.record_total(timings, total)
             body = {"outputs": outputs} if batched else outputs[0]
-            return Response(orjson.dumps(body), media_type="application/json", headers=worker_header)
+            return Response(
+                orjson.dumps(body), media_type="application/json", headers=worker_header
+            )
         except CascadeError:
             if cascade is None and len(gateway.cascades) == 1:
                 cascade = next(iter(gateway.cascades.values()))
@@ -186,7 +203,8 @@ def create_app(settings: Settings | None = None, *, teacher_factory=build_teache
         detail = {name: await c.readiness() for name, c in gateway.cascades.items()}
         ready = all(all(parts.values()) for parts in detail.values())
         return Response(
-            orjson.dumps({"ready": ready, "cascades": detail}), 200 if ready else 503,
+            orjson.dumps({"ready": ready, "cascades": detail}),
+            200 if ready else 503,
             media_type="application/json",
         )
 
@@ -194,18 +212,23 @@ def create_app(settings: Settings | None = None, *, teacher_factory=build_teache
     async def cascades(request: Request) -> dict:
         """The cascades served, with their classes and current thresholds."""
         gateway: Gateway = request.app.state.gateway
-        return {"cascades": [
-            {
-                "name": c.name, "modality": c.modality, "classes": list(c.classes),
-                "threshold": c.threshold(), "versions": c.versions,
-            }
-            for c in gateway.cascades.values()
-        ]}
+        return {
+            "cascades": [
+                {
+                    "name": c.name,
+                    "modality": c.modality,
+                    "classes": list(c.classes),
+                    "threshold": c.threshold(),
+                    "versions": c.versions,
+                }
+                for c in gateway.cascades.values()
+            ]
+        }
 
     @app.get("/metrics")
     async def metrics_route(request: Request) -> Response:
         gateway: Gateway | None = getattr(request.app.state, "gateway", None)
-        for cascade in (gateway.cascades.values() if gateway else ()):
+        for cascade in gateway.cascades.values() if gateway else ():
             cascade.threshold()  # a change made through another worker shows on every scrape
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
@@ -225,7 +248,7 @@ async def _read_inputs(
     if content_type == "application/json":
         raw = await request.body()
         if not raw:
-            raise BadRequest("request body is empty; send JSON like {\"image\": \"<base64>\"}")
+            raise BadRequest('request body is empty; send JSON like {"image": "<base64>"}')
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -260,8 +283,10 @@ async def _read_inputs(
             await form.close()  # spooled temporary files, on every path
         name = form.get("cascade")
         return (
-            blobs, name if isinstance(name, str) else cascade_name,
-            _int_param(form.get("top_k"), "top_k") or top_k, len(files) > 1,
+            blobs,
+            name if isinstance(name, str) else cascade_name,
+            _int_param(form.get("top_k"), "top_k") or top_k,
+            len(files) > 1,
         )
 
     if content_type.startswith("image/"):

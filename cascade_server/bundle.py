@@ -138,7 +138,9 @@ class Bundle:
             )
         bundle = cls(path, manifest)
         if not bundle.student_path.is_file():
-            raise FileNotFoundError(f"bundle {path} names {manifest.student_file}, which is missing")
+            raise FileNotFoundError(
+                f"bundle {path} names {manifest.student_file}, which is missing"
+            )
         return bundle
 
     def save(self) -> None:

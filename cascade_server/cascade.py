@@ -66,15 +66,24 @@ class Cascade:
         self.teacher = teacher
         self.preprocessor = ImagePreprocessor(m.preprocess, settings.max_image_pixels)
         self.student = OnnxStudent(
-            bundle.student_path, m.student_input, m.student_output,
-            device=settings.student_device, threads=settings.student_threads,
+            bundle.student_path,
+            m.student_input,
+            m.student_output,
+            device=settings.student_device,
+            threads=settings.student_threads,
         )
         self.thresholds = ThresholdStore(
-            settings.state_dir, m.name, default_threshold=m.default_threshold,
-            calibration=m.calibration, student_version=m.version,
+            settings.state_dir,
+            m.name,
+            default_threshold=m.default_threshold,
+            calibration=m.calibration,
+            student_version=m.version,
         )
         teacher_version = m.teacher.model_version or "latest"
-        self.versions = {"student": m.version, "teacher": f"{m.teacher.model_name}/{teacher_version}"}
+        self.versions = {
+            "student": m.version,
+            "teacher": f"{m.teacher.model_name}/{teacher_version}",
+        }
         self._teacher_failures = BurstLog()
 
     async def setup(self) -> None:
@@ -131,14 +140,18 @@ class Cascade:
                 try:
                     probs[delegated] = softmax(teacher_logits)
                 except NonFiniteLogits:
-                    raise TeacherUnavailable("error", "teacher returned non-finite logits") from None
+                    raise TeacherUnavailable(
+                        "error", "teacher returned non-finite logits"
+                    ) from None
                 answered_by[delegated] = "teacher"
             except TeacherUnavailable as exc:
                 degraded[delegated] = True
                 self._safe(self.metrics.teacher_errors.labels(self.name, exc.kind).inc)
                 self._teacher_failures(
                     "cascade %s: teacher %s failed (%s); answering with the student",
-                    self.name, self.versions["teacher"], exc,
+                    self.name,
+                    self.versions["teacher"],
+                    exc,
                 )
             t.teacher = time.perf_counter() - t3
 
@@ -150,18 +163,20 @@ class Cascade:
                 {"label": self.classes[c], "class_id": int(c), "probability": float(probs[i, c])}
                 for c in order[i]
             ]
-            outputs.append({
-                "label": top[0]["label"],
-                "class_id": top[0]["class_id"],
-                "top_k": top,
-                "margin": float(decision.margins[i]),
-                "threshold": threshold,
-                "delegated": bool(decision.delegate[i]),
-                "answered_by": str(answered_by[i]),
-                "degraded": bool(degraded[i]),
-                "cascade": self.name,
-                "versions": self.versions,
-            })
+            outputs.append(
+                {
+                    "label": top[0]["label"],
+                    "class_id": top[0]["class_id"],
+                    "top_k": top,
+                    "margin": float(decision.margins[i]),
+                    "threshold": threshold,
+                    "delegated": bool(decision.delegate[i]),
+                    "answered_by": str(answered_by[i]),
+                    "degraded": bool(degraded[i]),
+                    "cascade": self.name,
+                    "versions": self.versions,
+                }
+            )
         self._safe(self._record, decision, answered_by, degraded, delegated.size, n, t)
         return outputs, t
 
@@ -175,12 +190,15 @@ class Cascade:
 
         self._safe(observe)
 
-    def _record(self, decision, answered_by, degraded, n_delegated: int, n: int, t: Timings) -> None:
+    def _record(
+        self, decision, answered_by, degraded, n_delegated: int, n: int, t: Timings
+    ) -> None:
         m = self.metrics
         n_degraded = int(degraded.sum())
         n_teacher = int((answered_by == "teacher").sum())
         for outcome, count in (
-            ("student", n - n_teacher - n_degraded), ("teacher", n_teacher),
+            ("student", n - n_teacher - n_degraded),
+            ("teacher", n_teacher),
             ("degraded", n_degraded),
         ):
             if count:

@@ -40,8 +40,13 @@ class ThresholdState(BaseModel):
 
 class ThresholdStore:
     def __init__(
-        self, state_dir: Path, cascade: str, *, default_threshold: float,
-        calibration: Calibration, student_version: str,
+        self,
+        state_dir: Path,
+        cascade: str,
+        *,
+        default_threshold: float,
+        calibration: Calibration,
+        student_version: str,
     ) -> None:
         self.cascade = cascade
         self.path = state_dir / f"{cascade}.threshold.json"
@@ -84,12 +89,18 @@ class ThresholdStore:
         elif state.student_version != self.student_version:
             log.warning(
                 "cascade %s: threshold %.4f was set for student %s, now serving %s; keeping it",
-                self.cascade, state.threshold, state.student_version, self.student_version,
+                self.cascade,
+                state.threshold,
+                state.student_version,
+                self.student_version,
             )
         return state
 
     def set(
-        self, *, threshold: float | None = None, target_delegation_rate: float | None = None,
+        self,
+        *,
+        threshold: float | None = None,
+        target_delegation_rate: float | None = None,
         actor: str,
     ) -> tuple[ThresholdState, ThresholdState]:
         """Set a threshold, or a target rate resolved through the calibration table."""
@@ -98,8 +109,12 @@ class ThresholdStore:
         if target_delegation_rate is not None:
             threshold = self.calibration.threshold_for_rate(target_delegation_rate)
         new = ThresholdState(
-            threshold=threshold, source="admin", target_delegation_rate=target_delegation_rate,
-            student_version=self.student_version, updated_at=_now(), updated_by=actor,
+            threshold=threshold,
+            source="admin",
+            target_delegation_rate=target_delegation_rate,
+            student_version=self.student_version,
+            updated_at=_now(),
+            updated_by=actor,
         )
         return self._write(new, actor)
 
@@ -120,15 +135,28 @@ class ThresholdStore:
                 tmp.write_text(new.model_dump_json())
                 os.replace(tmp, self.path)
             with open(self.audit_path, "a") as audit:
-                audit.write(json.dumps({
-                    "at": new.updated_at, "by": actor, "cascade": self.cascade,
-                    "old": old.threshold, "new": new.threshold, "source": new.source,
-                    "target_delegation_rate": new.target_delegation_rate,
-                }) + "\n")
+                audit.write(
+                    json.dumps(
+                        {
+                            "at": new.updated_at,
+                            "by": actor,
+                            "cascade": self.cascade,
+                            "old": old.threshold,
+                            "new": new.threshold,
+                            "source": new.source,
+                            "target_delegation_rate": new.target_delegation_rate,
+                        }
+                    )
+                    + "\n"
+                )
             current = self.current()
         log.warning(
             "cascade %s: threshold %.4f -> %.4f (%s) by %s",
-            self.cascade, old.threshold, current.threshold, current.source, actor,
+            self.cascade,
+            old.threshold,
+            current.threshold,
+            current.source,
+            actor,
         )
         return old, current
 
@@ -144,5 +172,3 @@ class ThresholdStore:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-

@@ -26,7 +26,21 @@ log = logging.getLogger(__name__)
 OUTCOMES = ("student", "teacher", "degraded")  # and "rejected" for 4xx answers
 STAGES = ("decode", "student", "teacher", "total", "overhead")
 _LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
 )
 _MARGIN_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -44,35 +58,56 @@ class Metrics:
         self._registry = None if self.multiprocess else CollectorRegistry()
         reg = self._registry
         self.requests = Counter(
-            "cascade_requests", "Predictions by cascade and who answered (items, not HTTP calls)",
-            ["cascade", "outcome"], registry=reg,
+            "cascade_requests",
+            "Predictions by cascade and who answered (items, not HTTP calls)",
+            ["cascade", "outcome"],
+            registry=reg,
         )
         self.margin = Histogram(
-            "cascade_student_margin", "Student top-1 minus top-2 probability",
-            ["cascade"], buckets=_MARGIN_BUCKETS, registry=reg,
+            "cascade_student_margin",
+            "Student top-1 minus top-2 probability",
+            ["cascade"],
+            buckets=_MARGIN_BUCKETS,
+            registry=reg,
         )
         self.threshold = Gauge(
-            "cascade_threshold", "Current delegation threshold", ["cascade"], registry=reg,
+            "cascade_threshold",
+            "Current delegation threshold",
+            ["cascade"],
+            registry=reg,
             multiprocess_mode="livemostrecent",
         )
         self.latency = Histogram(
-            "cascade_stage_seconds", "Latency per stage of a /predict call",
-            ["cascade", "stage"], buckets=_LATENCY_BUCKETS, registry=reg,
+            "cascade_stage_seconds",
+            "Latency per stage of a /predict call",
+            ["cascade", "stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
         )
         self.teacher_errors = Counter(
-            "cascade_teacher_errors", "Failed teacher calls by kind (timeout, unavailable, error)",
-            ["cascade", "kind"], registry=reg,
+            "cascade_teacher_errors",
+            "Failed teacher calls by kind (timeout, unavailable, error)",
+            ["cascade", "kind"],
+            registry=reg,
         )
         self.in_flight = Gauge(
-            "cascade_in_flight_requests", "Requests being handled now", registry=reg,
+            "cascade_in_flight_requests",
+            "Requests being handled now",
+            registry=reg,
             multiprocess_mode="livesum",
         )
         self.batch_size = Histogram(
-            "cascade_batch_size", "Items per model call", ["cascade", "model"],
-            buckets=_BATCH_BUCKETS, registry=reg,
+            "cascade_batch_size",
+            "Items per model call",
+            ["cascade", "model"],
+            buckets=_BATCH_BUCKETS,
+            registry=reg,
         )
         self.threshold_changes = Counter(
-            "cascade_threshold_changes", "Admin changes of the threshold", ["cascade"], registry=reg,
+            "cascade_threshold_changes",
+            "Admin changes of the threshold",
+            ["cascade"],
+            registry=reg,
         )
         if reg is not None:
             reg.register(_DelegationRatio(self.requests.collect))

@@ -19,30 +19,55 @@ log = logging.getLogger("cascade_server.serve")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cascade-serve", description=__doc__)
-    p.add_argument("--demo", action="store_true",
-                   help="build the digits demo if missing, run the bundled Triton with it, and "
-                        "set an admin token if none is configured")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="build the digits demo if missing, run the bundled Triton with it, and "
+        "set an admin token if none is configured",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-    p.add_argument("--bundle", type=Path, action="append", dest="bundles",
-                   help="a cascade bundle directory (repeat for several; else CASCADE_BUNDLES)")
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        action="append",
+        dest="bundles",
+        help="a cascade bundle directory (repeat for several; else CASCADE_BUNDLES)",
+    )
     p.add_argument("--triton-url", help="Triton gRPC host:port (else CASCADE_TRITON_URL)")
-    p.add_argument("--launch-triton", action="store_true",
-                   help="start the bundled tritonserver on --model-repository, on free ports")
+    p.add_argument(
+        "--launch-triton",
+        action="store_true",
+        help="start the bundled tritonserver on --model-repository, on free ports",
+    )
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--bundles-dir", type=Path, default=Path("bundles"),
-                   help="with --demo: where the demo bundle lives")
-    p.add_argument("--workdir", type=Path, default=Path(".cascade"),
-                   help="runtime files: Triton's derived repository and logs, metrics files")
-    p.add_argument("--graceful-shutdown-s", type=float, default=10.0,
-                   help="how long in-flight requests may take to finish on shutdown")
+    p.add_argument(
+        "--bundles-dir",
+        type=Path,
+        default=Path("bundles"),
+        help="with --demo: where the demo bundle lives",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(".cascade"),
+        help="runtime files: Triton's derived repository and logs, metrics files",
+    )
+    p.add_argument(
+        "--graceful-shutdown-s",
+        type=float,
+        default=10.0,
+        help="how long in-flight requests may take to finish on shutdown",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     env = os.environ
     if args.demo:
         from .train.demo import DemoConfig, build_demo, demo_paths
@@ -79,16 +104,24 @@ def main(argv: list[str] | None = None) -> int:
             from .triton import TritonServer, python_backend_repository
 
             workdir = (args.workdir / "triton").resolve()
-            repo = python_backend_repository(args.model_repository.resolve(), workdir / "repository")
+            repo = python_backend_repository(
+                args.model_repository.resolve(), workdir / "repository"
+            )
             triton = TritonServer(repo, workdir).start()
             env["CASCADE_TRITON_URL"] = triton.grpc_url
-            log.info("bundled tritonserver ready: grpc %s (log: %s)", triton.grpc_url, triton.log_path)
+            log.info(
+                "bundled tritonserver ready: grpc %s (log: %s)", triton.grpc_url, triton.log_path
+            )
         _banner(args, env)
         import uvicorn
 
         uvicorn.run(
-            "cascade_server.app:create_app_from_env", factory=True, host=args.host,
-            port=args.port, workers=args.workers, access_log=False,
+            "cascade_server.app:create_app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            access_log=False,
             timeout_graceful_shutdown=args.graceful_shutdown_s,
             log_level=settings.log_level.lower(),
         )
@@ -105,13 +138,15 @@ def _banner(args: argparse.Namespace, env) -> None:
         f"cascade gateway on {base}  ({args.workers} worker(s); teacher at "
         f"{env.get('CASCADE_TRITON_URL', '127.0.0.1:8001')})",
         f"  predict:  curl -s {base}/predict -H 'content-type: application/json' "
-        "-d '{\"image\": \"<base64 PNG>\"}'",
+        '-d \'{"image": "<base64 PNG>"}\'',
         f"  metrics:  curl -s {base}/metrics",
     ]
     token = env.get("CASCADE_ADMIN_TOKEN")
     if args.demo and token:
         lines.append(f"  admin token (demo): {token}")
-        lines.append(f"  admin:    curl -s {base}/admin/threshold -H 'authorization: Bearer {token}'")
+        lines.append(
+            f"  admin:    curl -s {base}/admin/threshold -H 'authorization: Bearer {token}'"
+        )
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 

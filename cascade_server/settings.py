@@ -13,7 +13,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CASCADE_", extra="ignore")
 
     # Cascade bundle directories (comma-separated in the environment).
-    bundles: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [Path("bundles/digits")])
+    bundles: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [Path("bundles/digits")]
+    )
 
     # Teacher: Triton's gRPC endpoint and how long one delegated call may take.
     triton_url: str = "127.0.0.1:8001"

@@ -28,7 +28,12 @@ class TritonTeacher:
     """One long-lived `tritonclient.grpc.aio` client per worker: the fastest hop measured."""
 
     def __init__(
-        self, url: str, ref: TeacherRef, *, timeout_s: float, readiness_timeout_s: float,
+        self,
+        url: str,
+        ref: TeacherRef,
+        *,
+        timeout_s: float,
+        readiness_timeout_s: float,
         reconnect_backoff_ms: int,
     ) -> None:
         self.url = url
@@ -102,7 +107,10 @@ class TritonTeacher:
         inp.set_data_from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
         out = grpcclient.InferRequestedOutput(self.ref.output_name)
         result = await self._client.infer(
-            self.name, [inp], model_version=self.version, outputs=[out],
+            self.name,
+            [inp],
+            model_version=self.version,
+            outputs=[out],
             client_timeout=self.timeout_s,
         )
         logits = result.as_numpy(self.ref.output_name)

@@ -87,8 +87,7 @@ def _pytriton_dir() -> Path:
         import pytriton
     except ImportError:
         raise RuntimeError(
-            "the bundled tritonserver needs `pip install cascade-server[triton]` "
-            "(nvidia-pytriton)"
+            "the bundled tritonserver needs `pip install cascade-server[triton]` (nvidia-pytriton)"
         ) from None
     return Path(pytriton.__file__).parent / "tritonserver"
 
@@ -141,8 +140,12 @@ class TritonServer:
     """A tritonserver process. Use as a context manager, or call start() and stop()."""
 
     def __init__(
-        self, repository: Path, workdir: Path, ports: TritonPorts | None = None,
-        *, host: str = "127.0.0.1",
+        self,
+        repository: Path,
+        workdir: Path,
+        ports: TritonPorts | None = None,
+        *,
+        host: str = "127.0.0.1",
     ) -> None:
         self.repository = repository
         self.workdir = workdir
@@ -165,10 +168,15 @@ class TritonServer:
             str(binary),
             f"--model-repository={self.repository}",
             f"--backend-directory={prepare_backends(self.workdir)}",
-            f"--http-address={self.host}", f"--http-port={self.ports.http}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.ports.grpc}",
-            f"--metrics-address={self.host}", f"--metrics-port={self.ports.metrics}",
-            "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0",
+            f"--http-address={self.host}",
+            f"--http-port={self.ports.http}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.ports.metrics}",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--log-verbose=0",
         ]
 
     def environment(self) -> dict[str, str]:
@@ -192,8 +200,12 @@ class TritonServer:
             # Own session: a Ctrl-C to the gateway's terminal must not kill Triton before the
             # gateway has drained; we stop it ourselves.
             self.process = subprocess.Popen(
-                cmd, stdout=logfile, stderr=subprocess.STDOUT, env=self.environment(),
-                start_new_session=True, preexec_fn=_die_with_parent,
+                cmd,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                env=self.environment(),
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         try:
             self.wait_ready(timeout_s)
@@ -214,8 +226,7 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(
-                    f"tritonserver exited with {self.process.returncode}; "
-                    f"log:\n{self.log_tail()}"
+                    f"tritonserver exited with {self.process.returncode}; log:\n{self.log_tail()}"
                 )
             if self.is_ready():
                 return

@@ -10,9 +10,15 @@ from ..policy import softmax, top2_margin
 
 
 def calibrate(
-    student_logits: np.ndarray, teacher_logits: np.ndarray, labels: np.ndarray, *,
-    target_delegation_rate: float, cost_student: float, cost_teacher: float = 1.0,
-    split: str = "val", steps: int = 100,
+    student_logits: np.ndarray,
+    teacher_logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    target_delegation_rate: float,
+    cost_student: float,
+    cost_teacher: float = 1.0,
+    split: str = "val",
+    steps: int = 100,
 ) -> Calibration:
     if not 0.0 <= target_delegation_rate <= 1.0:
         raise ValueError("target delegation rate must be within [0, 1]")
@@ -31,18 +37,25 @@ def calibrate(
             rho = float(np.quantile(margins, q))
         delegate = margins < rho
         rate = float(delegate.mean())
-        rows.append(CalibrationRow(
-            threshold=rho,
-            delegation_rate=rate,
-            cascade_accuracy=float(np.where(delegate, teacher_ok, student_ok).mean()),
-            expected_cost=cost_student + rate * cost_teacher,
-        ))
+        rows.append(
+            CalibrationRow(
+                threshold=rho,
+                delegation_rate=rate,
+                cascade_accuracy=float(np.where(delegate, teacher_ok, student_ok).mean()),
+                expected_cost=cost_student + rate * cost_teacher,
+            )
+        )
     table = _monotone(rows)
     calibration = Calibration(
-        split=split, n=len(labels), student_accuracy=float(student_ok.mean()),
-        teacher_accuracy=float(teacher_ok.mean()), cost_student=cost_student,
-        cost_teacher=cost_teacher, target_delegation_rate=target_delegation_rate,
-        threshold=0.0, table=tuple(table),
+        split=split,
+        n=len(labels),
+        student_accuracy=float(student_ok.mean()),
+        teacher_accuracy=float(teacher_ok.mean()),
+        cost_student=cost_student,
+        cost_teacher=cost_teacher,
+        target_delegation_rate=target_delegation_rate,
+        threshold=0.0,
+        table=tuple(table),
     )
     threshold = calibration.threshold_for_rate(target_delegation_rate)
     return calibration.model_copy(update={"threshold": threshold})

@@ -19,7 +19,9 @@ class ImageData:
 
     def __post_init__(self) -> None:
         if self.x.dtype != np.uint8 or self.x.ndim != 4:
-            raise ValueError(f"images must be uint8 (N, H, W, C), got {self.x.dtype} {self.x.shape}")
+            raise ValueError(
+                f"images must be uint8 (N, H, W, C), got {self.x.dtype} {self.x.shape}"
+            )
         if len(self.x) != len(self.y):
             raise ValueError("images and labels differ in length")
 

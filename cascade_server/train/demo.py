@@ -66,29 +66,47 @@ def build_demo(
     n_classes = len(data.classes)
 
     teacher = build(config.teacher_arch, in_shape, n_classes, **dict(config.teacher_kwargs))
-    fit(teacher, LOSSES.get("ce")(), xs["train"], splits.train.y,
+    fit(
+        teacher,
+        LOSSES.get("ce")(),
+        xs["train"],
+        splits.train.y,
         FitConfig(epochs=config.teacher_epochs, seed=config.seed, progress=config.progress),
-        desc="teacher")
+        desc="teacher",
+    )
     t_logits = {k: predict_logits(teacher, v) for k, v in xs.items()}
 
     student = build(config.student_arch, in_shape, n_classes, **dict(config.student_kwargs))
     loss = LOSSES.get("kd")(a=0.0, b=1.0, temperature=config.temperature)
-    fit(student, loss, xs["train"], splits.train.y,
-        FitConfig(epochs=config.student_epochs, lr=1e-2, seed=config.seed,
-                  progress=config.progress),
-        teacher_logits=t_logits["train"], desc="student (kd)")
+    fit(
+        student,
+        loss,
+        xs["train"],
+        splits.train.y,
+        FitConfig(
+            epochs=config.student_epochs, lr=1e-2, seed=config.seed, progress=config.progress
+        ),
+        teacher_logits=t_logits["train"],
+        desc="student (kd)",
+    )
     s_logits = {k: predict_logits(student, v) for k, v in xs.items()}
 
     teacher_macs, student_macs = count_macs(teacher, in_shape), count_macs(student, in_shape)
     calibration = calibrate(
-        s_logits["val"], t_logits["val"], splits.val.y,
+        s_logits["val"],
+        t_logits["val"],
+        splits.val.y,
         target_delegation_rate=config.target_delegation_rate,
-        cost_student=student_macs / teacher_macs, split="val",
+        cost_student=student_macs / teacher_macs,
+        split="val",
     )
     test_table = calibrate(
-        s_logits["test"], t_logits["test"], splits.test.y,
+        s_logits["test"],
+        t_logits["test"],
+        splits.test.y,
         target_delegation_rate=config.target_delegation_rate,
-        cost_student=student_macs / teacher_macs, split="test",
+        cost_student=student_macs / teacher_macs,
+        split="test",
     )
     test_margins_below = _rate_at(s_logits["test"], calibration.threshold)
     write_teacher_entry(repository, DEMO_TEACHER, teacher, in_shape, n_classes)
@@ -102,19 +120,31 @@ def build_demo(
         calibration=calibration,
         teacher=TeacherRef(model_name=DEMO_TEACHER, model_version="1"),
         training={
-            "method": "kd", "params": {"a": 0.0, "b": 1.0, "temperature": config.temperature},
-            "dataset": "digits", "data_fingerprint": data.fingerprint(), "seed": config.seed,
-            "student": {"arch": config.student_arch, **_jsonable(config.student_kwargs),
-                        "parameters": count_parameters(student), "macs": student_macs},
-            "teacher": {"arch": config.teacher_arch, **_jsonable(config.teacher_kwargs),
-                        "parameters": count_parameters(teacher), "macs": teacher_macs},
+            "method": "kd",
+            "params": {"a": 0.0, "b": 1.0, "temperature": config.temperature},
+            "dataset": "digits",
+            "data_fingerprint": data.fingerprint(),
+            "seed": config.seed,
+            "student": {
+                "arch": config.student_arch,
+                **_jsonable(config.student_kwargs),
+                "parameters": count_parameters(student),
+                "macs": student_macs,
+            },
+            "teacher": {
+                "arch": config.teacher_arch,
+                **_jsonable(config.teacher_kwargs),
+                "parameters": count_parameters(teacher),
+                "macs": teacher_macs,
+            },
             "test": {
                 "n": len(splits.test),
                 "student_accuracy": accuracy(s_logits["test"], splits.test.y),
                 "teacher_accuracy": accuracy(t_logits["test"], splits.test.y),
                 "delegation_rate_at_default_threshold": test_margins_below,
                 "cascade_accuracy_at_default_threshold": _cascade_acc(
-                    s_logits["test"], t_logits["test"], splits.test.y, calibration.threshold),
+                    s_logits["test"], t_logits["test"], splits.test.y, calibration.threshold
+                ),
                 "table_rows": len(test_table.table),
             },
         },
@@ -125,7 +155,8 @@ def build_demo(
     save_weights(teacher, teacher_dir / "1" / "teacher.pt")
     log.info(
         "demo built in %.1fs: teacher %.3f, student %.3f, cascade %.3f at %.0f%% delegation (test)",
-        time.perf_counter() - started, manifest.training["test"]["teacher_accuracy"],
+        time.perf_counter() - started,
+        manifest.training["test"]["teacher_accuracy"],
         manifest.training["test"]["student_accuracy"],
         manifest.training["test"]["cascade_accuracy_at_default_threshold"],
         100 * test_margins_below,

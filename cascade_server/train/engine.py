@@ -33,8 +33,13 @@ class FitConfig:
 
 
 def fit(
-    model: nn.Module, loss_fn: nn.Module, x: np.ndarray, y: np.ndarray, config: FitConfig,
-    teacher_logits: np.ndarray | None = None, desc: str = "train",
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    config: FitConfig,
+    teacher_logits: np.ndarray | None = None,
+    desc: str = "train",
 ) -> list[float]:
     """Trains `model` on float32 inputs `x` (already normalised). `teacher_logits` are cached
     per example, for methods whose inputs are fixed. Returns the mean loss per epoch."""

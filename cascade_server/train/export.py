@@ -17,8 +17,13 @@ log = logging.getLogger(__name__)
 
 
 def export_onnx(
-    model: nn.Module, in_shape: tuple[int, ...], path: Path, *,
-    input_name: str = "input", output_name: str = "logits", check_atol: float = 1e-4,
+    model: nn.Module,
+    in_shape: tuple[int, ...],
+    path: Path,
+    *,
+    input_name: str = "input",
+    output_name: str = "logits",
+    check_atol: float = 1e-4,
 ) -> Path:
     """ONNX with a dynamic batch axis, checked against PyTorch with ONNX Runtime."""
     import onnx
@@ -35,10 +40,15 @@ def export_onnx(
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
-                model, (example,), str(raw), input_names=[input_name],
+                model,
+                (example,),
+                str(raw),
+                input_names=[input_name],
                 output_names=[output_name],
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                dynamo=True, external_data=False, verbose=False,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
             )
         proto = onnx.load(str(raw))
     onnx.checker.check_model(proto)
@@ -56,8 +66,14 @@ def export_onnx(
 
 
 def teacher_config(
-    name: str, in_shape: tuple[int, ...], num_classes: int, *, max_batch_size: int = 64,
-    input_name: str = "input", output_name: str = "logits", instances: int = 1,
+    name: str,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    max_batch_size: int = 64,
+    input_name: str = "input",
+    output_name: str = "logits",
+    instances: int = 1,
     max_queue_delay_us: int = 100,
 ):
     """The production Triton config: ONNX Runtime platform, dynamic batching, GPU instances.
@@ -65,10 +81,14 @@ def teacher_config(
     from tritonclient.grpc import model_config_pb2 as mc
 
     config = mc.ModelConfig(
-        name=name, platform="onnxruntime_onnx", max_batch_size=max_batch_size,
+        name=name,
+        platform="onnxruntime_onnx",
+        max_batch_size=max_batch_size,
         input=[mc.ModelInput(name=input_name, data_type=mc.TYPE_FP32, dims=list(in_shape))],
         output=[mc.ModelOutput(name=output_name, data_type=mc.TYPE_FP32, dims=[num_classes])],
-        instance_group=[mc.ModelInstanceGroup(count=instances, kind=mc.ModelInstanceGroup.KIND_GPU)],
+        instance_group=[
+            mc.ModelInstanceGroup(count=instances, kind=mc.ModelInstanceGroup.KIND_GPU)
+        ],
         # A short queue delay: the teacher hop is latency-sensitive, and requests still batch
         # under load (a 2 ms delay was measured to add ~2.6 ms to every lone request).
         dynamic_batching=mc.ModelDynamicBatching(
@@ -80,8 +100,14 @@ def teacher_config(
 
 
 def write_teacher_entry(
-    repository: Path, name: str, model: nn.Module, in_shape: tuple[int, ...], num_classes: int,
-    *, version: int = 1, max_batch_size: int = 64,
+    repository: Path,
+    name: str,
+    model: nn.Module,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    version: int = 1,
+    max_batch_size: int = 64,
 ) -> Path:
     from ..triton import write_model_config
 
@@ -96,8 +122,11 @@ def write_bundle(path: Path, model: nn.Module, manifest: Manifest) -> Bundle:
     p = manifest.preprocess
     in_shape = (p.channels, p.height, p.width)
     export_onnx(
-        model, in_shape, path / manifest.student_file,
-        input_name=manifest.student_input, output_name=manifest.student_output,
+        model,
+        in_shape,
+        path / manifest.student_file,
+        input_name=manifest.student_input,
+        output_name=manifest.student_output,
     )
     bundle = Bundle(path, manifest)
     bundle.save()

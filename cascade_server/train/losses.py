@@ -38,8 +38,10 @@ class KnowledgeDistillation(nn.Module):
     def forward(self, student_logits, teacher_logits, targets) -> torch.Tensor:
         t = self.temperature
         kl = F.kl_div(
-            F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-            reduction="batchmean", log_target=True,
+            F.log_softmax(student_logits / t, dim=1),
+            F.log_softmax(teacher_logits / t, dim=1),
+            reduction="batchmean",
+            log_target=True,
         )
         loss = self.b * t * t * kl
         if self.a:

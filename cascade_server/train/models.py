@@ -11,7 +11,9 @@ ARCHITECTURES: Registry = Registry("architecture")
 
 
 @ARCHITECTURES.register("mlp")
-def mlp(in_shape: tuple[int, int, int], num_classes: int, hidden: tuple[int, ...] = (64,)) -> nn.Module:
+def mlp(
+    in_shape: tuple[int, int, int], num_classes: int, hidden: tuple[int, ...] = (64,)
+) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_shape[0] * in_shape[1] * in_shape[2]
     for h in hidden:
@@ -26,11 +28,18 @@ def cnn(in_shape: tuple[int, int, int], num_classes: int, width: int = 32) -> nn
     """Two conv blocks and a linear head; works from 8x8 up."""
     c = in_shape[0]
     return nn.Sequential(
-        nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.Conv2d(c, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(2 * width, num_classes),
     )
 
@@ -56,8 +65,11 @@ def count_macs(model: nn.Module, in_shape: tuple[int, int, int]) -> int:
             k = module.kernel_size[0] * module.kernel_size[1]
             total += output[0].numel() * (module.in_channels // module.groups) * k
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, nn.Linear | nn.Conv2d)]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Linear | nn.Conv2d)
+    ]
     was_training = model.training
     model.eval()
     try:

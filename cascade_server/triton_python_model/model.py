@@ -50,7 +50,7 @@ class TritonPythonModel:
         for size in sizes:
             tensors = [
                 pb_utils.Tensor(name, np.ascontiguousarray(out[start : start + size]))
-                for name, out in zip(self.outputs, results)
+                for name, out in zip(self.outputs, results, strict=True)
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size

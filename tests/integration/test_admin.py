@@ -18,10 +18,15 @@ def test_admin_is_refused_entirely_without_a_configured_token(gateway):
         assert r.status_code == 403
 
 
-@pytest.mark.parametrize(("headers", "status"), [
-    ({}, 401), ({"authorization": "Basic dXNlcjpwYXNz"}, 401), ({"authorization": "Bearer"}, 401),
-    ({"authorization": "Bearer wrong-token"}, 403),
-])
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"authorization": "Basic dXNlcjpwYXNz"}, 401),
+        ({"authorization": "Bearer"}, 401),
+        ({"authorization": "Bearer wrong-token"}, 403),
+    ],
+)
 def test_admin_needs_the_right_bearer_token(gateway, headers, status):
     with gateway() as (client, _):
         r = client.put("/admin/threshold", json={"threshold": 0.5}, headers=headers)
@@ -42,8 +47,11 @@ def test_threshold_change_is_followed_by_the_next_requests(gateway, demo):
         assert state["expected_delegation_rate"] == pytest.approx(0.2, abs=0.02)
         assert client.post("/predict", json=payload).json()["answered_by"] == "teacher"
 
-        r = client.put("/admin/threshold", json={"threshold": 0.0},
-                       headers={**AUTH, "x-cascade-actor": "ops-oncall"})
+        r = client.put(
+            "/admin/threshold",
+            json={"threshold": 0.0},
+            headers={**AUTH, "x-cascade-actor": "ops-oncall"},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["previous_threshold"] == manifest.default_threshold
         body = client.post("/predict", json=payload).json()
@@ -73,15 +81,18 @@ def test_a_restart_keeps_the_threshold_and_the_change_is_logged(gateway, caplog)
         assert (state["threshold"], state["source"]) == (0.33, "admin")
 
 
-@pytest.mark.parametrize(("body", "fragment"), [
-    ({"threshold": 1.5}, "less than or equal to 1"),
-    ({"threshold": -0.1}, "greater than or equal to 0"),
-    ({"target_delegation_rate": 2}, "less than or equal to 1"),
-    ({}, "exactly one of"),
-    ({"threshold": 0.1, "target_delegation_rate": 0.1}, "exactly one of"),
-    ({"threshold": "high"}, "valid number"),
-    ({"threshold": 0.1, "cascade": "nope"}, "no cascade"),
-])
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"threshold": 1.5}, "less than or equal to 1"),
+        ({"threshold": -0.1}, "greater than or equal to 0"),
+        ({"target_delegation_rate": 2}, "less than or equal to 1"),
+        ({}, "exactly one of"),
+        ({"threshold": 0.1, "target_delegation_rate": 0.1}, "exactly one of"),
+        ({"threshold": "high"}, "valid number"),
+        ({"threshold": 0.1, "cascade": "nope"}, "no cascade"),
+    ],
+)
 def test_invalid_admin_updates_are_422_and_change_nothing(gateway, body, fragment):
     with gateway() as (client, _):
         r = client.put("/admin/threshold", json=body, headers=AUTH)

@@ -18,29 +18,42 @@ def err(r, status: int, fragment: str) -> None:
     assert fragment in message, message
 
 
-@pytest.mark.parametrize(("kwargs", "status", "fragment"), [
-    ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
-     "not valid JSON"),
-    ({"content": b"", "headers": {"content-type": "application/json"}}, 400, "body is empty"),
-    ({"json": [1, 2]}, 422, "must be a JSON object"),
-    ({"json": {}}, 422, "exactly one of `image`"),
-    ({"json": {"imag": "abc"}}, 422, "imag: Extra inputs are not permitted"),
-    ({"json": {"image": 5}}, 422, "image: Input should be a valid string"),
-    ({"json": {"image": "%%%not base64%%%"}}, 422, "image is not valid base64"),
-    ({"json": {"image": b64(b"plain text, not pixels")}}, 422, "not a supported image"),
-    ({"json": {"image": ""}}, 422, "image is empty"),
-    ({"json": {"image": b64(BIG.getvalue())}}, 413, "300x300 = 90000 pixels"),
-    ({"json": {"inputs": []}}, 422, "inputs is empty"),
-    ({"json": {"inputs": [{"image": "x"}] * 9}}, 413, "batch of 9 inputs; the limit is 8"),
-    ({"json": {"inputs": [{"text": "hello"}]}}, 422, "inputs.0.image: Field required"),
-    ({"json": {"image": "x", "inputs": [{"image": "x"}]}}, 422, "exactly one of"),
-    ({"json": {"image": "x", "top_k": 0}}, 422, "top_k"),
-    ({"json": {"image": b64(BIG.getvalue()), "cascade": "nope"}}, 404, "no cascade 'nope'; serving: digits"),
-    ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "text/plain"),
-    ({"files": {"other": ("a.png", b"x", "image/png")}}, 422, "no `file` field"),
-    ({"content": b"--xx\r\nbroken", "headers": {"content-type": "multipart/form-data"}}, 400,
-     "multipart"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "status", "fragment"),
+    [
+        (
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            "not valid JSON",
+        ),
+        ({"content": b"", "headers": {"content-type": "application/json"}}, 400, "body is empty"),
+        ({"json": [1, 2]}, 422, "must be a JSON object"),
+        ({"json": {}}, 422, "exactly one of `image`"),
+        ({"json": {"imag": "abc"}}, 422, "imag: Extra inputs are not permitted"),
+        ({"json": {"image": 5}}, 422, "image: Input should be a valid string"),
+        ({"json": {"image": "%%%not base64%%%"}}, 422, "image is not valid base64"),
+        ({"json": {"image": b64(b"plain text, not pixels")}}, 422, "not a supported image"),
+        ({"json": {"image": ""}}, 422, "image is empty"),
+        ({"json": {"image": b64(BIG.getvalue())}}, 413, "300x300 = 90000 pixels"),
+        ({"json": {"inputs": []}}, 422, "inputs is empty"),
+        ({"json": {"inputs": [{"image": "x"}] * 9}}, 413, "batch of 9 inputs; the limit is 8"),
+        ({"json": {"inputs": [{"text": "hello"}]}}, 422, "inputs.0.image: Field required"),
+        ({"json": {"image": "x", "inputs": [{"image": "x"}]}}, 422, "exactly one of"),
+        ({"json": {"image": "x", "top_k": 0}}, 422, "top_k"),
+        (
+            {"json": {"image": b64(BIG.getvalue()), "cascade": "nope"}},
+            404,
+            "no cascade 'nope'; serving: digits",
+        ),
+        ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "text/plain"),
+        ({"files": {"other": ("a.png", b"x", "image/png")}}, 422, "no `file` field"),
+        (
+            {"content": b"--xx\r\nbroken", "headers": {"content-type": "multipart/form-data"}},
+            400,
+            "multipart",
+        ),
+    ],
+)
 def test_bad_input(gateway, kwargs, status, fragment):
     with gateway(max_batch=8, max_image_pixels=50_000) as (client, _):
         err(client.post("/predict", **kwargs), status, fragment)
@@ -49,8 +62,15 @@ def test_bad_input(gateway, kwargs, status, fragment):
 
 def test_query_top_k_must_be_an_integer(gateway, demo):
     with gateway() as (client, _):
-        err(client.post("/predict?top_k=many", content=png_bytes(demo.images[0]),
-                        headers={"content-type": "image/png"}), 422, "top_k must be an integer")
+        err(
+            client.post(
+                "/predict?top_k=many",
+                content=png_bytes(demo.images[0]),
+                headers={"content-type": "image/png"},
+            ),
+            422,
+            "top_k must be an integer",
+        )
 
 
 def test_body_over_the_byte_limit_is_413_declared_or_streamed(gateway):
@@ -61,8 +81,11 @@ def test_body_over_the_byte_limit_is_413_declared_or_streamed(gateway):
             for _ in range(10):
                 yield b"A" * 500
 
-        err(client.post("/predict", content=chunks(), headers={"content-type": "image/png"}),
-            413, "limit of 1000 bytes")
+        err(
+            client.post("/predict", content=chunks(), headers={"content-type": "image/png"}),
+            413,
+            "limit of 1000 bytes",
+        )
 
 
 def test_a_bad_item_rejects_the_whole_batch_before_any_model_runs(gateway, demo):

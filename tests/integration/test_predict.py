@@ -11,8 +11,19 @@ from cascade_server.train.models import build
 
 from ..conftest import b64, easy_and_hard, png_bytes
 
-FIELDS = {"label", "class_id", "top_k", "margin", "threshold", "delegated", "answered_by",
-          "degraded", "cascade", "versions", "timings_ms"}
+FIELDS = {
+    "label",
+    "class_id",
+    "top_k",
+    "margin",
+    "threshold",
+    "delegated",
+    "answered_by",
+    "degraded",
+    "cascade",
+    "versions",
+    "timings_ms",
+}
 
 
 def metric(client, name: str, **labels) -> float:
@@ -50,13 +61,19 @@ def test_gateway_probabilities_equal_the_pytorch_students(gateway, demo):
     load_weights(student, demo.bundle / "student.pt")
     idx = list(range(0, 200, 10))
     with torch.no_grad():
-        expected = softmax(student(torch.from_numpy(
-            normalize(demo.images[idx], manifest.preprocess))).numpy())
+        expected = softmax(
+            student(torch.from_numpy(normalize(demo.images[idx], manifest.preprocess))).numpy()
+        )
     with gateway() as (client, _):
-        client.put("/admin/threshold", json={"threshold": 0.0},
-                   headers={"authorization": "Bearer test-admin-token"})
-        r = client.post("/predict", json={
-            "inputs": [{"image": b64(png_bytes(demo.images[i]))} for i in idx], "top_k": 10})
+        client.put(
+            "/admin/threshold",
+            json={"threshold": 0.0},
+            headers={"authorization": "Bearer test-admin-token"},
+        )
+        r = client.post(
+            "/predict",
+            json={"inputs": [{"image": b64(png_bytes(demo.images[i]))} for i in idx], "top_k": 10},
+        )
     got = np.zeros_like(expected)
     for row, out in enumerate(r.json()["outputs"]):
         assert out["answered_by"] == "student"
@@ -68,10 +85,13 @@ def test_gateway_probabilities_equal_the_pytorch_students(gateway, demo):
 def test_batch_is_answered_in_order_and_matches_single_requests(gateway, demo):
     idx = [5, 17, 3, 99, 42, 7]
     with gateway() as (client, _):
-        batch = client.post("/predict", json={
-            "inputs": [{"image": b64(png_bytes(demo.images[i]))} for i in idx]}).json()["outputs"]
-        singles = [client.post("/predict", json={"image": b64(png_bytes(demo.images[i]))}).json()
-                   for i in idx]
+        batch = client.post(
+            "/predict", json={"inputs": [{"image": b64(png_bytes(demo.images[i]))} for i in idx]}
+        ).json()["outputs"]
+        singles = [
+            client.post("/predict", json={"image": b64(png_bytes(demo.images[i]))}).json()
+            for i in idx
+        ]
     assert [o["label"] for o in batch] == [s["label"] for s in singles]
     assert [o["margin"] for o in batch] == pytest.approx([s["margin"] for s in singles])
 
@@ -80,9 +100,11 @@ def test_multipart_upload_one_and_several_files(gateway, demo):
     a, b = png_bytes(demo.images[0]), png_bytes(demo.images[1], fmt="JPEG")
     with gateway() as (client, _):
         one = client.post("/predict", files={"file": ("a.png", a, "image/png")})
-        two = client.post("/predict", files=[("file", ("a.png", a, "image/png")),
-                                              ("file", ("b.jpg", b, "image/jpeg"))],
-                          data={"top_k": "2"})
+        two = client.post(
+            "/predict",
+            files=[("file", ("a.png", a, "image/png")), ("file", ("b.jpg", b, "image/jpeg"))],
+            data={"top_k": "2"},
+        )
         raw = client.post("/predict?top_k=1", content=a, headers={"content-type": "image/png"})
     assert one.status_code == 200 and one.json()["label"] == "0"
     assert two.status_code == 200
@@ -96,9 +118,10 @@ def test_hard_images_go_to_the_teacher_easy_ones_stay(gateway, demo):
     easy, hard = easy_and_hard(demo, threshold)
     with gateway() as (client, teacher):
         teacher.answer = 4
-        outs = client.post("/predict", json={
-            "inputs": [{"image": b64(png_bytes(demo.images[i]))} for i in easy + hard]
-        }).json()["outputs"]
+        outs = client.post(
+            "/predict",
+            json={"inputs": [{"image": b64(png_bytes(demo.images[i]))} for i in easy + hard]},
+        ).json()["outputs"]
         assert [o["answered_by"] for o in outs] == ["student"] * 5 + ["teacher"] * 5
         assert all(o["label"] == "4" for o in outs[5:])  # the teacher's answer wins
         assert all(o["margin"] < threshold for o in outs[5:])
@@ -149,7 +172,8 @@ def test_metrics_count_stage_latency_margins_and_in_flight(gateway, demo):
             assert metric(client, "cascade_stage_seconds_count", stage=stage) == 3
         assert metric(client, "cascade_in_flight_requests") == 0
         assert metric(client, "cascade_threshold", cascade="digits") == pytest.approx(
-            Bundle.load(demo.bundle).manifest.default_threshold)
+            Bundle.load(demo.bundle).manifest.default_threshold
+        )
     assert 'cascade_requests_total{cascade="digits",outcome="rejected"} 0.0' in text
 
 

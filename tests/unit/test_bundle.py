@@ -17,9 +17,14 @@ def make_calibration(seed=0, target=0.2):
 def make_manifest(**overrides):
     cal = make_calibration()
     fields = dict(
-        name="toy", version="1", modality="image", classes=("a", "b", "c", "d", "e"),
+        name="toy",
+        version="1",
+        modality="image",
+        classes=("a", "b", "c", "d", "e"),
         preprocess=ImagePreprocess(height=8, width=8, channels=1, mean=(0.5,), std=(0.5,)),
-        default_threshold=cal.threshold, calibration=cal, teacher=TeacherRef(model_name="t"),
+        default_threshold=cal.threshold,
+        calibration=cal,
+        teacher=TeacherRef(model_name="t"),
     )
     return Manifest(**{**fields, **overrides})
 
@@ -48,12 +53,15 @@ def test_missing_student_file_is_reported(tmp_path):
         Bundle.load(tmp_path)
 
 
-@pytest.mark.parametrize("bad", [
-    {"classes": ("only",)},
-    {"name": "Bad Name"},
-    {"default_threshold": 1.5},
-    {"preprocess": {"height": 8, "width": 8, "channels": 3, "mean": [0.5], "std": [0.5]}},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"classes": ("only",)},
+        {"name": "Bad Name"},
+        {"default_threshold": 1.5},
+        {"preprocess": {"height": 8, "width": 8, "channels": 3, "mean": [0.5], "std": [0.5]}},
+    ],
+)
 def test_manifest_rejects_nonsense(bad):
     with pytest.raises(ValidationError):
         make_manifest(**bad)

@@ -9,8 +9,9 @@ from .test_bundle import make_calibration
 
 def store(tmp_path, version="v1"):
     cal = make_calibration()
-    return ThresholdStore(tmp_path, "toy", default_threshold=cal.threshold, calibration=cal,
-                          student_version=version)
+    return ThresholdStore(
+        tmp_path, "toy", default_threshold=cal.threshold, calibration=cal, student_version=version
+    )
 
 
 def test_default_comes_from_the_bundle(tmp_path):

@@ -15,8 +15,13 @@ from cascade_server.triton import free_port
 
 
 def teacher(url: str, timeout_s: float = 0.3) -> TritonTeacher:
-    return TritonTeacher(url, TeacherRef(model_name="m"), timeout_s=timeout_s,
-                         readiness_timeout_s=0.3, reconnect_backoff_ms=200)
+    return TritonTeacher(
+        url,
+        TeacherRef(model_name="m"),
+        timeout_s=timeout_s,
+        readiness_timeout_s=0.3,
+        reconnect_backoff_ms=200,
+    )
 
 
 async def call(t: TritonTeacher):

@@ -1,0 +1,46 @@
+# The same commands for the README, CI and developers.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch (training only; the gateway does not need it). A plain `torch`
+# requirement would pull a multi-GB CUDA build on machines without this wheel cached.
+TORCH  ?= torch==2.13.0
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+WORKERS ?= 2
+
+.PHONY: setup serve test test-fast lint format demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e '.[cpu,train,triton,dev]'
+	touch $@
+
+## Build the demo cascade if missing, start the bundled Triton and the gateway on $(HOST):$(PORT).
+serve: setup
+	$(BIN)/cascade-serve --demo --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+## Every test tier: unit, integration (in-process app), e2e (real tritonserver + uvicorn).
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest tests/unit tests/integration
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+demo: setup
+	$(BIN)/cascade-train demo
+
+clean:
+	rm -rf .cascade bundles model_repository/*/[0-9]*
