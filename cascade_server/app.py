@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Literal
 
 import orjson
 from fastapi import FastAPI, Request
@@ -195,13 +195,16 @@ def create_app(settings: Settings | None = None, *, teacher_factory=build_teache
         return {"status": "ok"}
 
     @app.get("/readyz")
-    async def readyz(request: Request) -> Response:
-        """Every cascade's student is loaded and its teacher model is ready on Triton."""
+    async def readyz(request: Request, teacher: Literal["required", "optional"] = "required"):
+        """Every cascade's student is loaded and its teacher model is ready on Triton.
+        `?teacher=optional` only requires the students: a load balancer probe that should keep
+        routing (degraded answers) while the teacher is down."""
         gateway: Gateway | None = getattr(request.app.state, "gateway", None)
         if gateway is None:
             return Response(orjson.dumps({"ready": False}), 503, media_type="application/json")
         detail = {name: await c.readiness() for name, c in gateway.cascades.items()}
-        ready = all(all(parts.values()) for parts in detail.values())
+        needed = ("student", "teacher") if teacher == "required" else ("student",)
+        ready = all(parts[k] for parts in detail.values() for k in needed)
         return Response(
             orjson.dumps({"ready": ready, "cascades": detail}),
             200 if ready else 503,

@@ -92,6 +92,12 @@ class Cascade:
         self.metrics.prime(self.name)
         self.threshold()
         self._warm_up()
+        # Opens the gRPC channel now rather than on the first delegated request; a teacher
+        # that is down is not fatal here (/readyz reports it, requests degrade).
+        if not await self.teacher.ready():
+            log.warning(
+                "cascade %s: teacher %s is not ready yet", self.name, self.versions["teacher"]
+            )
 
     def _warm_up(self) -> None:
         """Pay first-call costs (Pillow's codec imports, ORT's first run) before traffic does."""

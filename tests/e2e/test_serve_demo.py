@@ -1,0 +1,116 @@
+"""`cascade-serve --demo` (what `make serve` runs) and the README's curl commands, for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from cascade_server.triton import free_port
+
+from .conftest import wait_until
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def readme_curl_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [line for block in blocks for line in block.splitlines() if line.startswith("curl ")]
+
+
+def tritonservers_under(path: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "tritonserver" in cmdline and str(path) in cmdline:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_demo_serves_answers_the_readme_and_stops_cleanly(demo, tmp_path):
+    # Reuse the session's demo models: --demo must find them and not retrain.
+    shutil.copytree(demo.repository, tmp_path / "model_repository")
+    shutil.copytree(demo.bundle, tmp_path / "bundles" / "digits")
+    port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "CASCADE_ADMIN_TOKEN" and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
+    env["CASCADE_STATE_DIR"] = str(tmp_path / "state")
+    log = tmp_path / "serve.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "cascade_server.serve",
+        "--demo",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+        "--model-repository",
+        str(tmp_path / "model_repository"),
+        "--bundles-dir",
+        str(tmp_path / "bundles"),
+        "--workdir",
+        str(tmp_path / "run"),
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                return httpx2.get(f"{base}/readyz", timeout=1).status_code == 200
+            except httpx2.TransportError:
+                return False
+
+        wait_until(ready, 90, "demo gateway ready")
+        output = log.read_text()
+        assert "reusing it" in output
+        token = re.search(r"admin token \(demo\): (\S+)", output).group(1)
+        assert tritonservers_under(tmp_path / "run")
+
+        commands = readme_curl_commands()
+        assert len(commands) >= 6
+        answers = []
+        for command in commands:
+            done = subprocess.run(
+                ["bash", "-c", command.replace("127.0.0.1:8000", f"127.0.0.1:{port}")],
+                cwd=ROOT,
+                env={**env, "TOKEN": token},
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert done.returncode == 0, (command, done.stderr)
+            body = json.loads(done.stdout)
+            assert "error" not in body, (command, body)
+            answers.append(body)
+        assert answers[0]["answered_by"] == "student"  # examples/digit-easy.png
+        assert answers[1]["answered_by"] == "teacher"  # examples/digit-hard.png
+        assert answers[3]["target_delegation_rate"] == 0.1
+    finally:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+        proc.wait(30)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert "stopping tritonserver" in log.read_text()
+    assert tritonservers_under(tmp_path / "run") == []
+    with pytest.raises(httpx2.TransportError):
+        httpx2.get(f"{base}/healthz", timeout=1)
