@@ -97,11 +97,17 @@ def teacher_config(
         ),
         # Triton runs this before reporting ready, so the first real request does not pay for
         # lazy initialisation (tens of ms measured on the first call without it).
-        model_warmup=[mc.ModelWarmup(
-            name="zeros", batch_size=1,
-            inputs={input_name: mc.ModelWarmup.Input(
-                data_type=mc.TYPE_FP32, dims=list(in_shape), zero_data=True)},
-        )],
+        model_warmup=[
+            mc.ModelWarmup(
+                name="zeros",
+                batch_size=1,
+                inputs={
+                    input_name: mc.ModelWarmup.Input(
+                        data_type=mc.TYPE_FP32, dims=list(in_shape), zero_data=True
+                    )
+                },
+            )
+        ],
     )
     return config
 
