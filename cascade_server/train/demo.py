@@ -100,14 +100,6 @@ def build_demo(
         cost_student=student_macs / teacher_macs,
         split="val",
     )
-    test_table = calibrate(
-        s_logits["test"],
-        t_logits["test"],
-        splits.test.y,
-        target_delegation_rate=config.target_delegation_rate,
-        cost_student=student_macs / teacher_macs,
-        split="test",
-    )
     test_margins_below = _rate_at(s_logits["test"], calibration.threshold)
     write_teacher_entry(repository, DEMO_TEACHER, teacher, in_shape, n_classes)
     manifest = Manifest(
@@ -145,7 +137,6 @@ def build_demo(
                 "cascade_accuracy_at_default_threshold": _cascade_acc(
                     s_logits["test"], t_logits["test"], splits.test.y, calibration.threshold
                 ),
-                "table_rows": len(test_table.table),
             },
         },
     )
