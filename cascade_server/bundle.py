@@ -83,12 +83,32 @@ class Calibration(_Strict):
         thresholds = np.array([r.threshold for r in self.table])
         return float(np.interp(rate, rates, thresholds))
 
+    def threshold_for_accuracy(self, accuracy: float) -> float:
+        """The lowest-delegation threshold whose cascade accuracy reaches `accuracy`."""
+        for row in self.table:
+            if row.cascade_accuracy >= accuracy:
+                return row.threshold
+        raise ValueError(
+            f"no threshold reaches cascade accuracy {accuracy} on the calibration split "
+            f"(best {max(r.cascade_accuracy for r in self.table):.4f})"
+        )
+
     def rate_for_threshold(self, threshold: float) -> float:
         rates = np.array([r.delegation_rate for r in self.table])
         thresholds = np.array([r.threshold for r in self.table])
         # Thresholds are non-decreasing in rate; interp needs increasing x, so dedupe.
         thresholds, idx = np.unique(thresholds, return_index=True)
         return float(np.interp(threshold, thresholds, rates[idx]))
+
+
+class StudentStage(_Strict):
+    """One stage of an anytime (B-DISTIL) student: an ONNX output holding the cumulative
+    logits after k members, and the threshold that lets an item stop there."""
+
+    output: str
+    threshold: float = Field(ge=0.0, le=1.0)
+    # Share of the items reaching this stage that move on, on the calibration split.
+    pass_rate: float = Field(ge=0.0, le=1.0)
 
 
 class Manifest(_Strict):
@@ -101,6 +121,15 @@ class Manifest(_Strict):
     student_input: str = "input"
     student_output: str = "logits"
     preprocess: ImagePreprocess
+    # Class id of each student output, -1 for an abstain output (CD-III); None: output i is
+    # class i. Teachers always output every class.
+    output_classes: tuple[int, ...] | None = None
+    abstain_output: int | None = None
+    # Class-based delegation: the student's argmax outside these classes is delegated.
+    in_domain_classes: tuple[int, ...] | None = None
+    # Anytime students (B-DISTIL): cumulative stages, each with its own threshold. The
+    # gateway serves `student_output` (the last stage) with `default_threshold` today.
+    stages: tuple[StudentStage, ...] = ()
     default_threshold: float = Field(ge=0.0, le=1.0)
     calibration: Calibration
     teacher: TeacherRef
@@ -108,9 +137,40 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _classes(self) -> Manifest:
-        if len(self.classes) < 2:
+        n = len(self.classes)
+        if n < 2:
             raise ValueError("a classifier needs at least 2 classes")
+        if self.output_classes is not None:
+            if any(c < -1 or c >= n for c in self.output_classes):
+                raise ValueError(f"output_classes must be class ids in [0, {n}) or -1")
+            if self.abstain_output is not None and self.output_classes[self.abstain_output] != -1:
+                raise ValueError("abstain_output must map to -1 in output_classes")
+        elif self.abstain_output is not None:
+            raise ValueError("an abstain output needs output_classes")
+        if self.in_domain_classes is not None and any(
+            not 0 <= c < n for c in self.in_domain_classes
+        ):
+            raise ValueError("in_domain_classes must be class ids")
         return self
+
+    @property
+    def student_outputs(self) -> int:
+        return len(self.output_classes) if self.output_classes is not None else len(self.classes)
+
+    def in_domain_outputs(self) -> np.ndarray | None:
+        """Bool mask over student outputs for class-based delegation, or None."""
+        if self.in_domain_classes is None:
+            return None
+        keep = set(self.in_domain_classes)
+        mapping = self.output_classes or tuple(range(len(self.classes)))
+        return np.array([c in keep for c in mapping], dtype=bool)
+
+    def policy(self) -> dict:
+        """Keyword arguments of `policy.decide` for this student."""
+        return {
+            "abstain_output": self.abstain_output,
+            "in_domain_outputs": self.in_domain_outputs(),
+        }
 
 
 class Bundle:

@@ -12,7 +12,7 @@ from .bundle import Bundle
 from .control import ThresholdStore
 from .errors import TeacherUnavailable
 from .metrics import Metrics
-from .policy import NonFiniteLogits, decide, softmax
+from .policy import NonFiniteLogits, class_probabilities, decide, softmax
 from .preprocess import ImagePreprocessor
 from .settings import Settings
 from .student import OnnxStudent
@@ -85,6 +85,7 @@ class Cascade:
             "teacher": f"{m.teacher.model_name}/{teacher_version}",
         }
         self._teacher_failures = BurstLog()
+        self._policy = m.policy()
 
     async def setup(self) -> None:
         self.student.setup()
@@ -108,7 +109,12 @@ class Cascade:
         spec = self.manifest.preprocess
         buf = io.BytesIO()
         Image.new("L", (spec.width, spec.height)).save(buf, "PNG")
-        self.student.predict(self.preprocessor([buf.getvalue()]))
+        logits = self.student.predict(self.preprocessor([buf.getvalue()]))
+        if logits.shape[1] != self.manifest.student_outputs:
+            raise ValueError(
+                f"{self.bundle.student_path} has {logits.shape[1]} outputs; the manifest says "
+                f"{self.manifest.student_outputs}"
+            )
 
     async def close(self) -> None:
         await self.teacher.close()
@@ -133,8 +139,9 @@ class Cascade:
         t.decode, t.student = t1 - t0, t2 - t1
 
         threshold = self.threshold()
-        decision = decide(logits, threshold)
-        probs = decision.probs.copy()
+        decision = decide(logits, threshold, **self._policy)
+        probs = class_probabilities(decision.probs, self.manifest.output_classes, len(self.classes))
+        probs = probs.copy()
         n = len(blobs)
         answered_by = np.full(n, "student", dtype=object)
         degraded = np.zeros(n, dtype=bool)

@@ -37,13 +37,43 @@ class Decision:
     non_finite: np.ndarray  # (batch,) bool
 
 
-def decide(logits: np.ndarray, threshold: float) -> Decision:
-    """Delegate iff margin < threshold. A row with non-finite logits is always delegated:
-    the student has no answer to give, and the teacher may."""
+def decide(
+    logits: np.ndarray,
+    threshold: float,
+    *,
+    abstain_output: int | None = None,
+    in_domain_outputs: np.ndarray | None = None,
+) -> Decision:
+    """Delegate iff margin < threshold, or (class-based delegation) the student's argmax is
+    the abstain output or an output outside the in-domain set (`in_domain_outputs`, a bool
+    mask over outputs). A row with non-finite logits is always delegated: the student has no
+    answer to give, and the teacher may."""
     logits = np.asarray(logits, dtype=np.float64)
     bad = ~np.isfinite(logits).all(axis=1)
     safe = np.where(bad[:, None], 0.0, logits)
     probs = softmax(safe)
     margins = np.where(bad, 0.0, top2_margin(probs))
     delegate = (margins < threshold) | bad
+    if abstain_output is not None or in_domain_outputs is not None:
+        top = probs.argmax(axis=1)
+        if abstain_output is not None:
+            delegate |= top == abstain_output
+        if in_domain_outputs is not None:
+            delegate |= ~np.asarray(in_domain_outputs, dtype=bool)[top]
     return Decision(probs=probs, margins=margins, delegate=delegate, non_finite=bad)
+
+
+def class_probabilities(
+    probs: np.ndarray, output_classes: tuple[int, ...] | None, num_classes: int
+) -> np.ndarray:
+    """Student output probabilities -> probabilities over the cascade's classes. Outputs
+    mapped to -1 (abstain) are dropped and the rest renormalised; classes the student has no
+    output for get 0."""
+    if output_classes is None:
+        return probs
+    out = np.zeros((len(probs), num_classes), dtype=probs.dtype)
+    for j, c in enumerate(output_classes):
+        if c >= 0:
+            out[:, c] += probs[:, j]
+    total = out.sum(axis=1, keepdims=True)
+    return np.where(total > 0, out / np.where(total > 0, total, 1.0), 1.0 / num_classes)

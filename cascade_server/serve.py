@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     env = os.environ
     if args.demo:
-        from .train.demo import DemoConfig, build_demo, demo_paths
+        from .train.demo import build_demo, demo_paths
 
         for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        build_demo(args.model_repository, args.bundles_dir, DemoConfig(progress=False))
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        build_demo(args.model_repository, args.bundles_dir, progress=False)
         args.bundles = args.bundles or [demo_paths(args.model_repository, args.bundles_dir)[1]]
         args.launch_triton = True
         if not env.get("CASCADE_ADMIN_TOKEN"):

@@ -24,12 +24,12 @@ class Demo:
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     from cascade_server.train.data import DATASETS
-    from cascade_server.train.demo import DemoConfig, build_demo
+    from cascade_server.train.demo import build_demo
 
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     root = tmp_path_factory.mktemp("demo")
-    bundle = build_demo(root / "model_repository", root / "bundles", DemoConfig(progress=False))
+    bundle = build_demo(root / "model_repository", root / "bundles", progress=False)
     data = DATASETS.get("digits")()
     return Demo(root / "model_repository", bundle.path, data.x, data.y)
 

@@ -3,8 +3,13 @@ into, so `cascade_server.preprocess.normalize` is the one numeric path for both.
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
+import json
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -40,13 +45,13 @@ class ImageData:
 
 @dataclass(frozen=True)
 class Splits:
-    train: ImageData
-    val: ImageData  # held out: calibration of the threshold
-    test: ImageData
+    train: ImageData | TextData
+    val: ImageData | TextData  # held out: calibration of the threshold
+    test: ImageData | TextData
 
 
-def split(data: ImageData, *, seed: int, val: float = 0.2, test: float = 0.2) -> Splits:
-    """Deterministic stratified split by seed."""
+def split(data, *, seed: int, val: float = 0.2, test: float = 0.2) -> Splits:
+    """Deterministic stratified split by seed (images or texts)."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(data))
@@ -69,3 +74,155 @@ def digits() -> ImageData:
     raw = load_digits()
     x = np.clip(np.round(raw.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[..., None]
     return ImageData(x, raw.target.astype(np.int64), tuple(str(c) for c in raw.target_names))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """IDX (MNIST format), optionally gzipped: big-endian header, then raw uint8."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    zero, dtype, ndim = raw[0:2], raw[2], raw[3]
+    if zero != b"\x00\x00" or dtype != 0x08:
+        raise ValueError(f"{path}: not a uint8 IDX file")
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    return data.reshape(shape)
+
+
+@DATASETS.register("idx")
+def idx(
+    path: str, split: str = "train", classes: list[str] | None = None, limit: int | None = None
+) -> ImageData:
+    """MNIST-format IDX files in `path`: `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`.
+    `split` is train or test (t10k). `limit` keeps the first N (quick runs)."""
+    root = Path(path)
+    prefix = {"train": "train", "test": "t10k"}[split]
+
+    def find(kind: str) -> Path:
+        for name in (f"{prefix}-{kind}-ubyte.gz", f"{prefix}-{kind}-ubyte"):
+            if (root / name).is_file():
+                return root / name
+        raise FileNotFoundError(f"no {prefix}-{kind}-ubyte[.gz] in {root}")
+
+    x = _read_idx(find("images-idx3"))[..., None]
+    y = _read_idx(find("labels-idx1")).astype(np.int64)
+    if limit:
+        x, y = x[:limit], y[:limit]
+    n_classes = int(y.max()) + 1
+    names = tuple(classes) if classes else _FASHION if "fashion" in str(root) else None
+    return ImageData(np.ascontiguousarray(x), y, names or tuple(str(i) for i in range(n_classes)))
+
+
+_FASHION = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(path: str, size: int = 32, channels: int = 3) -> ImageData:
+    """One subfolder per class (sorted names = class ids), images resized to `size`."""
+    from PIL import Image
+
+    root = Path(path)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise ValueError(f"{root} needs at least 2 class subfolders")
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        for file in sorted((root / name).iterdir()):
+            if file.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"):
+                continue
+            with Image.open(file) as img:
+                img = img.convert("L" if channels == 1 else "RGB").resize((size, size))
+                arr = np.asarray(img, dtype=np.uint8)
+            xs.append(arr[..., None] if arr.ndim == 2 else arr)
+            ys.append(label)
+    return ImageData(np.stack(xs), np.asarray(ys, dtype=np.int64), tuple(classes))
+
+
+@DATASETS.register("npz")
+def npz(path: str, classes: list[str] | None = None) -> ImageData:
+    """A numpy .npz with `x` (uint8 N,H,W[,C]) and `y` (int labels); optional `classes`."""
+    with np.load(path, allow_pickle=False) as f:
+        x, y = f["x"], f["y"].astype(np.int64)
+        names = [str(c) for c in f["classes"]] if "classes" in f.files else None
+    if x.ndim == 3:
+        x = x[..., None]
+    names = classes or names or [str(i) for i in range(int(y.max()) + 1)]
+    return ImageData(np.ascontiguousarray(x.astype(np.uint8)), y, tuple(names))
+
+
+@dataclass(frozen=True)
+class TextData:
+    texts: tuple[str, ...]
+    y: np.ndarray
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: np.ndarray) -> TextData:
+        return TextData(tuple(self.texts[i] for i in idx), self.y[idx], self.classes)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256("\x1f".join(self.texts).encode())
+        h.update(self.y.astype(np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+
+def _text_rows(rows, text_field: str, label_field: str, classes: list[str] | None) -> TextData:
+    texts, labels = [], []
+    for row in rows:
+        texts.append(str(row[text_field]))
+        labels.append(str(row[label_field]))
+    names = list(classes) if classes else sorted(set(labels))
+    index = {c: i for i, c in enumerate(names)}
+    unknown = sorted(set(labels) - index.keys())
+    if unknown:
+        raise ValueError(f"labels not in the class list: {unknown[:5]}")
+    return TextData(tuple(texts), np.asarray([index[c] for c in labels], np.int64), tuple(names))
+
+
+def _class_list(classes: list[str] | str | None) -> list[str] | None:
+    if isinstance(classes, str):  # a JSON file with the names in class-id order
+        return list(json.loads(Path(classes).read_text()))
+    return classes
+
+
+@DATASETS.register("csv")
+def csv_text(
+    path: str,
+    text_field: str = "text",
+    label_field: str = "category",
+    classes: list[str] | str | None = None,
+) -> TextData:
+    """Text classification CSV (e.g. Banking77's `text,category`). `classes`: a list or a
+    JSON file fixing class ids; default: sorted label names."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return _text_rows(csv.DictReader(fh), text_field, label_field, _class_list(classes))
+
+
+@DATASETS.register("jsonl")
+def jsonl_text(
+    path: str,
+    text_field: str = "text",
+    label_field: str = "label",
+    classes: list[str] | str | None = None,
+) -> TextData:
+    """One JSON object per line with a text and a label field."""
+    with open(path, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return _text_rows(rows, text_field, label_field, _class_list(classes))
+
+
+def load(name: str, **kwargs) -> ImageData | TextData:
+    return DATASETS.get(name)(**kwargs)

@@ -22,13 +22,15 @@ def export_onnx(
     path: Path,
     *,
     input_name: str = "input",
-    output_name: str = "logits",
+    output_name: str | list[str] = "logits",
     check_atol: float = 1e-4,
 ) -> Path:
-    """ONNX with a dynamic batch axis, checked against PyTorch with ONNX Runtime."""
+    """ONNX with a dynamic batch axis, checked against PyTorch with ONNX Runtime. A model that
+    returns a tuple gets one output per element (`output_name` a list)."""
     import onnx
     import onnxruntime as ort
 
+    names = [output_name] if isinstance(output_name, str) else list(output_name)
     model = model.cpu().eval()
     example = torch.randn(2, *in_shape, generator=torch.Generator().manual_seed(0))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +46,7 @@ def export_onnx(
                 (example,),
                 str(raw),
                 input_names=[input_name],
-                output_names=[output_name],
+                output_names=names,
                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
                 dynamo=True,
                 external_data=False,
@@ -58,10 +60,12 @@ def export_onnx(
     for batch in (1, 5):
         x = torch.randn(batch, *in_shape, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
-            expected = model(x).numpy()
-        (got,) = session.run([output_name], {input_name: x.numpy()})
-        if not np.allclose(got, expected, atol=check_atol):
-            raise RuntimeError(f"ONNX export of {path.name} disagrees with PyTorch")
+            expected = model(x)
+        expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+        got = session.run(names, {input_name: x.numpy()})
+        for name, e, g in zip(names, expected, got, strict=True):
+            if not np.allclose(g, e.numpy(), atol=check_atol):
+                raise RuntimeError(f"ONNX export of {path.name} ({name}) disagrees with PyTorch")
     return path
 
 

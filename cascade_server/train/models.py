@@ -1,8 +1,11 @@
-"""Architecture registry: builders take the input shape (C, H, W) and the class count."""
+"""Architecture registry. Builders take the input shape (C, H, W) and the class count, and
+return a `Classifier`: `features(x)` (penultimate activations, read by DiSK's guide) then
+`head`. Sizes are reported in parameters and MACs."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..registry import Registry
@@ -10,24 +13,36 @@ from ..registry import Registry
 ARCHITECTURES: Registry = Registry("architecture")
 
 
+class Classifier(nn.Module):
+    def __init__(self, body: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+        # Width of `features(x)`; fixed even if a wider head is swapped in (B-DISTIL connect).
+        self.feature_dim = head.in_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
 @ARCHITECTURES.register("mlp")
-def mlp(
-    in_shape: tuple[int, int, int], num_classes: int, hidden: tuple[int, ...] = (64,)
-) -> nn.Module:
+def mlp(in_shape, num_classes: int, hidden: tuple[int, ...] | list[int] = (64,)) -> Classifier:
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_shape[0] * in_shape[1] * in_shape[2]
     for h in hidden:
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    return Classifier(nn.Sequential(*layers), nn.Linear(width, num_classes))
 
 
 @ARCHITECTURES.register("cnn")
-def cnn(in_shape: tuple[int, int, int], num_classes: int, width: int = 32) -> nn.Module:
-    """Two conv blocks and a linear head; works from 8x8 up."""
+def cnn(in_shape, num_classes: int, width: int = 32) -> Classifier:
+    """Three conv blocks and a linear head; works from 8x8 up. `width` scales every layer."""
     c = in_shape[0]
-    return nn.Sequential(
+    body = nn.Sequential(
         nn.Conv2d(c, width, 3, padding=1),
         nn.BatchNorm2d(width),
         nn.ReLU(),
@@ -40,12 +55,75 @@ def cnn(in_shape: tuple[int, int, int], num_classes: int, width: int = 32) -> nn
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(2 * width, num_classes),
     )
+    return Classifier(body, nn.Linear(2 * width, num_classes))
 
 
-def build(name: str, in_shape: tuple[int, int, int], num_classes: int, **kwargs) -> nn.Module:
-    return ARCHITECTURES.get(name)(in_shape, num_classes, **kwargs)
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def _resnet(in_shape, num_classes: int, blocks: tuple[int, ...], widths: tuple[int, ...]):
+    """CIFAR-style ResNet: a 3x3 stem, then stages of BasicBlocks (stride 2 from the second)."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_shape[0], widths[0], 3, 1, 1, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(),
+    ]
+    cin = widths[0]
+    for i, (n, w) in enumerate(zip(blocks, widths, strict=True)):
+        for j in range(n):
+            layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
+            cin = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return Classifier(nn.Sequential(*layers), nn.Linear(cin, num_classes))
+
+
+def _register_cifar_resnet(depth: int) -> None:
+    n = (depth - 2) // 6
+
+    @ARCHITECTURES.register(f"resnet{depth}")
+    def build(in_shape, num_classes: int, width: int = 16) -> Classifier:
+        return _resnet(in_shape, num_classes, (n, n, n), (width, 2 * width, 4 * width))
+
+    build.__doc__ = f"CIFAR ResNet-{depth} (He et al.): 3 stages of {n} blocks, width 16/32/64."
+
+
+for _depth in (8, 20, 32, 56):
+    _register_cifar_resnet(_depth)
+
+# DiSK's ResNet10 family: 4 stages of one block; l/m/s shrink the width (64M/16M/4M MACs on
+# 32x32 inputs in the paper).
+_RESNET10_WIDTHS = {"l": 32, "m": 16, "s": 8}
+for _size, _w in _RESNET10_WIDTHS.items():
+
+    def _make(w: int):
+        def build(in_shape, num_classes: int, width: int = w) -> Classifier:
+            return _resnet(
+                in_shape, num_classes, (1, 1, 1, 1), (width, 2 * width, 4 * width, 8 * width)
+            )
+
+        return build
+
+    ARCHITECTURES.register(f"resnet10_{_size}")(_make(_w))
+
+
+def build(name: str, in_shape, num_classes: int, **kwargs) -> Classifier:
+    return ARCHITECTURES.get(name)(tuple(in_shape), num_classes, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -53,7 +131,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, in_shape: tuple[int, int, int]) -> int:
+def count_macs(model: nn.Module, in_shape) -> int:
     """Multiply-accumulates of one forward pass (Linear and Conv layers)."""
     total = 0
 

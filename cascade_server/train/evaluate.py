@@ -1,0 +1,99 @@
+"""Accuracy-vs-delegation curves of student+teacher pairs, their summary numbers
+(METHODS.md section 5), and a plot comparing several students."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import CalibrationRow
+from .calibrate import cascade_rows, student_predictions
+
+
+def summarize(rows: list[CalibrationRow], student_acc: float, teacher_acc: float) -> dict:
+    rates = np.array([r.delegation_rate for r in rows])
+    accs = np.array([r.cascade_accuracy for r in rows])
+
+    def acc_at(q: float) -> float | None:
+        # Below the rate that class-based delegation forces, the cascade cannot operate.
+        return float(np.interp(q, rates, accs)) if q >= rates.min() - 1e-9 else None
+
+    target = teacher_acc - 0.005
+    reaching = rates[accs >= target]
+    gap = teacher_acc - student_acc
+    return {
+        "student_accuracy": student_acc,
+        "teacher_accuracy": teacher_acc,
+        "cascade_accuracy": {f"{q:.1f}": acc_at(q) for q in (0.1, 0.2, 0.3)},
+        # Smallest delegation rate whose cascade accuracy reaches teacher accuracy - 0.5 pt.
+        "delegation_to_teacher_minus_0.5pt": float(reaching.min()) if reaching.size else None,
+        # Area under accuracy vs delegation rate, over [first rate, 1].
+        "auc": float(np.trapz(accs, rates)),
+        "gap_recovered": {
+            f"{q:.1f}": (acc_at(q) - student_acc) / gap
+            if gap > 0 and acc_at(q) is not None
+            else None
+            for q in (0.1, 0.2, 0.3)
+        },
+        "min_delegation_rate": float(rates.min()),
+    }
+
+
+def evaluate(
+    student_logits: np.ndarray,
+    teacher_logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    cost_student: float,
+    output_classes=None,
+    abstain_output=None,
+    in_domain_outputs=None,
+    steps: int = 100,
+) -> dict:
+    rows = cascade_rows(
+        student_logits,
+        teacher_logits,
+        labels,
+        cost_student=cost_student,
+        steps=steps,
+        output_classes=output_classes,
+        abstain_output=abstain_output,
+        in_domain_outputs=in_domain_outputs,
+    )
+    s_acc = float(
+        (
+            student_predictions(student_logits, teacher_logits.shape[1], output_classes) == labels
+        ).mean()
+    )
+    t_acc = float((teacher_logits.argmax(1) == labels).mean())
+    return {"rows": [r.model_dump() for r in rows], "summary": summarize(rows, s_acc, t_acc)}
+
+
+def plot(curves: dict[str, dict], path: Path, title: str = "") -> Path:
+    """Cascade accuracy vs delegation rate, one line per student; the teacher as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    teacher_acc = None
+    for name, ev in curves.items():
+        rates = [r["delegation_rate"] for r in ev["rows"]]
+        accs = [r["cascade_accuracy"] for r in ev["rows"]]
+        ax.plot(rates, accs, label=f"{name} (student {ev['summary']['student_accuracy']:.3f})")
+        teacher_acc = ev["summary"]["teacher_accuracy"]
+    if teacher_acc is not None:
+        ax.axhline(teacher_acc, color="black", ls="--", lw=1, label=f"teacher {teacher_acc:.3f}")
+    ax.set_xlabel("delegation rate (share of requests sent to the teacher)")
+    ax.set_ylabel("cascade accuracy")
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title or "accuracy vs delegation")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

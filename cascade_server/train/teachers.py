@@ -1,0 +1,117 @@
+"""Teachers for distillation: a PyTorch model of a registered architecture (logits and
+penultimate features), or any ONNX classifier (logits through ONNX Runtime)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .models import Classifier, build
+
+TEACHER_WEIGHTS = "teacher.pt"
+TEACHER_META = "teacher.json"
+TEACHER_ONNX = "teacher.onnx"
+
+
+class TorchTeacher:
+    kind = "torch"
+
+    def __init__(self, model: Classifier, arch: str, kwargs: dict, device: str = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.arch, self.kwargs, self.device = arch, kwargs, device
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.feature_dim
+
+    @torch.no_grad()
+    def torch_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+    def logits(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        out = [
+            self.torch_logits(torch.from_numpy(x[i : i + batch_size]).to(self.device)).cpu().numpy()
+            for i in range(0, len(x), batch_size)
+        ]
+        return np.concatenate(out).astype(np.float32)
+
+
+class OnnxTeacher:
+    """Any ONNX classifier with one float input (batch first) and logits as first output."""
+
+    kind = "onnx"
+    feature_dim = None
+
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.path = path
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def logits(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        out = [
+            self.session.run([self.output_name], {self.input_name: x[i : i + batch_size]})[0]
+            for i in range(0, len(x), batch_size)
+        ]
+        return np.concatenate(out).astype(np.float32)
+
+    def torch_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Online queries (KD+ on interpolated inputs) go through ONNX Runtime too."""
+        return torch.from_numpy(self.logits(x.detach().cpu().numpy())).to(x.device)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("an ONNX teacher exposes logits only; use guide_input=logits")
+
+
+def save_torch_teacher(run_dir: Path, teacher: TorchTeacher, in_shape, num_classes: int) -> None:
+    from .export import save_weights
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_weights(teacher.model, run_dir / TEACHER_WEIGHTS)
+    meta = {
+        "arch": teacher.arch,
+        "kwargs": teacher.kwargs,
+        "in_shape": list(in_shape),
+        "num_classes": num_classes,
+    }
+    (run_dir / TEACHER_META).write_text(json.dumps(meta, indent=2))
+
+
+def load_teacher(run_dir: Path, device: str = "cpu") -> TorchTeacher | OnnxTeacher:
+    """The teacher a run holds: teacher.onnx (imported) or teacher.pt + teacher.json."""
+    if (run_dir / TEACHER_ONNX).is_file():
+        return OnnxTeacher(run_dir / TEACHER_ONNX)
+    meta_path = run_dir / TEACHER_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no teacher: run `cascade-train teacher` first")
+    meta = json.loads(meta_path.read_text())
+    return load_torch_teacher(
+        run_dir / TEACHER_WEIGHTS,
+        meta["arch"],
+        meta["kwargs"],
+        meta["in_shape"],
+        meta["num_classes"],
+        device,
+    )
+
+
+def load_torch_teacher(
+    path: Path, arch: str, kwargs: dict, in_shape, num_classes: int, device: str = "cpu"
+) -> TorchTeacher:
+    """A checkpoint of a registered architecture; tensors only (weights_only=True)."""
+    from .export import load_weights
+
+    model = build(arch, in_shape, num_classes, **kwargs)
+    return TorchTeacher(load_weights(model, path), arch, kwargs, device)
