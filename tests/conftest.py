@@ -34,6 +34,31 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     return Demo(root / "model_repository", bundle.path, data.x, data.y)
 
 
+@pytest.fixture(scope="session")
+def cd3_bundle(demo, tmp_path_factory):
+    """A CD-III student distilled from the demo's teacher (imported from its checkpoint)."""
+    from cascade_server.train.config import ExperimentConfig
+    from cascade_server.train.demo import DEMO_CONFIG
+    from cascade_server.train.pipeline import export, prepare, run_all
+
+    root = tmp_path_factory.mktemp("cd3")
+    raw = DEMO_CONFIG.model_dump()
+    raw.update(
+        name="digits-cd3",
+        teacher={
+            **raw["teacher"],
+            "checkpoint": demo.repository / "digits_teacher" / "1" / "teacher.pt",
+        },
+        student={"arch": "mlp", "params": {"hidden": [32]}},
+        method={"name": "cd3", "params": {"in_domain": [0, 1, 2, 3, 4]}},
+        fit={**raw["fit"], "epochs": 30},
+        export={**raw["export"], "name": "digitscd3"},
+    )
+    config = ExperimentConfig.model_validate(raw)
+    run_all(config, root / "run", progress=False)
+    return export(prepare(config), root / "run", bundles=root / "bundles", repository=root / "repo")
+
+
 def png_bytes(array: np.ndarray, mode: str = "L", fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     img = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)

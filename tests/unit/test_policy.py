@@ -58,3 +58,27 @@ def test_non_finite_rows_are_delegated_and_others_decided_normally():
     assert d.non_finite.tolist() == [True, False, True]
     assert d.delegate.tolist() == [True, False, True]
     assert np.isfinite(d.probs).all()
+
+
+def test_abstain_output_is_delegated_whatever_its_margin():
+    from cascade_server.policy import decide
+
+    logits = np.array([[0.0, 0.0, 9.0], [9.0, 0.0, 0.0]])  # row 0: abstain wins clearly
+    d = decide(logits, threshold=0.1, abstain_output=2)
+    assert d.delegate.tolist() == [True, False]
+
+
+def test_out_of_domain_argmax_is_delegated():
+    logits = np.array([[9.0, 0.0, 0.0], [0.0, 9.0, 0.0], [0.0, 0.0, 9.0]])
+    d = decide(logits, threshold=0.1, in_domain_outputs=np.array([True, False, True]))
+    assert d.delegate.tolist() == [False, True, False]
+
+
+def test_class_probabilities_drop_abstain_and_map_outputs_to_classes():
+    from cascade_server.policy import class_probabilities
+
+    probs = np.array([[0.2, 0.3, 0.5], [0.0, 0.0, 1.0]])  # outputs: class 4, class 1, abstain
+    out = class_probabilities(probs, (4, 1, -1), 5)
+    np.testing.assert_allclose(out[0], [0, 0.6, 0, 0, 0.4])
+    np.testing.assert_allclose(out[1], [0.2] * 5)  # nothing but abstain: uniform
+    assert class_probabilities(probs, None, 3) is probs

@@ -1,0 +1,141 @@
+"""Compare every distillation method on the same data, teacher and student architecture.
+
+Trains one teacher on Fashion-MNIST (../shared/data/fashion_mnist), then a student with each
+method, and writes per method: student accuracy, cascade accuracy at 10/20/30% delegation, the
+delegation needed to reach teacher accuracy - 0.5 point, AUC, gap recovered; as JSON, a markdown
+table and one plot. Default settings take well under an hour on 2 CPU cores; --quick minutes.
+
+    python benchmarks/methods.py                      # the full run (table in benchmarks/README.md)
+    python benchmarks/methods.py --quick              # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from cascade_server.train.config import ExperimentConfig
+from cascade_server.train.evaluate import plot
+from cascade_server.train.methods import METHODS
+from cascade_server.train.pipeline import (
+    calibrate, distill, evaluate, prepare, start_run, train_teacher,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER_FILES = ("teacher.pt", "teacher.json", "teacher_logits.npz", "record.json")
+
+
+def config(args, method: str) -> ExperimentConfig:
+    data_params = {"path": str(args.data), "split": "train"}
+    if args.quick:
+        data_params["limit"] = 12000
+    # Methods that cost several KD runs get fewer epochs so that the whole run fits the budget
+    # (each DiSK epoch is 3 student + 3 guide passes; B-DISTIL trains `members` students).
+    epochs = args.student_epochs
+    method_params: dict = {}
+    if method == "disk":
+        epochs = max(2, epochs // 2)
+    if method == "bdistil":
+        method_params = {"members": 3}
+    if method.startswith("cd"):
+        method_params = {"top_k_classes": args.in_domain_k}
+    return ExperimentConfig.model_validate({
+        "name": f"fashion-{method}", "seed": args.seed,
+        "data": {"name": "idx", "params": data_params, "test_params": {"split": "test", "limit": None}},
+        "split": {"val": 0.1, "test": 0.05},
+        "teacher": {"arch": "cnn", "params": {"width": args.teacher_width},
+                    "epochs": args.teacher_epochs, "lr": 3e-3, "batch_size": 128},
+        "student": {"arch": "mlp", "params": {"hidden": [args.student_hidden]}},
+        "method": {"name": method, "params": method_params},
+        "fit": {"epochs": epochs, "lr": 3e-3, "batch_size": 128},
+        "export": {"name": "fashion"},
+    })
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "fashion_mnist")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fashion_mnist")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-fashion")
+    p.add_argument("--methods", nargs="+", default=METHODS.names(), choices=METHODS.names())
+    p.add_argument("--quick", action="store_true", help="12k training images, few epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-width", type=int, default=16)
+    p.add_argument("--teacher-epochs", type=int, default=10)
+    p.add_argument("--student-hidden", type=int, default=16)
+    p.add_argument("--student-epochs", type=int, default=12)
+    p.add_argument("--in-domain-k", type=int, default=5, help="CD methods: |L_in|")
+    args = p.parse_args()
+    if args.quick:
+        args.teacher_epochs, args.student_epochs = min(args.teacher_epochs, 3), min(args.student_epochs, 4)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+    started = time.perf_counter()
+    teacher_dir = args.runs / "teacher"
+    prep = prepare(config(args, "kd"))
+    start_run(teacher_dir, prep.config, prep)
+    teacher = train_teacher(prep, teacher_dir, progress=False)
+    teacher_seconds = time.perf_counter() - started
+
+    curves, rows = {}, []
+    for method in args.methods:
+        run = args.runs / method
+        run.mkdir(parents=True, exist_ok=True)
+        for name in TEACHER_FILES:  # the same teacher for every method
+            shutil.copyfile(teacher_dir / name, run / name)
+        prep = prepare(config(args, method))
+        start_run(run, prep.config, prep)
+        t0 = time.perf_counter()
+        distill(prep, run, teacher if METHODS.get(method).needs_teacher else None, progress=False)
+        seconds = time.perf_counter() - t0
+        calibrate(prep, run)
+        ev = evaluate(prep, run)
+        curves[method] = ev
+        s = ev["summary"]
+        rows.append({"method": method, "seconds": round(seconds, 1), **s})
+        logging.info("%s: student %.4f, cascade@20%% %s (%.0fs)", method, s["student_accuracy"],
+                     s["cascade_accuracy"]["0.2"], seconds)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"settings": {k: str(v) for k, v in vars(args).items()},
+            "teacher_seconds": round(teacher_seconds, 1),
+            "total_seconds": round(time.perf_counter() - started, 1),
+            "n_test": int(len(prep.y["test"])), "n_train": int(len(prep.y["train"]))}
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    plot(curves, args.out / "curves.png", title="Fashion-MNIST: cascade accuracy vs delegation")
+    (args.out / "table.md").write_text(table(rows, meta))
+    print(table(rows, meta))
+
+
+def fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def table(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "| method | student acc | cascade @10% | @20% | @30% | delegation to teacher-0.5pt | AUC | gap recovered @20% | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        c = r["cascade_accuracy"]
+        lines.append(
+            f"| {r['method']} | {fmt(r['student_accuracy'])} | {fmt(c['0.1'])} | {fmt(c['0.2'])} | "
+            f"{fmt(c['0.3'])} | {fmt(r['delegation_to_teacher_minus_0.5pt'])} | {fmt(r['auc'])} | "
+            f"{fmt(r['gap_recovered']['0.2'])} | {r['seconds']} |"
+        )
+    teacher = rows[0]["teacher_accuracy"] if rows else float("nan")
+    lines.append("")
+    lines.append(f"Teacher accuracy {teacher:.4f} on {meta['n_test']} test images; "
+                 f"{meta['n_train']} training images; teacher trained in {meta['teacher_seconds']} s, "
+                 f"whole run {meta['total_seconds']} s.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
