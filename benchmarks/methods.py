@@ -22,7 +22,12 @@ from cascade_server.train.config import ExperimentConfig
 from cascade_server.train.evaluate import plot
 from cascade_server.train.methods import METHODS
 from cascade_server.train.pipeline import (
-    calibrate, distill, evaluate, prepare, start_run, train_teacher,
+    calibrate,
+    distill,
+    evaluate,
+    prepare,
+    start_run,
+    train_teacher,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,36 +48,55 @@ def config(args, method: str) -> ExperimentConfig:
         method_params = {"members": 3}
     if method.startswith("cd"):
         method_params = {"top_k_classes": args.in_domain_k}
-    return ExperimentConfig.model_validate({
-        "name": f"fashion-{method}", "seed": args.seed,
-        "data": {"name": "idx", "params": data_params, "test_params": {"split": "test", "limit": None}},
-        "split": {"val": 0.1, "test": 0.05},
-        "teacher": {"arch": "cnn", "params": {"width": args.teacher_width},
-                    "epochs": args.teacher_epochs, "lr": 3e-3, "batch_size": 128},
-        "student": {"arch": "mlp", "params": {"hidden": [args.student_hidden]}},
-        "method": {"name": method, "params": method_params},
-        "fit": {"epochs": epochs, "lr": 3e-3, "batch_size": 128},
-        "export": {"name": "fashion"},
-    })
+    return ExperimentConfig.model_validate(
+        {
+            "name": f"fashion-{method}",
+            "seed": args.seed,
+            "data": {
+                "name": "idx",
+                "params": data_params,
+                "test_params": {"split": "test", "limit": None},
+            },
+            "split": {"val": 0.1, "test": 0.05},
+            "teacher": {
+                "arch": "lenet",
+                "params": {"width": args.teacher_width},
+                "epochs": args.teacher_epochs,
+                "lr": 3e-3,
+                "batch_size": 128,
+            },
+            "student": {"arch": "mlp", "params": {"hidden": [args.student_hidden]}},
+            "method": {"name": method, "params": method_params},
+            "fit": {"epochs": epochs, "lr": 3e-3, "batch_size": 128},
+            "export": {"name": "fashion"},
+        }
+    )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "fashion_mnist")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fashion_mnist")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-fashion")
     p.add_argument("--methods", nargs="+", default=METHODS.names(), choices=METHODS.names())
     p.add_argument("--quick", action="store_true", help="12k training images, few epochs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--teacher-width", type=int, default=16)
+    p.add_argument("--teacher-width", type=int, default=32)
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--student-hidden", type=int, default=16)
     p.add_argument("--student-epochs", type=int, default=12)
     p.add_argument("--in-domain-k", type=int, default=5, help="CD methods: |L_in|")
     args = p.parse_args()
     if args.quick:
-        args.teacher_epochs, args.student_epochs = min(args.teacher_epochs, 3), min(args.student_epochs, 4)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        args.teacher_epochs, args.student_epochs = (
+            min(args.teacher_epochs, 3),
+            min(args.student_epochs, 4),
+        )
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -99,14 +123,22 @@ def main() -> None:
         curves[method] = ev
         s = ev["summary"]
         rows.append({"method": method, "seconds": round(seconds, 1), **s})
-        logging.info("%s: student %.4f, cascade@20%% %s (%.0fs)", method, s["student_accuracy"],
-                     s["cascade_accuracy"]["0.2"], seconds)
+        logging.info(
+            "%s: student %.4f, cascade@20%% %s (%.0fs)",
+            method,
+            s["student_accuracy"],
+            s["cascade_accuracy"]["0.2"],
+            seconds,
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"settings": {k: str(v) for k, v in vars(args).items()},
-            "teacher_seconds": round(teacher_seconds, 1),
-            "total_seconds": round(time.perf_counter() - started, 1),
-            "n_test": int(len(prep.y["test"])), "n_train": int(len(prep.y["train"]))}
+    meta = {
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "teacher_seconds": round(teacher_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "n_test": len(prep.y["test"]),
+        "n_train": len(prep.y["train"]),
+    }
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     plot(curves, args.out / "curves.png", title="Fashion-MNIST: cascade accuracy vs delegation")
     (args.out / "table.md").write_text(table(rows, meta))
@@ -131,9 +163,11 @@ def table(rows: list[dict], meta: dict) -> str:
         )
     teacher = rows[0]["teacher_accuracy"] if rows else float("nan")
     lines.append("")
-    lines.append(f"Teacher accuracy {teacher:.4f} on {meta['n_test']} test images; "
-                 f"{meta['n_train']} training images; teacher trained in {meta['teacher_seconds']} s, "
-                 f"whole run {meta['total_seconds']} s.")
+    lines.append(
+        f"Teacher accuracy {teacher:.4f} on {meta['n_test']} test images; "
+        f"{meta['n_train']} training images; teacher trained in {meta['teacher_seconds']} s, "
+        f"whole run {meta['total_seconds']} s."
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,7 @@ from .methods import METHODS
 
 def _experiment_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
     p.add_argument("config", type=Path, help="experiment YAML (configs/...)")
-    p.add_argument("--run", type=Path, help="run directory (default: runs/<name>)")
+    p.add_argument("--run-dir", type=Path, help="run directory (default: runs/<name>)")
     p.add_argument(
         "--set",
         action="append",
@@ -130,7 +130,7 @@ def _load(args) -> tuple:
     config = load_config(args.config, args.set)
     if args.device:
         config = config.model_copy(update={"device": args.device})
-    return config, args.run or Path("runs") / config.name
+    return config, args.run_dir or Path("runs") / config.name
 
 
 def dump_config(config) -> str:

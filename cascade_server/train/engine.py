@@ -106,7 +106,7 @@ class Trainer:
             lr=config.lr,
             weight_decay=config.weight_decay,
         )
-        per_rank = -(-len(self.xs) // self.world)
+        per_rank = len(self.xs) // self.world if self.world > 1 else len(self.xs)
         steps_per_epoch = max(1, -(-per_rank // config.batch_size))
         self.sched = torch.optim.lr_scheduler.OneCycleLR(
             self.opt, max_lr=config.lr, total_steps=(epochs or config.epochs) * steps_per_epoch
@@ -115,7 +115,10 @@ class Trainer:
 
     def run_epoch(self) -> float:
         self.model.train()
-        perm = torch.randperm(len(self.xs), generator=self.gen)[self.rank :: self.world]
+        perm = torch.randperm(len(self.xs), generator=self.gen)
+        if self.world > 1:
+            # Equal shards: DDP's collectives hang if one rank runs an extra batch.
+            perm = perm[: len(perm) // self.world * self.world][self.rank :: self.world]
         total, correct, seen = 0.0, 0, 0
         for begin in range(0, len(perm), self.config.batch_size):
             idx = perm[begin : begin + self.config.batch_size]
@@ -148,7 +151,7 @@ class Trainer:
             "scheduler": self.sched.state_dict(),
             "generator": self.gen.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "history": torch.tensor(history),
+            "history": torch.tensor(history, dtype=torch.float64),
             "epoch": epoch,
         }
 

@@ -14,6 +14,10 @@ from .calibrate import cascade_rows, student_predictions
 def summarize(rows: list[CalibrationRow], student_acc: float, teacher_acc: float) -> dict:
     rates = np.array([r.delegation_rate for r in rows])
     accs = np.array([r.cascade_accuracy for r in rows])
+    if rates[-1] < 1.0:
+        # Saturated students have margins of exactly 1.0, which no threshold <= 1 delegates;
+        # delegating everything is still a point of the curve: the teacher's accuracy.
+        rates, accs = np.append(rates, 1.0), np.append(accs, teacher_acc)
 
     def acc_at(q: float) -> float | None:
         # Below the rate that class-based delegation forces, the cascade cannot operate.

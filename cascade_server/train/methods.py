@@ -159,13 +159,15 @@ class MD(_LossMethod):
         b: float = 0.5
         alpha: float = 0.6
         rho_train: float = 0.4
-        # Where the teacher logits that decide easy/hard come from. "augment": the teacher on
-        # perturbed views (shift + noise) of each item, which works with any teacher; "crossfit":
+        # Where the teacher logits that decide easy/hard come from. "augment": the teacher on a
+        # shifted view (and optional Gaussian noise) of each item, which works with any teacher
+        # (noise is off by default: a Fashion-MNIST CNN fell from 90% to 23% under noise 0.3,
+        # while a 1-pixel shift costs it 2 points); "crossfit":
         # out-of-fold logits of `folds` teachers retrained without the item (costs `folds`
         # teacher trainings); "train": plain logits (over-confident: MD collapses to KD).
         teacher_logits: str = "augment"
         folds: int = 3
-        noise: float = 0.3
+        noise: float = 0.0
         shift: int = 1
 
     def loss(self, ctx: Context, params) -> nn.Module:

@@ -30,3 +30,48 @@ def test_cascade_accuracy_and_cost_are_computed_from_the_decisions():
     assert row.expected_cost == pytest.approx(0.1 + 0.5 * 1.0)
     first = cal.table[0]
     assert (first.delegation_rate, first.cascade_accuracy) == (0.0, 0.5)
+
+
+def test_class_based_delegation_sets_a_floor_on_the_rate():
+    rng = np.random.default_rng(2)
+    s = rng.normal(size=(400, 4)) * 3
+    y = rng.integers(0, 4, 400)
+    in_domain = np.array([True, True, False, False])
+    cal = calibrate(
+        s,
+        np.eye(4)[y] * 5,
+        y,
+        target_delegation_rate=0.1,
+        cost_student=0.1,
+        in_domain_outputs=in_domain,
+    )
+    forced = (~in_domain[s.argmax(1)]).mean()
+    assert cal.table[0].delegation_rate == pytest.approx(forced)
+    assert cal.threshold == 0.0  # the target is below the floor: delegate only the forced ones
+
+
+def test_threshold_for_a_target_accuracy():
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=(500, 5)) * 2
+    y = rng.integers(0, 5, 500)
+    cal = calibrate(
+        s, np.eye(5)[y] * 5, y, target_delegation_rate=None, target_accuracy=0.9, cost_student=0.1
+    )
+    row = next(r for r in cal.table if r.threshold == cal.threshold)
+    assert row.cascade_accuracy >= 0.9
+    assert all(
+        r.cascade_accuracy < 0.9 for r in cal.table if r.delegation_rate < row.delegation_rate
+    )
+    with pytest.raises(ValueError, match="no threshold reaches"):
+        cal.threshold_for_accuracy(1.01)
+
+
+def test_stage_calibration_passes_the_same_share_at_each_stage():
+    from cascade_server.train.calibrate import calibrate_stages
+
+    rng = np.random.default_rng(4)
+    stages = [rng.normal(size=(2000, 10)) * (k + 1) for k in range(3)]
+    out = calibrate_stages(stages, 0.125, ["stage_1", "stage_2", "stage_3"])
+    assert [s.output for s in out] == ["stage_1", "stage_2", "stage_3"]
+    for s in out:
+        assert s.pass_rate == pytest.approx(0.5, abs=0.02)  # 0.5^3 = 0.125 reach the teacher

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from cascade_server.bundle import CalibrationRow
+from cascade_server.train.evaluate import evaluate, plot, summarize
+
+
+def rows(points):
+    return [
+        CalibrationRow(threshold=r, delegation_rate=r, cascade_accuracy=a, expected_cost=r)
+        for r, a in points
+    ]
+
+
+def test_summary_numbers():
+    s = summarize(
+        rows([(0.0, 0.80), (0.1, 0.86), (0.2, 0.895), (0.3, 0.90), (1.0, 0.90)]),
+        student_acc=0.80,
+        teacher_acc=0.90,
+    )
+    assert s["cascade_accuracy"] == pytest.approx({"0.1": 0.86, "0.2": 0.895, "0.3": 0.90})
+    assert s["delegation_to_teacher_minus_0.5pt"] == 0.2
+    assert s["gap_recovered"]["0.1"] == pytest.approx(0.6)
+    assert s["auc"] == pytest.approx(
+        np.trapz([0.80, 0.86, 0.895, 0.90, 0.90], [0, 0.1, 0.2, 0.3, 1.0])
+    )
+
+
+def test_rates_below_the_forced_floor_are_not_reported():
+    s = summarize(rows([(0.5, 0.85), (1.0, 0.9)]), student_acc=0.5, teacher_acc=0.9)
+    assert s["cascade_accuracy"]["0.3"] is None and s["gap_recovered"]["0.3"] is None
+    assert s["min_delegation_rate"] == 0.5
+
+
+def test_evaluate_and_plot(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    ev = evaluate(rng.normal(size=(300, 3)), np.eye(3)[y] * 4, y, cost_student=0.1)
+    assert ev["summary"]["teacher_accuracy"] == 1.0
+    assert ev["rows"][-1]["cascade_accuracy"] == 1.0
+    png = plot({"a": ev, "b": ev}, tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_curve_that_stops_short_of_full_delegation_ends_at_the_teacher():
+    s = summarize(rows([(0.0, 0.8), (0.5, 0.85)]), student_acc=0.8, teacher_acc=0.9)
+    assert s["auc"] == pytest.approx(np.trapz([0.8, 0.85, 0.9], [0.0, 0.5, 1.0]))
