@@ -151,7 +151,8 @@ def fmt(v) -> str:
 
 def table(rows: list[dict], meta: dict) -> str:
     lines = [
-        "| method | student acc | cascade @10% | @20% | @30% | delegation to teacher-0.5pt | AUC | gap recovered @20% | train s |",
+        "| method | student acc | cascade @10% | @20% | @30% | delegation to teacher-0.5pt "
+        "| AUC | gap recovered @20% | train s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -33,11 +33,11 @@ def test_overrides_are_typed_and_nested(tmp_path):
 
 def test_typos_and_bad_values_fail_with_the_field_named(tmp_path):
     (tmp_path / "c.yaml").write_text("fit: {epoch: 3}\n")
-    with pytest.raises(ValidationError, match="fit.epoch"):
+    with pytest.raises(ValidationError, match=r"fit\.epoch"):
         load_config(tmp_path / "c.yaml")
     with pytest.raises(ValidationError, match="target_delegation_rate"):
         load_config(None, ["calibration.target_delegation_rate=2"])
-    with pytest.raises(ValueError, match="section.key=value"):
+    with pytest.raises(ValueError, match=r"section\.key=value"):
         load_config(None, ["nonsense"])
 
 
