@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 WORKERS ?= 2
 
-.PHONY: setup serve test test-fast lint format demo clean
+.PHONY: setup serve test test-fast lint format demo bench bench-quick clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,13 @@ format: setup
 
 demo: setup
 	$(BIN)/cascade-train demo
+
+## Every distillation method on ../shared/data/fashion_mnist (about 15 min on 2 cores).
+bench: setup
+	$(BIN)/python benchmarks/methods.py
+
+bench-quick: setup
+	$(BIN)/python benchmarks/methods.py --quick --out runs/bench-quick/results --runs runs/bench-quick
 
 clean:
 	rm -rf .cascade bundles model_repository/*/[0-9]*
