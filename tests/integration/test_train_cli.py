@@ -137,3 +137,46 @@ def test_two_process_distributed_training_with_torchrun(tmp_path):
     assert record["teacher"]["test_accuracy"] > 0.3
     assert np.isfinite(record["student"]["loss_history"]).all()
     assert record["student"]["loss_history"][-1] < record["student"]["loss_history"][0]
+
+
+def test_bdistil_bundle_carries_its_stages_and_serves(tmp_path):
+    import onnxruntime as ort
+    from fastapi.testclient import TestClient
+
+    from cascade_server.app import create_app
+    from cascade_server.settings import Settings
+
+    from ..conftest import b64, png_bytes
+    from .conftest import FakeTeacher
+
+    train(
+        "run",
+        ROOT / "configs" / "digits" / "bdistil.yaml",
+        "--run-dir",
+        tmp_path / "run",
+        *QUICK,
+        "--export",
+        "--bundles",
+        tmp_path / "b",
+        "--repository",
+        tmp_path / "r",
+    )
+    bundle = Bundle.load(tmp_path / "b" / "digits")
+    stages = bundle.manifest.stages
+    assert [s.output for s in stages] == ["stage_1", "stage_2", "stage_3"]
+    assert all(0.0 <= s.threshold <= 1.0 for s in stages)
+    session = ort.InferenceSession(str(bundle.student_path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "stage_1", "stage_2", "stage_3"]
+    outs = session.run(None, {"input": np.zeros((2, 1, 8, 8), np.float32)})
+    np.testing.assert_allclose(outs[0], outs[3], atol=1e-6)  # logits = the last stage
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert len(record["evaluation"]["stage_accuracy"]) == 3
+
+    app = create_app(
+        Settings(bundles=[bundle.path], state_dir=tmp_path / "s"),
+        teacher_factory=lambda s, b: FakeTeacher(),
+    )
+    with TestClient(app) as client:
+        image = np.full((8, 8, 1), 128, np.uint8)
+        r = client.post("/predict", json={"image": b64(png_bytes(image))})
+    assert r.status_code == 200 and r.json()["versions"]["student"] == bundle.manifest.version
