@@ -102,7 +102,7 @@ def main() -> None:
 
     started = time.perf_counter()
     teacher_dir = args.runs / "teacher"
-    prep = prepare(config(args, "kd"))
+    prep = prepare(config(args, "kd"), teacher_dir)
     start_run(teacher_dir, prep.config, prep)
     teacher = train_teacher(prep, teacher_dir, progress=False)
     teacher_seconds = time.perf_counter() - started
@@ -113,7 +113,7 @@ def main() -> None:
         run.mkdir(parents=True, exist_ok=True)
         for name in TEACHER_FILES:  # the same teacher for every method
             shutil.copyfile(teacher_dir / name, run / name)
-        prep = prepare(config(args, method))
+        prep = prepare(config(args, method), run)
         start_run(run, prep.config, prep)
         t0 = time.perf_counter()
         distill(prep, run, teacher if METHODS.get(method).needs_teacher else None, progress=False)

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import orjson
@@ -38,22 +39,30 @@ from .teacher import Teacher, TritonTeacher
 log = logging.getLogger(__name__)
 
 
-class ImageInput(BaseModel):
+class InputItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    image: str = Field(description="base64 PNG/JPEG/... (a data: URL prefix is accepted)")
+    image: str | None = Field(default=None, description="base64 PNG/JPEG/... (data: URL ok)")
+    text: str | None = Field(default=None, description="a text, for text cascades")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> InputItem:
+        if (self.image is None) == (self.text is None):
+            raise ValueError("each input has exactly one of `image` and `text`")
+        return self
 
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image: str | None = Field(default=None, description="one base64 image")
-    inputs: list[ImageInput] | None = Field(default=None, description="a batch, answered in order")
+    text: str | None = Field(default=None, description="one text")
+    inputs: list[InputItem] | None = Field(default=None, description="a batch, answered in order")
     cascade: str | None = Field(default=None, description="which cascade; optional if one fits")
     top_k: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> PredictRequest:
-        if (self.image is None) == (self.inputs is None):
-            raise ValueError("give exactly one of `image` (one input) or `inputs` (a list)")
+        if sum(x is not None for x in (self.image, self.text, self.inputs)) != 1:
+            raise ValueError("give exactly one of `image`, `text` (one input) or `inputs` (a list)")
         return self
 
 
@@ -78,14 +87,21 @@ class Gateway:
         self.cascades = cascades
         self.metrics = metrics
 
-    def resolve(self, name: str | None, modality: str = "image") -> Cascade:
+    def resolve(self, name: str | None, modality: str | None = None) -> Cascade:
         if name is not None:
             try:
-                return self.cascades[name]
+                cascade = self.cascades[name]
             except KeyError:
                 raise UnknownCascade(
                     f"no cascade {name!r}; serving: {', '.join(sorted(self.cascades))}"
                 ) from None
+            if modality is not None and cascade.modality != modality:
+                raise InvalidInput(f"cascade {name!r} takes {cascade.modality}, not {modality}")
+            return cascade
+        if modality is None:
+            if len(self.cascades) == 1:
+                return next(iter(self.cascades.values()))
+            raise InvalidInput("several cascades are served; name one with `cascade`")
         fitting = [c for c in self.cascades.values() if c.modality == modality]
         if len(fitting) == 1:
             return fitting[0]
@@ -169,14 +185,16 @@ def create_app(settings: Settings | None = None, *, teacher_factory=build_teache
         metrics.in_flight.inc()
         cascade = None
         try:
-            blobs, cascade_name, top_k, batched = await _read_inputs(request, gateway.settings)
-            cascade = gateway.resolve(cascade_name)
-            outputs, timings = await cascade.predict(blobs, top_k or gateway.settings.default_top_k)
+            parsed = await _read_inputs(request, gateway.settings)
+            cascade = gateway.resolve(parsed.cascade, parsed.modality)
+            outputs, timings = await cascade.predict(
+                parsed.items, parsed.top_k or gateway.settings.default_top_k
+            )
             total = time.perf_counter() - started
             for out in outputs:
                 out["timings_ms"] = timings.as_ms(total)
             cascade.record_total(timings, total)
-            body = {"outputs": outputs} if batched else outputs[0]
+            body = {"outputs": outputs} if parsed.batched else outputs[0]
             return Response(
                 orjson.dumps(body), media_type="application/json", headers=worker_header
             )
@@ -239,10 +257,18 @@ def create_app(settings: Settings | None = None, *, teacher_factory=build_teache
     return app
 
 
-async def _read_inputs(
-    request: Request, settings: Settings
-) -> tuple[list[bytes], str | None, int | None, bool]:
-    """The request's encoded images, cascade name, top_k, and whether it was a batch."""
+@dataclass
+class ParsedRequest:
+    items: list  # bytes (encoded images) or str (texts), in request order
+    modality: str
+    cascade: str | None
+    top_k: int | None
+    batched: bool
+
+
+async def _read_inputs(request: Request, settings: Settings) -> ParsedRequest:
+    """The request's inputs, their modality, the cascade named, top_k, and whether it was a
+    batch. Every input is checked here or in the cascade's preprocessor before any model runs."""
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     query = request.query_params
     cascade_name = query.get("cascade")
@@ -255,7 +281,7 @@ async def _read_inputs(
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"body is not valid JSON: {exc}") from None
+            raise BadRequest(f"body is not valid JSON (or not UTF-8): {exc}") from None
         if not isinstance(payload, dict):
             raise InvalidInput("body must be a JSON object")
         try:
@@ -264,10 +290,23 @@ async def _read_inputs(
             raise InvalidInput(format_validation_errors(exc.errors())) from None
         if req.inputs is not None:
             _check_batch(len(req.inputs), settings)
-            blobs = [decode_base64(x.image, f"inputs[{i}].image") for i, x in enumerate(req.inputs)]
+            kinds = {"text" if x.text is not None else "image" for x in req.inputs}
+            if len(kinds) > 1:
+                raise InvalidInput("a batch mixes images and texts; send one modality per request")
+            modality = kinds.pop()
+            if modality == "text":
+                items: list = [x.text for x in req.inputs]
+            else:
+                items = [
+                    decode_base64(x.image, f"inputs[{i}].image") for i, x in enumerate(req.inputs)
+                ]
+        elif req.text is not None:
+            modality, items = "text", [req.text]
         else:
-            blobs = [decode_base64(req.image, "image")]
-        return blobs, req.cascade or cascade_name, req.top_k or top_k, req.inputs is not None
+            modality, items = "image", [decode_base64(req.image, "image")]
+        return ParsedRequest(
+            items, modality, req.cascade or cascade_name, req.top_k or top_k, req.inputs is not None
+        )
 
     if content_type == "multipart/form-data":
         try:
@@ -285,19 +324,27 @@ async def _read_inputs(
         finally:
             await form.close()  # spooled temporary files, on every path
         name = form.get("cascade")
-        return (
+        return ParsedRequest(
             blobs,
+            "image",
             name if isinstance(name, str) else cascade_name,
             _int_param(form.get("top_k"), "top_k") or top_k,
             len(files) > 1,
         )
 
     if content_type.startswith("image/"):
-        return [await request.body()], cascade_name, top_k, False
+        return ParsedRequest([await request.body()], "image", cascade_name, top_k, False)
+
+    if content_type == "text/plain":
+        try:
+            text = (await request.body()).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"body is not valid UTF-8: {exc}") from None
+        return ParsedRequest([text], "text", cascade_name, top_k, False)
 
     raise UnsupportedMediaType(
         f"content type {content_type!r} is not accepted: send application/json, "
-        "multipart/form-data or image/*"
+        "multipart/form-data, image/* or text/plain"
     )
 
 

@@ -43,12 +43,33 @@ class ImagePreprocess(_Strict):
         return self
 
 
+class TextPreprocess(_Strict):
+    """How a text becomes the student's input: the bundle's `tokenizer.json` (Hugging Face
+    tokenizers; its normaliser is recorded here too), truncated and padded to `max_length`.
+    Model inputs are `input_ids` and `attention_mask`, both int64 (batch, max_length)."""
+
+    kind: Literal["text"] = "text"
+    tokenizer_file: str = "tokenizer.json"
+    max_length: int = Field(gt=0, le=4096)
+    # What the tokenizer's normaliser does (informational; the tokenizer file is the truth).
+    lowercase: bool = True
+    normalization: str = "NFD, lowercase, strip accents"
+    model: Literal["wordpiece", "bpe"] = "wordpiece"
+    truncation: Literal["right"] = "right"
+    padding: Literal["max_length"] = "max_length"
+    pad_id: int = 0
+
+
+TEXT_INPUTS = ("input_ids", "attention_mask")
+
+
 class TeacherRef(_Strict):
     """The Triton model the student delegates to, and its tensor contract."""
 
     model_name: str
     model_version: str = ""  # "" = Triton's version policy picks
-    input_name: str = "input"
+    input_name: str = "input"  # image teachers
+    text_inputs: tuple[str, str] = TEXT_INPUTS  # text teachers: token ids, attention mask
     output_name: str = "logits"
     max_batch_size: int = Field(default=64, gt=0)
 
@@ -115,12 +136,13 @@ class Manifest(_Strict):
     format_version: int = FORMAT_VERSION
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     version: str
-    modality: Literal["image"]
+    modality: Literal["image", "text"]
     classes: tuple[str, ...]
     student_file: str = "student.onnx"
+    # The image tensor's name (text students take input_ids and attention_mask).
     student_input: str = "input"
     student_output: str = "logits"
-    preprocess: ImagePreprocess
+    preprocess: ImagePreprocess | TextPreprocess = Field(discriminator="kind")
     # Class id of each student output, -1 for an abstain output (CD-III); None: output i is
     # class i. Teachers always output every class.
     output_classes: tuple[int, ...] | None = None
@@ -137,6 +159,8 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _classes(self) -> Manifest:
+        if self.preprocess.kind != self.modality:
+            raise ValueError(f"a {self.modality} cascade needs {self.modality} preprocessing")
         n = len(self.classes)
         if n < 2:
             raise ValueError("a classifier needs at least 2 classes")

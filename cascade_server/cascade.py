@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import TEXT_INPUTS, Bundle, TextPreprocess
 from .control import ThresholdStore
 from .errors import TeacherUnavailable
 from .metrics import Metrics
 from .policy import NonFiniteLogits, class_probabilities, decide, softmax
-from .preprocess import ImagePreprocessor
+from .preprocess import Batch, ImagePreprocessor, TextPreprocessor
 from .settings import Settings
 from .student import OnnxStudent
 from .teacher import Teacher
@@ -64,10 +64,14 @@ class Cascade:
         self.classes = m.classes
         self.metrics = metrics
         self.teacher = teacher
-        self.preprocessor = ImagePreprocessor(m.preprocess, settings.max_image_pixels)
+        if isinstance(m.preprocess, TextPreprocess):
+            self.preprocessor = TextPreprocessor(
+                m.preprocess, bundle.path / m.preprocess.tokenizer_file, settings.max_text_chars
+            )
+        else:
+            self.preprocessor = ImagePreprocessor(m.preprocess, settings.max_image_pixels)
         self.student = OnnxStudent(
             bundle.student_path,
-            m.student_input,
             m.student_output,
             device=settings.student_device,
             threads=settings.student_threads,
@@ -102,14 +106,18 @@ class Cascade:
 
     def _warm_up(self) -> None:
         """Pay first-call costs (Pillow's codec imports, ORT's first run) before traffic does."""
-        import io
+        if self.modality == "text":
+            sample: bytes | str = "warm up"
+        else:
+            import io
 
-        from PIL import Image
+            from PIL import Image
 
-        spec = self.manifest.preprocess
-        buf = io.BytesIO()
-        Image.new("L", (spec.width, spec.height)).save(buf, "PNG")
-        logits = self.student.predict(self.preprocessor([buf.getvalue()]))
+            spec = self.manifest.preprocess
+            buf = io.BytesIO()
+            Image.new("L", (spec.width, spec.height)).save(buf, "PNG")
+            sample = buf.getvalue()
+        logits = self.student.predict(self._student_feeds(self.preprocessor.prepare([sample])))
         if logits.shape[1] != self.manifest.student_outputs:
             raise ValueError(
                 f"{self.bundle.student_path} has {logits.shape[1]} outputs; the manifest says "
@@ -128,13 +136,26 @@ class Cascade:
         self.metrics.threshold.labels(self.name).set(value)
         return value
 
-    async def predict(self, blobs: list[bytes], top_k: int) -> tuple[list[dict], Timings]:
+    def _student_feeds(self, batch: Batch, idx=None) -> dict[str, np.ndarray]:
+        tensors = batch.tensors if idx is None else batch.take(idx)
+        if self.modality == "image":
+            return {self.manifest.student_input: tensors["input"]}
+        return tensors
+
+    def _teacher_feeds(self, batch: Batch, idx) -> dict[str, np.ndarray]:
+        tensors = batch.take(idx)
+        ref = self.manifest.teacher
+        if self.modality == "image":
+            return {ref.input_name: tensors["input"]}
+        return {name: tensors[key] for name, key in zip(ref.text_inputs, TEXT_INPUTS, strict=True)}
+
+    async def predict(self, items: list, top_k: int) -> tuple[list[dict], Timings]:
         """Answers every input, in order. Bad input raises before any model runs."""
         t = Timings()
         t0 = time.perf_counter()
-        batch = self.preprocessor(blobs)
+        batch = self.preprocessor.prepare(items)
         t1 = time.perf_counter()
-        logits = self.student.predict(batch)
+        logits = self.student.predict(self._student_feeds(batch))
         t2 = time.perf_counter()
         t.decode, t.student = t1 - t0, t2 - t1
 
@@ -142,14 +163,14 @@ class Cascade:
         decision = decide(logits, threshold, **self._policy)
         probs = class_probabilities(decision.probs, self.manifest.output_classes, len(self.classes))
         probs = probs.copy()
-        n = len(blobs)
+        n = len(items)
         answered_by = np.full(n, "student", dtype=object)
         degraded = np.zeros(n, dtype=bool)
         delegated = np.flatnonzero(decision.delegate)
         if delegated.size:
             t3 = time.perf_counter()
             try:
-                teacher_logits = await self.teacher.infer(batch[delegated])
+                teacher_logits = await self.teacher.infer(self._teacher_feeds(batch, delegated))
                 try:
                     probs[delegated] = softmax(teacher_logits)
                 except NonFiniteLogits:
@@ -188,6 +209,7 @@ class Cascade:
                     "degraded": bool(degraded[i]),
                     "cascade": self.name,
                     "versions": self.versions,
+                    **({"truncated": batch.truncated[i]} if batch.truncated is not None else {}),
                 }
             )
         self._safe(self._record, decision, answered_by, degraded, delegated.size, n, t)

@@ -1,18 +1,21 @@
-"""Image bytes -> the student's input tensor, as the bundle's manifest declares.
+"""Request inputs -> the student's input tensors, as the bundle's manifest declares.
 
-`normalize` is the single numeric definition shared with training: the trainer feeds uint8
-images through it, the gateway feeds decoded uploads through it, so both see the same floats.
+Images: `normalize` is the single numeric definition shared with training (the trainer feeds
+uint8 images through it, the gateway decoded uploads). Texts: `encode_texts` is the single
+tokenisation path, used by the trainer and the gateway with the bundle's tokenizer.json.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .bundle import ImagePreprocess
+from .bundle import TEXT_INPUTS, ImagePreprocess, TextPreprocess
 from .errors import InvalidInput, PayloadTooLarge
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
@@ -98,10 +101,84 @@ class ImagePreprocessor:
         """Encoded images -> float32 NCHW batch. Raises on the first bad one, naming it."""
         arrays = []
         for i, blob in enumerate(blobs):
-            try:
+            with _naming(i, len(blobs)):
                 arrays.append(self.decode(blob))
-            except (InvalidInput, PayloadTooLarge) as exc:
-                if len(blobs) > 1:
-                    exc.message = f"inputs[{i}]: {exc.message}"
-                raise
         return normalize(np.stack(arrays), self.spec)
+
+    def prepare(self, items: list) -> Batch:
+        if not all(isinstance(x, bytes) for x in items):
+            raise InvalidInput("this cascade takes images")
+        return Batch({"input": self(items)}, None)
+
+
+@dataclass
+class Batch:
+    """Model inputs for a batch (canonical names: `input` for images, `input_ids` and
+    `attention_mask` for texts) and, for texts, which inputs were truncated."""
+
+    tensors: dict[str, np.ndarray]
+    truncated: list[bool] | None
+
+    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v[idx] for k, v in self.tensors.items()}
+
+
+class _naming:
+    """Prefixes an input error with `inputs[i]: ` when the request was a batch."""
+
+    def __init__(self, i: int, n: int) -> None:
+        self.i, self.n = i, n
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and isinstance(exc, InvalidInput | PayloadTooLarge) and self.n > 1:
+            exc.message = f"inputs[{self.i}]: {exc.message}"
+        return False
+
+
+def load_tokenizer(path: Path, spec: TextPreprocess):
+    """The bundle's tokenizer, truncating and padding as the manifest says."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.enable_truncation(spec.max_length)
+    tok.enable_padding(
+        length=spec.max_length,
+        pad_id=spec.pad_id,
+        pad_token=tok.id_to_token(spec.pad_id) or "[PAD]",
+    )
+    return tok
+
+
+def encode_texts(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+    """Texts -> (input_ids, attention_mask) int64 (N, max_length), and which were truncated."""
+    encodings = tokenizer.encode_batch(texts)
+    ids = np.array([e.ids for e in encodings], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+    return ids, mask, [bool(e.overflowing) for e in encodings]
+
+
+class TextPreprocessor:
+    def __init__(self, spec: TextPreprocess, tokenizer_path: Path, max_chars: int) -> None:
+        self.spec = spec
+        self.max_chars = max_chars
+        self.tokenizer = load_tokenizer(tokenizer_path, spec)
+
+    def validate(self, text: object) -> str:
+        if not isinstance(text, str):
+            raise InvalidInput("text must be a string")
+        if not text.strip():
+            raise InvalidInput("text is empty or whitespace only")
+        if len(text) > self.max_chars:
+            raise PayloadTooLarge(f"text has {len(text)} characters; the limit is {self.max_chars}")
+        return text
+
+    def prepare(self, items: list) -> Batch:
+        texts = []
+        for i, item in enumerate(items):
+            with _naming(i, len(items)):
+                texts.append(self.validate(item))
+        ids, mask, truncated = encode_texts(self.tokenizer, texts)
+        return Batch(dict(zip(TEXT_INPUTS, (ids, mask), strict=True)), truncated)

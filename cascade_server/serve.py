@@ -22,8 +22,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--demo",
         action="store_true",
-        help="build the digits demo if missing, run the bundled Triton with it, and "
-        "set an admin token if none is configured",
+        help="build the demo cascades (digits images, intents texts) if missing, run the "
+        "bundled Triton with them, and set an admin token if none is configured",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -70,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     env = os.environ
     if args.demo:
-        from .train.demo import build_demo, demo_paths
+        from .train.demo import build_demos
 
         for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
-        build_demo(args.model_repository, args.bundles_dir, progress=False)
-        args.bundles = args.bundles or [demo_paths(args.model_repository, args.bundles_dir)[1]]
+        demos = build_demos(args.model_repository, args.bundles_dir, progress=False)
+        args.bundles = args.bundles or [b.path for b in demos]
         args.launch_triton = True
         if not env.get("CASCADE_ADMIN_TOKEN"):
             env["CASCADE_ADMIN_TOKEN"] = "demo-" + secrets.token_urlsafe(12)
@@ -139,6 +139,8 @@ def _banner(args: argparse.Namespace, env) -> None:
         f"{env.get('CASCADE_TRITON_URL', '127.0.0.1:8001')})",
         f"  predict:  curl -s {base}/predict -H 'content-type: application/json' "
         '-d \'{"image": "<base64 PNG>"}\'',
+        f"            curl -s {base}/predict -H 'content-type: application/json' "
+        '-d \'{"text": "my card was declined at the shop"}\'',
         f"  metrics:  curl -s {base}/metrics",
     ]
     token = env.get("CASCADE_ADMIN_TOKEN")

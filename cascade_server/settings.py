@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=4096 * 4096, gt=0)
     max_batch: int = Field(default=64, gt=0)
+    max_text_chars: int = Field(default=10_000, gt=0)
     default_top_k: int = Field(default=5, gt=0)
 
     # Student: ONNX Runtime. One intra-op thread suits a tiny model on a loaded event loop.

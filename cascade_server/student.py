@@ -40,11 +40,8 @@ def providers_for(device: str) -> list[str]:
 
 
 class OnnxStudent:
-    def __init__(
-        self, path: Path, input_name: str, output_name: str, *, device: str, threads: int
-    ) -> None:
+    def __init__(self, path: Path, output_name: str, *, device: str, threads: int) -> None:
         self.path = path
-        self.input_name = input_name
         self.output_name = output_name
         self.device = device
         self.threads = threads
@@ -57,21 +54,23 @@ class OnnxStudent:
         self._session = ort.InferenceSession(
             str(self.path), session_options(self.threads), providers=providers
         )
-        names = {i.name for i in self._session.get_inputs()}
-        if self.input_name not in names:
-            raise ValueError(f"{self.path}: no input {self.input_name!r} (has {sorted(names)})")
+        self.input_names = {i.name for i in self._session.get_inputs()}
         log.info("student %s loaded on %s", self.path, self._session.get_providers()[0])
 
     @property
     def ready(self) -> bool:
         return self._session is not None
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """float32 batch -> logits (batch, classes). Inline on the event loop: tens of
+    def predict(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Input tensors by name -> logits (batch, classes). Inline on the event loop: tens of
         microseconds, cheaper than a thread hop."""
         if self._session is None:
             raise RuntimeError("student used before setup()")
-        (logits,) = self._session.run([self.output_name], {self.input_name: batch})
+        if set(feeds) != self.input_names:
+            raise ValueError(
+                f"{self.path} takes inputs {sorted(self.input_names)}, not {sorted(feeds)}"
+            )
+        (logits,) = self._session.run([self.output_name], feeds)
         return logits
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ class Teacher(Protocol):
     async def setup(self) -> None: ...
     async def close(self) -> None: ...
     async def ready(self) -> bool: ...
-    async def infer(self, batch: np.ndarray) -> np.ndarray: ...
+    async def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
 
 
 class TritonTeacher:
@@ -79,16 +79,17 @@ class TritonTeacher:
             log.debug("teacher readiness check failed: %s", exc)
             return False
 
-    async def infer(self, batch: np.ndarray) -> np.ndarray:
-        """float32 batch -> teacher logits. Splits at the model's max batch size; Triton's
-        dynamic batcher does the batching across requests."""
+    async def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Input tensors by Triton name -> teacher logits. Splits at the model's max batch
+        size; Triton's dynamic batcher does the batching across requests."""
         import tritonclient.grpc.aio as grpcclient
         from tritonclient.utils import InferenceServerException
 
         if self._client is None:
             raise TeacherUnavailable("unavailable", "teacher client not set up")
         step = self.ref.max_batch_size
-        chunks = [batch[i : i + step] for i in range(0, len(batch), step)]
+        n = len(next(iter(feeds.values())))
+        chunks = [{k: v[i : i + step] for k, v in feeds.items()} for i in range(0, n, step)]
         try:
             async with asyncio.timeout(self.timeout_s):
                 results = await asyncio.gather(*(self._infer_one(grpcclient, c) for c in chunks))
@@ -102,19 +103,25 @@ class TritonTeacher:
             raise TeacherUnavailable("error", repr(exc)) from None
         return np.concatenate(results) if len(results) > 1 else results[0]
 
-    async def _infer_one(self, grpcclient, chunk: np.ndarray) -> np.ndarray:
-        inp = grpcclient.InferInput(self.ref.input_name, list(chunk.shape), "FP32")
-        inp.set_data_from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+    async def _infer_one(self, grpcclient, chunk: dict[str, np.ndarray]) -> np.ndarray:
+        from tritonclient.utils import np_to_triton_dtype
+
+        inputs = []
+        for name, array in chunk.items():
+            array = np.ascontiguousarray(array)
+            inp = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            inp.set_data_from_numpy(array)
+            inputs.append(inp)
         out = grpcclient.InferRequestedOutput(self.ref.output_name)
         result = await self._client.infer(
             self.name,
-            [inp],
+            inputs,
             model_version=self.version,
             outputs=[out],
             client_timeout=self.timeout_s,
         )
         logits = result.as_numpy(self.ref.output_name)
-        if logits is None or logits.shape[0] != chunk.shape[0]:
+        if logits is None or logits.shape[0] != len(next(iter(chunk.values()))):
             raise TeacherUnavailable("error", "teacher returned no or misshapen logits")
         return logits
 

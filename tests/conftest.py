@@ -59,6 +59,52 @@ def cd3_bundle(demo, tmp_path_factory):
     return export(prepare(config), root / "run", bundles=root / "bundles", repository=root / "repo")
 
 
+@dataclass(frozen=True)
+class TextDemo:
+    repository: Path
+    bundle: Path
+    texts: tuple[str, ...]  # the generated corpus
+    labels: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def text_demo(demo) -> TextDemo:
+    """The intents demo (text), built beside the digits demo in the same repository."""
+    from cascade_server.train.corpus import generate
+    from cascade_server.train.demo import build_demo
+
+    bundles = demo.bundle.parent
+    bundle = build_demo(demo.repository, bundles, progress=False, name="intents")
+    texts, labels, _ = generate(2400, 0)
+    return TextDemo(demo.repository, bundle.path, tuple(texts), np.asarray(labels))
+
+
+def text_margins(text_demo: TextDemo, texts: list[str]) -> np.ndarray:
+    """The intents student's margins, computed outside the gateway."""
+    import onnxruntime as ort
+
+    from cascade_server.bundle import Bundle
+    from cascade_server.policy import softmax, top2_margin
+    from cascade_server.preprocess import encode_texts, load_tokenizer
+
+    bundle = Bundle.load(text_demo.bundle)
+    spec = bundle.manifest.preprocess
+    ids, mask, _ = encode_texts(load_tokenizer(text_demo.bundle / spec.tokenizer_file, spec), texts)
+    session = ort.InferenceSession(str(bundle.student_path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input_ids": ids, "attention_mask": mask})
+    return top2_margin(softmax(logits))
+
+
+def easy_and_hard_texts(text_demo: TextDemo, threshold: float, n: int = 3):
+    texts = list(text_demo.texts[:600])
+    margins = text_margins(text_demo, texts)
+    order = np.argsort(margins)
+    hard = [texts[i] for i in order if margins[i] < threshold * 0.8][:n]
+    easy = [texts[i] for i in order[::-1] if margins[i] > min(0.99, threshold + 0.1)][:n]
+    assert len(hard) == n and len(easy) == n, "intents student has too few easy or hard texts"
+    return easy, hard
+
+
 def png_bytes(array: np.ndarray, mode: str = "L", fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     img = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             if distributed()[0] == 0:
                 print(json.dumps(ev["summary"], indent=2))
             return 0
-        prep = pipeline.prepare(config)
+        prep = pipeline.prepare(config, run_dir)
         if distributed()[0] == 0:
             pipeline.start_run(run_dir, config, prep)
         pipeline.train_teacher(prep, run_dir, progress=progress)
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides += [f"method.params.{p}" for p in args.param]
         config = _from_run(args.run, overrides)
         init_distributed(config.device)
-        prep = pipeline.prepare(config)
+        prep = pipeline.prepare(config, args.run)
         if distributed()[0] == 0:
             (args.run / "config.yaml").write_text(dump_config(config))
         from .teachers import load_teacher
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "calibrate":
         config = _from_run(args.run)
         cal = pipeline.calibrate(
-            pipeline.prepare(config),
+            pipeline.prepare(config, args.run),
             args.run,
             target_delegation_rate=args.target_rate,
             target_accuracy=args.target_accuracy,
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in args.runs:
             config = _from_run(run)
             curves[f"{run.name} ({config.method.name})"] = pipeline.evaluate(
-                pipeline.prepare(config), run
+                pipeline.prepare(config, run), run
             )
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "curves.json").write_text(json.dumps(curves, indent=2))
@@ -250,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         config = _from_run(args.run)
         bundle = pipeline.export(
-            pipeline.prepare(config), args.run, bundles=args.bundles, repository=args.repository
+            pipeline.prepare(config, args.run),
+            args.run,
+            bundles=args.bundles,
+            repository=args.repository,
         )
         print(f"bundle: {bundle.path}  threshold: {bundle.manifest.default_threshold:.4f}")
         return 0

@@ -33,6 +33,15 @@ class PreprocessConfig(_Section):
     std: list[float] | None = None
 
 
+class TextConfig(_Section):
+    """Text datasets: the tokenizer trained on the training texts, and the sequence length."""
+
+    vocab_size: int = Field(default=8000, gt=10)
+    max_length: int = Field(default=32, gt=0, le=4096)
+    model: Literal["wordpiece", "bpe"] = "wordpiece"
+    lowercase: bool = True
+
+
 class TeacherConfig(_Section):
     arch: str = "cnn"
     params: dict[str, Any] = Field(default_factory=dict)
@@ -81,6 +90,7 @@ class ExperimentConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)

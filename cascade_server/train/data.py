@@ -226,3 +226,12 @@ def jsonl_text(
 
 def load(name: str, **kwargs) -> ImageData | TextData:
     return DATASETS.get(name)(**kwargs)
+
+
+@DATASETS.register("intents")
+def intents(n: int = 2400, seed: int = 0) -> TextData:
+    """A generated banking-intent corpus (8 intents; no download): the text demo's data."""
+    from .corpus import generate
+
+    texts, labels, names = generate(n, seed)
+    return TextData(tuple(texts), np.asarray(labels, np.int64), tuple(names))

@@ -169,6 +169,7 @@ class MD(_LossMethod):
         folds: int = 3
         noise: float = 0.0
         shift: int = 1
+        token_dropout: float = 0.15  # texts: share of tokens removed from the view
 
     def loss(self, ctx: Context, params) -> nn.Module:
         p = params
@@ -179,7 +180,12 @@ class MD(_LossMethod):
             return ctx.train_logits()
         if params.teacher_logits == "augment":
             return augmented_logits(
-                ctx.teacher, ctx.x_train, params.noise, params.shift, seed=ctx.fit.seed
+                ctx.teacher,
+                ctx.x_train,
+                params.noise,
+                params.shift,
+                seed=ctx.fit.seed,
+                token_dropout=params.token_dropout,
             )
         if params.teacher_logits == "crossfit":
             if ctx.retrain_teacher is None:
@@ -190,10 +196,16 @@ class MD(_LossMethod):
         )
 
 
-def augmented_logits(teacher, x: np.ndarray, noise: float, shift: int, seed: int) -> np.ndarray:
-    """Teacher logits on one perturbed view of each input: random shifts of up to `shift`
-    pixels and Gaussian noise of `noise` (in normalised units)."""
+def augmented_logits(
+    teacher, x: np.ndarray, noise: float, shift: int, seed: int, token_dropout: float = 0.15
+) -> np.ndarray:
+    """Teacher logits on one perturbed view of each input: images shifted by up to `shift`
+    pixels plus Gaussian noise of `noise` (normalised units); texts with a share
+    `token_dropout` of their tokens removed."""
     rng = np.random.default_rng(seed)
+    if np.issubdtype(x.dtype, np.integer):
+        drop = (rng.random(x.shape) < token_dropout) & (x != 0)
+        return teacher.logits(np.where(drop, 0, x))
     views = np.empty_like(x)
     for i in range(len(x)):
         dy, dx = rng.integers(-shift, shift + 1, size=2) if shift else (0, 0)
@@ -310,19 +322,24 @@ class KDPlusMethod:
         mixer = torch.distributions.Beta(params.beta, params.beta)
         teacher = ctx.teacher
 
+        student = ctx.build_student()
+
         def step(model: nn.Module, b: Batch):
-            lam = mixer.sample((len(b.x),)).to(b.x.device).view(-1, *[1] * (b.x.dim() - 1))
             partner = torch.randperm(len(b.x))
-            mixed = lam * b.x + (1 - lam) * b.x[partner]
-            # The teacher labels the interpolated inputs themselves: online, never cached.
-            teacher_mix = teacher.torch_logits(mixed)
             logits = model(b.x)
+            if torch.is_floating_point(b.x):
+                lam = mixer.sample((len(b.x),)).view(-1, *[1] * (b.x.dim() - 1))
+                mixed = lam * b.x + (1 - lam) * b.x[partner]
+                # The teacher labels the interpolated inputs themselves: online, never cached.
+                teacher_mix = teacher.torch_logits(mixed)
+                student_mix = model(mixed)
+            else:
+                student_mix, teacher_mix = _mix_text(student, teacher, b.x, partner, mixer)
             value = loss(
-                logits, b.t, b.y, student_mix_logits=model(mixed), teacher_mix_logits=teacher_mix
+                logits, b.t, b.y, student_mix_logits=student_mix, teacher_mix_logits=teacher_mix
             )
             return value, logits
 
-        student = ctx.build_student()
         history = fit(
             student,
             step,
@@ -335,6 +352,24 @@ class KDPlusMethod:
             key=ctx.checkpoint_key,
         )
         return StudentResult(student, history)
+
+
+def _mix_text(student, teacher, ids: torch.Tensor, partner: torch.Tensor, mixer):
+    """KD+ for text: interpolate in embedding space. Each model mixes its own embeddings of
+    the same pairs with the same lam (token ids cannot be interpolated), over the union of the
+    two masks; the teacher labels the mixture online."""
+    model = getattr(teacher, "model", None)
+    if model is None or not hasattr(model, "forward_embedded"):
+        raise ValueError("kdplus on text mixes in embedding space: it needs a PyTorch text teacher")
+    lam = mixer.sample((len(ids),)).view(-1, 1, 1)
+    mask = ids != 0
+    mix_mask = mask | mask[partner]
+    emb_s = student.body.embed(ids)
+    student_mix = student.forward_embedded(lam * emb_s + (1 - lam) * emb_s[partner], mix_mask)
+    with torch.no_grad():
+        emb_t = model.body.embed(ids)
+        teacher_mix = model.forward_embedded(lam * emb_t + (1 - lam) * emb_t[partner], mix_mask)
+    return student_mix, teacher_mix
 
 
 class Guide(nn.Module):

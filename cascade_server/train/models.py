@@ -4,6 +4,8 @@ return a `Classifier`: `features(x)` (penultimate activations, read by DiSK's gu
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -151,29 +153,199 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, in_shape) -> int:
-    """Multiply-accumulates of one forward pass (Linear and Conv layers)."""
+def count_macs(model: nn.Module, in_shape, modality: str = "image") -> int:
+    """Multiply-accumulates of one forward pass (Linear and Conv layers; embedding lookups and
+    attention's matrix products are not counted)."""
     total = 0
 
     def hook(module: nn.Module, _inputs, output: torch.Tensor) -> None:
         nonlocal total
         if isinstance(module, nn.Linear):
             total += module.in_features * module.out_features
-        elif isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, nn.Conv2d | nn.Conv1d):
+            k = math.prod(module.kernel_size)
             total += output[0].numel() * (module.in_channels // module.groups) * k
 
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if isinstance(m, nn.Linear | nn.Conv2d)
+        if isinstance(m, nn.Linear | nn.Conv2d | nn.Conv1d)
     ]
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros(1, *in_shape))
+        model(example_input(in_shape, modality))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     return total
+
+
+# ---------------------------------------------------------------- text
+# Text models take int64 token ids (batch, length); "in_shape" is (vocab_size, max_length).
+# Padding is id 0, so the attention mask is (ids != 0) unless given. Bodies split into
+# `embed` (ids -> vectors) and `encode` (vectors, mask -> features) so KD+ can mix inputs in
+# embedding space.
+
+
+class TextBody(nn.Module):
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            mask = ids != 0
+        return self.encode(self.embed(ids), mask.bool())
+
+
+class TextClassifier(Classifier):
+    def features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.body(x, mask)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.body(x, mask))
+
+    def forward_embedded(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body.encode(emb, mask.bool()))
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class BagBody(TextBody):
+    """fastText-style: mean of token and hashed-bigram embeddings. Embedding + masked mean
+    (not nn.EmbeddingBag, which exports to ONNX as a Loop 10-15x slower)."""
+
+    def __init__(self, vocab: int, dim: int, buckets: int, hidden: int) -> None:
+        super().__init__()
+        self.vocab, self.buckets = vocab, buckets
+        self.emb = nn.Embedding(vocab + buckets, dim, padding_idx=0)
+        self.proj = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU()) if hidden else nn.Identity()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        tokens = self.emb(ids)
+        if not self.buckets:
+            return tokens
+        # Bigram (a, b) hashed into `buckets` extra rows; computed in the graph from the ids.
+        bigram = (ids[:, :-1] * 1000003 + ids[:, 1:]) % self.buckets + self.vocab
+        bigrams = self.emb(bigram)
+        valid = ((ids[:, :-1] != 0) & (ids[:, 1:] != 0)).unsqueeze(-1).to(tokens.dtype)
+        bigrams = torch.cat([bigrams * valid, torch.zeros_like(tokens[:, :1])], dim=1)
+        return tokens + bigrams
+
+    def encode(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.proj(_masked_mean(emb, mask))
+
+
+@ARCHITECTURES.register("bag")
+def bag(in_shape, num_classes: int, dim: int = 64, buckets: int = 4096, hidden: int = 0):
+    vocab = in_shape[0]
+    body = BagBody(vocab, dim, buckets, hidden)
+    return TextClassifier(body, nn.Linear(hidden or dim, num_classes))
+
+
+class ConvBody(TextBody):
+    def __init__(self, vocab: int, dim: int, channels: int, kernels: tuple[int, ...]) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.convs = nn.ModuleList(nn.Conv1d(dim, channels, k, padding=k // 2) for k in kernels)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(ids)
+
+    def encode(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = (emb * mask.unsqueeze(-1).to(emb.dtype)).transpose(1, 2)
+        length = x.shape[-1]
+        pooled = []
+        for conv in self.convs:
+            h = F.relu(conv(x))[..., :length]
+            h = h.masked_fill(~mask.unsqueeze(1), -1e4)
+            pooled.append(h.max(dim=-1).values)
+        return torch.cat(pooled, dim=1)
+
+
+@ARCHITECTURES.register("textcnn")
+def textcnn(
+    in_shape,
+    num_classes: int,
+    dim: int = 64,
+    channels: int = 32,
+    kernels: tuple[int, ...] | list[int] = (3, 5),
+) -> TextClassifier:
+    """A small 1-D CNN over token embeddings, max-pooled over time."""
+    body = ConvBody(in_shape[0], dim, channels, tuple(kernels))
+    return TextClassifier(body, nn.Linear(channels * len(kernels), num_classes))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm Transformer encoder layer from plain ops (exports to ONNX cleanly; PyTorch's
+    fused fast path does not)."""
+
+    def __init__(self, dim: int, heads: int, ff: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff), nn.GELU(), nn.Linear(ff, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
+        scores = scores.masked_fill(~mask[:, None, None, :], -1e4)
+        attn = self.drop(scores.softmax(-1)) @ v
+        x = x + self.drop(self.out(attn.transpose(1, 2).reshape(b, n, d)))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+
+class TransformerBody(TextBody):
+    def __init__(
+        self, vocab: int, max_len: int, dim: int, heads: int, layers: int, ff: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.pos = nn.Parameter(torch.zeros(1, max_len, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        self.layers = nn.ModuleList(EncoderLayer(dim, heads, ff, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(ids) + self.pos[:, : ids.shape[1]]
+
+    def encode(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = emb
+        for layer in self.layers:
+            x = layer(x, mask)
+        return _masked_mean(self.norm(x), mask)
+
+
+@ARCHITECTURES.register("transformer")
+def transformer(
+    in_shape,
+    num_classes: int,
+    dim: int = 64,
+    heads: int = 4,
+    layers: int = 2,
+    ff: int = 128,
+    dropout: float = 0.1,
+) -> TextClassifier:
+    """A small Transformer encoder (trained from scratch here), mean-pooled."""
+    vocab, max_len = in_shape
+    body = TransformerBody(vocab, max_len, dim, heads, layers, ff, dropout)
+    return TextClassifier(body, nn.Linear(dim, num_classes))
+
+
+def example_input(in_shape, modality: str = "image") -> torch.Tensor:
+    """A batch-of-one input for shape probes (MACs, export)."""
+    if modality == "text":
+        return torch.ones(1, in_shape[1], dtype=torch.long)
+    return torch.zeros(1, *in_shape)

@@ -19,7 +19,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..bundle import Bundle, Calibration, ImagePreprocess, Manifest, StudentStage, TeacherRef
+from ..bundle import (
+    TEXT_INPUTS,
+    Bundle,
+    Calibration,
+    ImagePreprocess,
+    Manifest,
+    StudentStage,
+    TeacherRef,
+    TextPreprocess,
+)
 from ..preprocess import normalize
 from .calibrate import calibrate as calibrate_table
 from .calibrate import calibrate_stages
@@ -47,14 +56,23 @@ STUDENT_WEIGHTS, STUDENT_META = "student.pt", "student.json"
 @dataclass
 class Prepared:
     config: ExperimentConfig
-    spec: ImagePreprocess
-    x: dict[str, np.ndarray]  # float32 NCHW, normalised, per split
+    spec: ImagePreprocess | TextPreprocess
+    # Per split: float32 NCHW normalised images, or int64 (N, max_length) token ids.
+    x: dict[str, np.ndarray]
     y: dict[str, np.ndarray]
     classes: tuple[str, ...]
     fingerprint: str
+    tokenizer: Any = None  # text: the trained tokenizers.Tokenizer
 
     @property
-    def in_shape(self) -> tuple[int, int, int]:
+    def modality(self) -> str:
+        return self.spec.kind
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """(C, H, W) for images; (vocab size, max length) for texts."""
+        if isinstance(self.spec, TextPreprocess):
+            return (self.tokenizer.get_vocab_size(), self.spec.max_length)
         return (self.spec.channels, self.spec.height, self.spec.width)
 
     @property
@@ -74,13 +92,13 @@ class Prepared:
         )
 
 
-def prepare(config: ExperimentConfig) -> Prepared:
-    """Loads the data, splits it deterministically by seed, and normalises it once."""
+def prepare(config: ExperimentConfig, run_dir: Path | None = None) -> Prepared:
+    """Loads the data, splits it deterministically by seed, and normalises (images) or
+    tokenises (texts) it once. A text run's tokenizer is trained on the training split and kept
+    in the run directory, so every later stage encodes with the very same one."""
     data = load(config.data.name, **config.data.params)
     if isinstance(data, TextData):
-        raise NotImplementedError(
-            "text datasets load, but text students and tokenizers come with the text cascade"
-        )
+        return _prepare_text(config, data, run_dir)
     if config.data.test_params is not None:
         test = load(config.data.name, **{**config.data.params, **config.data.test_params})
         parts = split(data, seed=config.seed, val=config.split.val, test=config.split.test)
@@ -110,6 +128,63 @@ def prepare(config: ExperimentConfig) -> Prepared:
         classes=data.classes,
         fingerprint=fp[:16],
     )
+
+
+def _prepare_text(config: ExperimentConfig, data: TextData, run_dir: Path | None) -> Prepared:
+    from ..preprocess import encode_texts, load_tokenizer
+    from .text import normalization_label, train_tokenizer
+
+    if config.data.test_params is not None:
+        test = load(config.data.name, **{**config.data.params, **config.data.test_params})
+        parts = split(data, seed=config.seed, val=config.split.val, test=config.split.test)
+        train = TextData(
+            parts.train.texts + parts.test.texts,
+            np.concatenate([parts.train.y, parts.test.y]),
+            data.classes,
+        )
+        splits = {"train": train, "val": parts.val, "test": test}
+    else:
+        parts = split(data, seed=config.seed, val=config.split.val, test=config.split.test)
+        splits = {"train": parts.train, "val": parts.val, "test": parts.test}
+    fp = hashlib.sha256("".join(s.fingerprint() for s in splits.values()).encode()).hexdigest()[:16]
+    t = config.text
+    spec = TextPreprocess(
+        max_length=t.max_length,
+        lowercase=t.lowercase,
+        model=t.model,
+        normalization=normalization_label(t.lowercase),
+    )
+    saved = run_dir / spec.tokenizer_file if run_dir is not None else None
+    key = json.dumps([fp, t.model_dump()], sort_keys=True)
+    if saved is not None and saved.is_file() and (run_dir / "tokenizer.key").read_text() == key:
+        tokenizer = load_tokenizer(saved, spec)
+    else:
+        tokenizer = train_tokenizer(splits["train"].texts, t.vocab_size, t.model, t.lowercase)
+        if saved is not None and distributed()[0] == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(str(saved))
+            (run_dir / "tokenizer.key").write_text(key)
+        tokenizer = (
+            load_tokenizer(saved, spec)
+            if saved is not None and saved.is_file()
+            else _configured(tokenizer, spec)
+        )
+    x = {k: encode_texts(tokenizer, list(v.texts))[0] for k, v in splits.items()}
+    return Prepared(
+        config=config,
+        spec=spec,
+        x=x,
+        y={k: v.y for k, v in splits.items()},
+        classes=data.classes,
+        fingerprint=fp,
+        tokenizer=tokenizer,
+    )
+
+
+def _configured(tokenizer, spec: TextPreprocess):
+    tokenizer.enable_truncation(spec.max_length)
+    tokenizer.enable_padding(length=spec.max_length, pad_id=spec.pad_id, pad_token="[PAD]")
+    return tokenizer
 
 
 # ---------------------------------------------------------------- records
@@ -213,7 +288,10 @@ def train_teacher(prep: Prepared, run_dir: Path, *, progress: bool = True):
 def _size(model: nn.Module | None, prep: Prepared) -> dict:
     if model is None:
         return {}
-    return {"parameters": count_parameters(model), "macs": count_macs(model, prep.in_shape)}
+    return {
+        "parameters": count_parameters(model),
+        "macs": count_macs(model, prep.in_shape, prep.modality),
+    }
 
 
 def teacher_logits(teacher, prep: Prepared, run_dir: Path) -> dict[str, np.ndarray]:
@@ -468,15 +546,18 @@ def export(prep: Prepared, run_dir: Path, *, bundles: Path, repository: Path) ->
             prep.in_shape,
             prep.num_classes,
             max_batch_size=cfg.export.max_batch_size,
+            modality=prep.modality,
         )
         save_weights(teacher.model, repository / teacher_name / "1" / "teacher.pt")
         t_in, t_out = "input", "logits"
+        t_text = TEXT_INPUTS
     else:
         from ..triton import write_model_config
 
         (repository / teacher_name / "1").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run_dir / TEACHER_ONNX, repository / teacher_name / "1" / "model.onnx")
         t_in, t_out = teacher.input_name, teacher.output_name
+        t_text = tuple(teacher.input_names[:2]) if prep.modality == "text" else TEXT_INPUTS
         write_model_config(
             teacher_config(
                 teacher_name,
@@ -485,6 +566,8 @@ def export(prep: Prepared, run_dir: Path, *, bundles: Path, repository: Path) ->
                 input_name=t_in,
                 output_name=t_out,
                 max_batch_size=cfg.export.max_batch_size,
+                modality=prep.modality,
+                text_inputs=t_text,
             ),
             repository / teacher_name / "config.pbtxt",
         )
@@ -496,7 +579,7 @@ def export(prep: Prepared, run_dir: Path, *, bundles: Path, repository: Path) ->
     manifest = Manifest(
         name=cfg.export.name,
         version=version,
-        modality="image",
+        modality=prep.modality,
         classes=prep.classes,
         preprocess=prep.spec,
         output_classes=tuple(meta["output_classes"]) if meta["output_classes"] else None,
@@ -509,6 +592,7 @@ def export(prep: Prepared, run_dir: Path, *, bundles: Path, repository: Path) ->
             model_name=teacher_name,
             model_version="1",
             input_name=t_in,
+            text_inputs=t_text,
             output_name=t_out,
             max_batch_size=cfg.export.max_batch_size,
         ),
@@ -526,16 +610,16 @@ def export(prep: Prepared, run_dir: Path, *, bundles: Path, repository: Path) ->
     for key in ("loss_history",):
         manifest.training["student"].pop(key, None)
     bundle_dir = bundles / cfg.export.name
-    if isinstance(model, Ensemble):
-        names = ["logits", *[s.output for s in stages]] if stages else ["logits"]
-        export_onnx(
-            StagedOutputs(model) if stages else model,
-            prep.in_shape,
-            bundle_dir / manifest.student_file,
-            output_name=names,
-        )
-    else:
-        export_onnx(model, prep.in_shape, bundle_dir / manifest.student_file)
+    staged = isinstance(model, Ensemble) and stages
+    export_onnx(
+        StagedOutputs(model) if staged else model,
+        prep.in_shape,
+        bundle_dir / manifest.student_file,
+        modality=prep.modality,
+        output_name=["logits", *[s.output for s in stages]] if staged else "logits",
+    )
+    if prep.tokenizer is not None:
+        prep.tokenizer.save(str(bundle_dir / prep.spec.tokenizer_file))
     bundle = Bundle(bundle_dir, manifest)
     bundle.save()
     save_weights(model, bundle_dir / STUDENT_WEIGHTS)
@@ -552,7 +636,7 @@ def run_all(
     progress: bool = True,
 ) -> dict:
     """Every stage for one experiment file."""
-    prep = prepare(config)
+    prep = prepare(config, run_dir)
     rank = distributed()[0]
     if rank == 0:
         start_run(run_dir, config, prep)

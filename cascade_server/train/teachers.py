@@ -57,12 +57,19 @@ class OnnxTeacher:
             opts.intra_op_num_threads = threads
         self.path = path
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_name = self.input_names[0]
         self.output_name = self.session.get_outputs()[0].name
+
+    def _feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        if np.issubdtype(x.dtype, np.integer) and len(self.input_names) == 2:
+            # A text teacher: token ids, and the attention mask they imply (padding is id 0).
+            return {self.input_names[0]: x, self.input_names[1]: (x != 0).astype(np.int64)}
+        return {self.input_name: x}
 
     def logits(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
         out = [
-            self.session.run([self.output_name], {self.input_name: x[i : i + batch_size]})[0]
+            self.session.run([self.output_name], self._feeds(x[i : i + batch_size]))[0]
             for i in range(0, len(x), batch_size)
         ]
         return np.concatenate(out).astype(np.float32)

@@ -33,7 +33,8 @@ class FakeTeacher:
     async def ready(self) -> bool:
         return self.is_ready
 
-    async def infer(self, batch: np.ndarray) -> np.ndarray:
+    async def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        batch = next(iter(feeds.values()))
         self.calls.append(len(batch))
         if self.fail == "crash":
             raise RuntimeError("secret internal detail")

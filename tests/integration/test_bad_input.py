@@ -37,7 +37,14 @@ def err(r, status: int, fragment: str) -> None:
         ({"json": {"image": b64(BIG.getvalue())}}, 413, "300x300 = 90000 pixels"),
         ({"json": {"inputs": []}}, 422, "inputs is empty"),
         ({"json": {"inputs": [{"image": "x"}] * 9}}, 413, "batch of 9 inputs; the limit is 8"),
-        ({"json": {"inputs": [{"text": "hello"}]}}, 422, "inputs.0.image: Field required"),
+        ({"json": {"inputs": [{"text": "hello"}]}}, 422, "no cascade serves text input"),
+        (
+            {"json": {"inputs": [{"text": "a", "image": "b"}]}},
+            422,
+            "exactly one of `image` and `text`",
+        ),
+        ({"json": {"inputs": [{"text": "a"}, {"image": "b"}]}}, 422, "mixes images and texts"),
+        ({"json": {"text": "hi", "cascade": "digits"}}, 422, "takes image, not text"),
         ({"json": {"image": "x", "inputs": [{"image": "x"}]}}, 422, "exactly one of"),
         ({"json": {"image": "x", "top_k": 0}}, 422, "top_k"),
         (
@@ -45,7 +52,11 @@ def err(r, status: int, fragment: str) -> None:
             404,
             "no cascade 'nope'; serving: digits",
         ),
-        ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "text/plain"),
+        (
+            {"content": b"<a/>", "headers": {"content-type": "application/xml"}},
+            415,
+            "application/xml",
+        ),
         ({"files": {"other": ("a.png", b"x", "image/png")}}, 422, "no `file` field"),
         (
             {"content": b"--xx\r\nbroken", "headers": {"content-type": "multipart/form-data"}},

@@ -29,7 +29,7 @@ async def call(t: TritonTeacher):
     try:
         started = time.monotonic()
         with pytest.raises(TeacherUnavailable) as info:
-            await t.infer(np.zeros((2, 1, 8, 8), np.float32))
+            await t.infer({"input": np.zeros((2, 1, 8, 8), np.float32)})
         assert not await t.ready()
         return info.value, time.monotonic() - started
     finally:
