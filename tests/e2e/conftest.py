@@ -51,8 +51,8 @@ def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1) 
 
 
 @pytest.fixture(scope="session")
-def gateway(demo, triton, tmp_path_factory):
-    """cascade-serve, 2 uvicorn workers, pointed at the session's Triton."""
+def gateway(demo, text_demo, triton, tmp_path_factory):
+    """cascade-serve, 2 uvicorn workers, both demo cascades, pointed at the session's Triton."""
     workdir = tmp_path_factory.mktemp("gateway")
     port = free_port()
     env = {
@@ -76,6 +76,8 @@ def gateway(demo, triton, tmp_path_factory):
         "2",
         "--bundle",
         str(demo.bundle),
+        "--bundle",
+        str(text_demo.bundle),
         "--triton-url",
         triton.grpc_url,
         "--workdir",

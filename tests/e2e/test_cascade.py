@@ -46,10 +46,10 @@ def predict(client: httpx2.Client, demo, index: int) -> dict:
 def default_threshold(gateway, demo):
     """Each test starts from the bundle's threshold and leaves it so."""
     with gateway.client() as c:
-        assert c.delete("/admin/threshold", headers=AUTH).status_code == 200
+        assert c.delete("/admin/threshold?cascade=digits", headers=AUTH).status_code == 200
     yield Bundle.load(demo.bundle).manifest.default_threshold
     with gateway.client() as c:
-        c.delete("/admin/threshold", headers=AUTH)
+        c.delete("/admin/threshold?cascade=digits", headers=AUTH)
 
 
 def test_easy_digits_stay_with_the_student_hard_ones_reach_triton(
@@ -97,7 +97,9 @@ def test_easy_digits_stay_with_the_student_hard_ones_reach_triton(
 def test_threshold_change_reaches_every_worker(gateway, demo, default_threshold):
     _, hard = easy_and_hard(demo, default_threshold, n=1)
     with gateway.client() as admin:
-        r = admin.put("/admin/threshold", json={"threshold": 0.0}, headers=AUTH)
+        r = admin.put(
+            "/admin/threshold", json={"cascade": "digits", "threshold": 0.0}, headers=AUTH
+        )
         assert r.status_code == 200
     seen: dict[str, list[dict]] = {}
     # Fresh connections, so the kernel spreads them over both workers.
@@ -114,7 +116,10 @@ def test_threshold_change_reaches_every_worker(gateway, demo, default_threshold)
     assert value(samples, "cascade_threshold", cascade="digits") == 0.0
     # And back to the bundle's default, again on every worker.
     with gateway.client() as admin:
-        assert admin.delete("/admin/threshold", headers=AUTH).json()["source"] == "bundle"
+        assert (
+            admin.delete("/admin/threshold?cascade=digits", headers=AUTH).json()["source"]
+            == "bundle"
+        )
     pids = set()
     for _ in range(60):
         with gateway.client() as client:
@@ -171,3 +176,34 @@ def test_bad_input_over_real_http_is_4xx_and_the_gateway_lives_on(gateway, demo)
         r = client.post("/predict", files={"file": ("x.png", b"not an image", "image/png")})
         assert r.status_code == 422
         assert client.post("/predict", json={"image": b64(png_bytes(demo.images[0]))}).is_success
+
+
+def triton_count(triton, model: str) -> int:
+    stats = httpx2.get(f"{triton.http_url}/v2/models/{model}/stats", timeout=5).json()
+    return int(stats["model_stats"][0]["inference_count"])
+
+
+def test_text_cascade_over_real_triton(gateway, triton, text_demo):
+    from ..conftest import easy_and_hard_texts
+
+    threshold = Bundle.load(text_demo.bundle).manifest.default_threshold
+    easy, hard = easy_and_hard_texts(text_demo, threshold)
+    before = triton_count(triton, "intents_teacher")
+    digits_before = triton_count(triton, "digits_teacher")
+    metrics_before = scrape(gateway)
+    with gateway.client() as client:
+        outs = client.post("/predict", json={"inputs": [{"text": t} for t in easy + hard]})
+        assert outs.status_code == 200, outs.text
+        answers = outs.json()["outputs"]
+        single = client.post("/predict", json={"text": hard[0]}).json()
+    assert [o["answered_by"] for o in answers] == ["student"] * 3 + ["teacher"] * 3
+    assert all(o["cascade"] == "intents" and o["truncated"] is False for o in answers)
+    assert single["answered_by"] == "teacher" and not single["degraded"]
+    # The text teacher on Triton took token ids: exactly the 4 delegated texts, nothing else.
+    assert triton_count(triton, "intents_teacher") - before == 4
+    assert triton_count(triton, "digits_teacher") == digits_before
+    after = scrape(gateway)
+    delta = value(after, "cascade_requests_total", cascade="intents", outcome="teacher") - value(
+        metrics_before, "cascade_requests_total", cascade="intents", outcome="teacher"
+    )
+    assert delta == 4

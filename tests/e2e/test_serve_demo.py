@@ -41,10 +41,11 @@ def tritonservers_under(path: Path) -> list[int]:
     return pids
 
 
-def test_demo_serves_answers_the_readme_and_stops_cleanly(demo, tmp_path):
+def test_demo_serves_answers_the_readme_and_stops_cleanly(demo, text_demo, tmp_path):
     # Reuse the session's demo models: --demo must find them and not retrain.
     shutil.copytree(demo.repository, tmp_path / "model_repository")
     shutil.copytree(demo.bundle, tmp_path / "bundles" / "digits")
+    shutil.copytree(text_demo.bundle, tmp_path / "bundles" / "intents")
     port = free_port()
     env = {
         k: v

@@ -43,3 +43,14 @@ def test_python_backend_twin_runs_the_same_onnx_on_cpu(tmp_path):
     assert config.dynamic_batching.max_queue_delay_microseconds == 100
     assert (out / "m" / "1" / "model.onnx").resolve() == (src / "m" / "1" / "model.onnx").resolve()
     assert "TritonPythonModel" in (out / "m" / "1" / "model.py").read_text()
+
+
+def test_committed_text_teacher_config_takes_token_ids_and_mask():
+    config = read_model_config(REPO / "intents_teacher" / "config.pbtxt")
+    assert config.platform == "onnxruntime_onnx" and config.HasField("dynamic_batching")
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        ("input_ids", mc.TYPE_INT64, [24]),
+        ("attention_mask", mc.TYPE_INT64, [24]),
+    ]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [8])]
+    assert config == teacher_config("intents_teacher", (2000, 24), 8, modality="text")
