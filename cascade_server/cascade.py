@@ -41,13 +41,13 @@ class BurstLog:
 
 @dataclass
 class Timings:
-    decode: float = 0.0
+    preprocess: float = 0.0
     student: float = 0.0
     teacher: float = 0.0
 
     def as_ms(self, total: float) -> dict[str, float]:
         return {
-            "decode": round(self.decode * 1e3, 3),
+            "preprocess": round(self.preprocess * 1e3, 3),
             "student": round(self.student * 1e3, 3),
             "teacher": round(self.teacher * 1e3, 3),
             "total": round(total * 1e3, 3),
@@ -157,7 +157,7 @@ class Cascade:
         t1 = time.perf_counter()
         logits = self.student.predict(self._student_feeds(batch))
         t2 = time.perf_counter()
-        t.decode, t.student = t1 - t0, t2 - t1
+        t.preprocess, t.student = t1 - t0, t2 - t1
 
         threshold = self.threshold()
         decision = decide(logits, threshold, **self._policy)
@@ -220,7 +220,7 @@ class Cascade:
             lat = self.metrics.latency
             lat.labels(self.name, "total").observe(total)
             lat.labels(self.name, "overhead").observe(
-                max(total - t.decode - t.student - t.teacher, 0.0)
+                max(total - t.preprocess - t.student - t.teacher, 0.0)
             )
 
         self._safe(observe)
@@ -241,7 +241,7 @@ class Cascade:
         margin = m.margin.labels(self.name)
         for value in decision.margins:
             margin.observe(float(value))
-        m.latency.labels(self.name, "decode").observe(t.decode)
+        m.latency.labels(self.name, "preprocess").observe(t.preprocess)
         m.latency.labels(self.name, "student").observe(t.student)
         m.batch_size.labels(self.name, "student").observe(n)
         if n_delegated:

@@ -24,7 +24,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("student", "teacher", "degraded")  # and "rejected" for 4xx answers
-STAGES = ("decode", "student", "teacher", "total", "overhead")
 _LATENCY_BUCKETS = (
     0.0001,
     0.00025,

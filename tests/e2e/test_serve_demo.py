@@ -89,8 +89,8 @@ def test_demo_serves_answers_the_readme_and_stops_cleanly(demo, text_demo, tmp_p
         assert tritonservers_under(tmp_path / "run")
 
         commands = readme_curl_commands()
-        assert len(commands) >= 6
-        answers = []
+        assert len(commands) >= 9
+        answers = {}
         for command in commands:
             done = subprocess.run(
                 ["bash", "-c", command.replace("127.0.0.1:8000", f"127.0.0.1:{port}")],
@@ -103,10 +103,20 @@ def test_demo_serves_answers_the_readme_and_stops_cleanly(demo, text_demo, tmp_p
             assert done.returncode == 0, (command, done.stderr)
             body = json.loads(done.stdout)
             assert "error" not in body, (command, body)
-            answers.append(body)
-        assert answers[0]["answered_by"] == "student"  # examples/digit-easy.png
-        assert answers[1]["answered_by"] == "teacher"  # examples/digit-hard.png
-        assert answers[3]["target_delegation_rate"] == 0.1
+            answers[command] = body
+
+        def answer(fragment: str) -> dict:
+            return next(body for command, body in answers.items() if fragment in command)
+
+        # What the README says about each example is true.
+        assert answer("digit-easy.png")["answered_by"] == "student"
+        assert answer("digit-hard.png")["answered_by"] == "teacher"
+        negation = answer("i did not lose my card")
+        assert (negation["cascade"], negation["answered_by"]) == ("intents", "teacher")
+        assert negation["label"] == "card_declined"
+        assert answer("savings account balance")["cascade"] == "intents"
+        assert answer("target_delegation_rate")["target_delegation_rate"] == 0.1
+        assert {c["name"] for c in answer("/cascades")["cascades"]} == {"digits", "intents"}
     finally:
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does
         proc.wait(30)

@@ -48,7 +48,7 @@ def test_one_image_as_base64_json(gateway, demo):
     probs = [t["probability"] for t in body["top_k"]]
     assert probs == sorted(probs, reverse=True)
     assert body["margin"] == pytest.approx(probs[0] - probs[1]) or body["answered_by"] == "teacher"
-    assert set(body["timings_ms"]) == {"decode", "student", "teacher", "total"}
+    assert set(body["timings_ms"]) == {"preprocess", "student", "teacher", "total"}
     assert body["versions"]["student"] == Bundle.load(demo.bundle).manifest.version
 
 
@@ -168,7 +168,7 @@ def test_metrics_count_stage_latency_margins_and_in_flight(gateway, demo):
             client.post("/predict", json={"image": b64(png_bytes(demo.images[i]))})
         text = client.get("/metrics").text
         assert metric(client, "cascade_student_margin_count", cascade="digits") == 3
-        for stage in ("decode", "student", "total", "overhead"):
+        for stage in ("preprocess", "student", "total", "overhead"):
             assert metric(client, "cascade_stage_seconds_count", stage=stage) == 3
         assert metric(client, "cascade_in_flight_requests") == 0
         assert metric(client, "cascade_threshold", cascade="digits") == pytest.approx(

@@ -30,7 +30,7 @@ def test_text_is_answered_by_the_text_cascade_without_naming_it(both, demo, text
         i = client.post("/predict", json={"image": b64(png_bytes(demo.images[0]))})
         raw = client.post(
             "/predict",
-            content="i lost my credit card".encode(),
+            content=b"i lost my credit card",
             headers={"content-type": "text/plain; charset=utf-8"},
         )
     assert t.status_code == 200, t.text
