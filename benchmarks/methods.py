@@ -1,12 +1,14 @@
 """Compare every distillation method on the same data, teacher and student architecture.
 
-Trains one teacher on Fashion-MNIST (../shared/data/fashion_mnist), then a student with each
-method, and writes per method: student accuracy, cascade accuracy at 10/20/30% delegation, the
-delegation needed to reach teacher accuracy - 0.5 point, AUC, gap recovered; as JSON, a markdown
-table and one plot. Default settings take well under an hour on 2 CPU cores; --quick minutes.
+Trains one teacher on Fashion-MNIST (images) or Banking77 (text intents) from ../shared/data,
+then a student with each method, and writes per method: student accuracy, cascade accuracy at
+10/20/30% delegation, the delegation needed to reach teacher accuracy - 0.5 point, AUC, gap
+recovered; as JSON, a markdown table and one plot. Default settings take well under an hour on
+2 CPU cores each; --quick takes minutes.
 
-    python benchmarks/methods.py                      # the full run (table in benchmarks/README.md)
-    python benchmarks/methods.py --quick              # a smoke run
+    python benchmarks/methods.py --dataset fashion_mnist   # table in benchmarks/README.md
+    python benchmarks/methods.py --dataset banking77
+    python benchmarks/methods.py --quick                   # a smoke run
 """
 
 from __future__ import annotations
@@ -31,23 +33,80 @@ from cascade_server.train.pipeline import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TEACHER_FILES = ("teacher.pt", "teacher.json", "teacher_logits.npz", "record.json")
+TEACHER_FILES = (
+    "teacher.pt",
+    "teacher.json",
+    "teacher_logits.npz",
+    "record.json",
+    "tokenizer.json",
+    "tokenizer.key",
+)
 
 
 def config(args, method: str) -> ExperimentConfig:
-    data_params = {"path": str(args.data), "split": "train"}
+    if args.dataset == "banking77":
+        return banking77_config(args, method)
+    return fashion_config(args, method)
+
+
+def _method_params(args, method: str, default_k: int) -> dict:
+    if method == "bdistil":
+        return {"members": 3}
+    if method.startswith("cd"):
+        return {"top_k_classes": args.in_domain_k or default_k}
+    return {}
+
+
+def banking77_config(args, method: str) -> ExperimentConfig:
+    root = args.data or ROOT.parent / "shared" / "data" / "banking77"
+    epochs = 8 if args.quick else args.student_epochs
+    return ExperimentConfig.model_validate(
+        {
+            "name": f"banking77-{method}",
+            "seed": args.seed,
+            "data": {
+                "name": "csv",
+                "params": {
+                    "path": str(root / "train.csv"),
+                    "classes": str(root / "categories.json"),
+                },
+                "test_params": {"path": str(root / "test.csv")},
+            },
+            "split": {"val": 0.1, "test": 0.05},
+            "text": {"vocab_size": 8000, "max_length": 32},
+            "teacher": {
+                "arch": "transformer",
+                "params": {"dim": 128, "heads": 4, "layers": 2, "ff": 256},
+                "epochs": 4 if args.quick else 20,
+                "lr": 1e-3,
+                "batch_size": 64,
+            },
+            "student": {"arch": "bag", "params": {"dim": 16, "buckets": 0}},
+            # CD: L_in = the 23 most frequent of 77 intents (30%, as 30 of CIFAR-100's 100).
+            "method": {"name": method, "params": _method_params(args, method, 23)},
+            "fit": {
+                "epochs": max(2, epochs // 2) if method == "disk" else epochs,
+                "lr": 1e-2,
+                "batch_size": 64,
+            },
+            "export": {"name": "banking77"},
+        }
+    )
+
+
+def fashion_config(args, method: str) -> ExperimentConfig:
+    data_params = {
+        "path": str(args.data or ROOT.parent / "shared" / "data" / "fashion_mnist"),
+        "split": "train",
+    }
     if args.quick:
         data_params["limit"] = 12000
     # Methods that cost several KD runs get fewer epochs so that the whole run fits the budget
     # (each DiSK epoch is 3 student + 3 guide passes; B-DISTIL trains `members` students).
     epochs = args.student_epochs
-    method_params: dict = {}
     if method == "disk":
         epochs = max(2, epochs // 2)
-    if method == "bdistil":
-        method_params = {"members": 3}
-    if method.startswith("cd"):
-        method_params = {"top_k_classes": args.in_domain_k}
+    method_params = _method_params(args, method, 5)
     return ExperimentConfig.model_validate(
         {
             "name": f"fashion-{method}",
@@ -77,9 +136,10 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "fashion_mnist")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fashion_mnist")
-    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-fashion")
+    p.add_argument("--dataset", choices=["fashion_mnist", "banking77"], default="fashion_mnist")
+    p.add_argument("--data", type=Path, help="dataset folder (default: ../shared/data/<dataset>)")
+    p.add_argument("--out", type=Path, help="default: benchmarks/results/<dataset>")
+    p.add_argument("--runs", type=Path, help="default: runs/bench-<dataset>")
     p.add_argument("--methods", nargs="+", default=METHODS.names(), choices=METHODS.names())
     p.add_argument("--quick", action="store_true", help="12k training images, few epochs")
     p.add_argument("--seed", type=int, default=0)
@@ -87,8 +147,16 @@ def main() -> None:
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--student-hidden", type=int, default=16)
     p.add_argument("--student-epochs", type=int, default=12)
-    p.add_argument("--in-domain-k", type=int, default=5, help="CD methods: |L_in|")
+    p.add_argument(
+        "--in-domain-k",
+        type=int,
+        help="CD methods: |L_in| (default: 5 of 10 classes, 23 of 77 intents)",
+    )
     args = p.parse_args()
+    args.out = args.out or ROOT / "benchmarks" / "results" / args.dataset
+    args.runs = args.runs or ROOT / "runs" / f"bench-{args.dataset}"
+    if args.dataset == "banking77" and args.student_epochs == 12:
+        args.student_epochs = 30
     if args.quick:
         args.teacher_epochs, args.student_epochs = (
             min(args.teacher_epochs, 3),
@@ -111,8 +179,9 @@ def main() -> None:
     for method in args.methods:
         run = args.runs / method
         run.mkdir(parents=True, exist_ok=True)
-        for name in TEACHER_FILES:  # the same teacher for every method
-            shutil.copyfile(teacher_dir / name, run / name)
+        for name in TEACHER_FILES:  # the same teacher (and tokenizer) for every method
+            if (teacher_dir / name).is_file():
+                shutil.copyfile(teacher_dir / name, run / name)
         prep = prepare(config(args, method), run)
         start_run(run, prep.config, prep)
         t0 = time.perf_counter()
@@ -140,7 +209,7 @@ def main() -> None:
         "n_train": len(prep.y["train"]),
     }
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    plot(curves, args.out / "curves.png", title="Fashion-MNIST: cascade accuracy vs delegation")
+    plot(curves, args.out / "curves.png", title=f"{args.dataset}: cascade accuracy vs delegation")
     (args.out / "table.md").write_text(table(rows, meta))
     print(table(rows, meta))
 

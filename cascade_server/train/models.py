@@ -160,8 +160,8 @@ def count_macs(model: nn.Module, in_shape, modality: str = "image") -> int:
 
     def hook(module: nn.Module, _inputs, output: torch.Tensor) -> None:
         nonlocal total
-        if isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features
+        if isinstance(module, nn.Linear):  # per output element: in_features (tokens too)
+            total += output[0].numel() * module.in_features
         elif isinstance(module, nn.Conv2d | nn.Conv1d):
             k = math.prod(module.kernel_size)
             total += output[0].numel() * (module.in_channels // module.groups) * k
