@@ -7,7 +7,7 @@ COPY pyproject.toml README.md ./
 COPY cascade_server ./cascade_server
 RUN pip install --no-cache-dir ".[${ORT}]"
 # Bundles are mounted or baked in; thresholds persist in the state volume.
-ENV CASCADE_BUNDLES=/bundles/digits \
+ENV CASCADE_BUNDLES=/bundles/digits,/bundles/intents \
     CASCADE_STATE_DIR=/state \
     PROMETHEUS_MULTIPROC_DIR=/tmp/metrics
 EXPOSE 8000

@@ -5,7 +5,7 @@ import sys
 import textwrap
 
 
-def test_serving_a_request_does_not_import_torch(demo, tmp_path):
+def test_serving_a_request_does_not_import_torch(demo, text_demo, tmp_path):
     code = textwrap.dedent(f"""
         import sys
         from fastapi.testclient import TestClient
@@ -14,11 +14,13 @@ def test_serving_a_request_does_not_import_torch(demo, tmp_path):
         from tests.integration.conftest import FakeTeacher
         from tests.conftest import png_bytes, b64
         import numpy as np
-        settings = Settings(bundles=[{str(demo.bundle)!r}], state_dir={str(tmp_path)!r})
+        settings = Settings(bundles=[{str(demo.bundle)!r}, {str(text_demo.bundle)!r}],
+                            state_dir={str(tmp_path)!r})
         app = create_app(settings, teacher_factory=lambda s, b: FakeTeacher())
         with TestClient(app) as client:
             img = np.zeros((8, 8, 1), np.uint8)
             assert client.post("/predict", json={{"image": b64(png_bytes(img))}}).is_success
+            assert client.post("/predict", json={{"text": "my card was declined"}}).is_success
             assert client.get("/metrics").is_success
         import cascade_server.triton, cascade_server.serve
         print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
