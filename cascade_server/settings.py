@@ -14,7 +14,7 @@ class Settings(BaseSettings):
 
     # Cascade bundle directories (comma-separated in the environment).
     bundles: Annotated[list[Path], NoDecode] = Field(
-        default_factory=lambda: [Path("bundles/digits")]
+        default_factory=lambda: [Path("bundles/digits"), Path("bundles/intents")]
     )
 
     # Teacher: Triton's gRPC endpoint and how long one delegated call may take.
