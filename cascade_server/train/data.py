@@ -36,6 +36,11 @@ class ImageData:
     def subset(self, idx: np.ndarray) -> ImageData:
         return ImageData(self.x[idx], self.y[idx], self.classes)
 
+    def concat(self, other: ImageData) -> ImageData:
+        return ImageData(
+            np.concatenate([self.x, other.x]), np.concatenate([self.y, other.y]), self.classes
+        )
+
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(self.x.tobytes())
@@ -172,6 +177,9 @@ class TextData:
 
     def subset(self, idx: np.ndarray) -> TextData:
         return TextData(tuple(self.texts[i] for i in idx), self.y[idx], self.classes)
+
+    def concat(self, other: TextData) -> TextData:
+        return TextData(self.texts + other.texts, np.concatenate([self.y, other.y]), self.classes)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256("\x1f".join(self.texts).encode())

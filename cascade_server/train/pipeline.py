@@ -99,18 +99,7 @@ def prepare(config: ExperimentConfig, run_dir: Path | None = None) -> Prepared:
     data = load(config.data.name, **config.data.params)
     if isinstance(data, TextData):
         return _prepare_text(config, data, run_dir)
-    if config.data.test_params is not None:
-        test = load(config.data.name, **{**config.data.params, **config.data.test_params})
-        parts = split(data, seed=config.seed, val=config.split.val, test=config.split.test)
-        train = ImageData(
-            np.concatenate([parts.train.x, parts.test.x]),
-            np.concatenate([parts.train.y, parts.test.y]),
-            data.classes,
-        )
-        splits = {"train": train, "val": parts.val, "test": test}
-    else:
-        parts = split(data, seed=config.seed, val=config.split.val, test=config.split.test)
-        splits = {"train": parts.train, "val": parts.val, "test": parts.test}
+    splits = _splits(config, data)
     h, w, c = splits["train"].x.shape[1:]
     if config.preprocess.mean is not None and config.preprocess.std is not None:
         mean, std = tuple(config.preprocess.mean), tuple(config.preprocess.std)
@@ -130,22 +119,21 @@ def prepare(config: ExperimentConfig, run_dir: Path | None = None) -> Prepared:
     )
 
 
+def _splits(config: ExperimentConfig, data: ImageData | TextData) -> dict:
+    """train/val/test by seed. With `data.test_params`, the test split is that separate set and
+    the carved-out test part goes back to training."""
+    parts = split(data, seed=config.seed, val=config.split.val, test=config.split.test)
+    if config.data.test_params is None:
+        return {"train": parts.train, "val": parts.val, "test": parts.test}
+    test = load(config.data.name, **{**config.data.params, **config.data.test_params})
+    return {"train": parts.train.concat(parts.test), "val": parts.val, "test": test}
+
+
 def _prepare_text(config: ExperimentConfig, data: TextData, run_dir: Path | None) -> Prepared:
     from ..preprocess import encode_texts, load_tokenizer
     from .text import normalization_label, train_tokenizer
 
-    if config.data.test_params is not None:
-        test = load(config.data.name, **{**config.data.params, **config.data.test_params})
-        parts = split(data, seed=config.seed, val=config.split.val, test=config.split.test)
-        train = TextData(
-            parts.train.texts + parts.test.texts,
-            np.concatenate([parts.train.y, parts.test.y]),
-            data.classes,
-        )
-        splits = {"train": train, "val": parts.val, "test": test}
-    else:
-        parts = split(data, seed=config.seed, val=config.split.val, test=config.split.test)
-        splits = {"train": parts.train, "val": parts.val, "test": parts.test}
+    splits = _splits(config, data)
     fp = hashlib.sha256("".join(s.fingerprint() for s in splits.values()).encode()).hexdigest()[:16]
     t = config.text
     spec = TextPreprocess(

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
@@ -14,6 +15,7 @@ import pytest
 
 from cascade_server.triton import TritonServer, free_port, python_backend_repository
 
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "e2e-admin-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
@@ -50,41 +52,25 @@ def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1) 
     raise TimeoutError(f"{what} not within {timeout_s}s")
 
 
-@pytest.fixture(scope="session")
-def gateway(demo, text_demo, triton, tmp_path_factory):
-    """cascade-serve, 2 uvicorn workers, both demo cascades, pointed at the session's Triton."""
-    workdir = tmp_path_factory.mktemp("gateway")
+@contextmanager
+def serving(args: list[str], workdir: Path, env: dict[str, str], *, timeout_s: float = 90):
+    """`python -m cascade_server.serve ARGS --port P --workdir W` until ready; always stopped
+    with SIGINT (what Ctrl-C sends), killed if it does not exit in 30 s."""
     port = free_port()
-    env = {
-        **os.environ,
-        "CASCADE_ADMIN_TOKEN": TOKEN,
-        "CASCADE_STATE_DIR": str(workdir / "state"),
-        "CASCADE_EXPOSE_WORKER_ID": "true",
-        "CASCADE_TEACHER_TIMEOUT_S": "2.0",
-        "CASCADE_TEACHER_RECONNECT_BACKOFF_MS": "250",
-        "CASCADE_LOG_LEVEL": "warning",
-    }
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    log = workdir / "gateway.log"
+    env = {k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    log = workdir / "serve.log"
     cmd = [
         sys.executable,
         "-m",
         "cascade_server.serve",
+        *args,
         "--port",
         str(port),
-        "--workers",
-        "2",
-        "--bundle",
-        str(demo.bundle),
-        "--bundle",
-        str(text_demo.bundle),
-        "--triton-url",
-        triton.grpc_url,
         "--workdir",
-        str(workdir),
+        str(workdir / "run"),
     ]
     with open(log, "wb") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     gw = Gateway(f"http://127.0.0.1:{port}", process, log)
 
     def ready() -> bool:
@@ -96,12 +82,39 @@ def gateway(demo, text_demo, triton, tmp_path_factory):
             return False
 
     try:
-        wait_until(ready, 60, "gateway ready")
+        wait_until(ready, timeout_s, "gateway ready")
         yield gw
     finally:
         process.send_signal(signal.SIGINT)
         try:
-            process.wait(20)
+            process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def gateway(demo, text_demo, triton, tmp_path_factory):
+    """cascade-serve, 2 uvicorn workers, both demo cascades, pointed at the session's Triton."""
+    workdir = tmp_path_factory.mktemp("gateway")
+    env = {
+        **os.environ,
+        "CASCADE_ADMIN_TOKEN": TOKEN,
+        "CASCADE_STATE_DIR": str(workdir / "state"),
+        "CASCADE_EXPOSE_WORKER_ID": "true",
+        "CASCADE_TEACHER_TIMEOUT_S": "2.0",
+        "CASCADE_TEACHER_RECONNECT_BACKOFF_MS": "250",
+        "CASCADE_LOG_LEVEL": "warning",
+    }
+    args = [
+        "--workers",
+        "2",
+        "--bundle",
+        str(demo.bundle),
+        "--bundle",
+        str(text_demo.bundle),
+        "--triton-url",
+        triton.grpc_url,
+    ]
+    with serving(args, workdir, env) as gw:
+        yield gw

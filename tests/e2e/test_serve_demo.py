@@ -6,20 +6,15 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx2
 import pytest
 
-from cascade_server.triton import free_port
-
-from .conftest import wait_until
+from .conftest import ROOT, serving
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def readme_curl_commands() -> list[str]:
@@ -46,47 +41,23 @@ def test_demo_serves_answers_the_readme_and_stops_cleanly(demo, text_demo, tmp_p
     shutil.copytree(demo.repository, tmp_path / "model_repository")
     shutil.copytree(demo.bundle, tmp_path / "bundles" / "digits")
     shutil.copytree(text_demo.bundle, tmp_path / "bundles" / "intents")
-    port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "CASCADE_ADMIN_TOKEN" and k != "PROMETHEUS_MULTIPROC_DIR"
-    }
+    env = {k: v for k, v in os.environ.items() if k != "CASCADE_ADMIN_TOKEN"}
     env["CASCADE_STATE_DIR"] = str(tmp_path / "state")
-    log = tmp_path / "serve.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "cascade_server.serve",
+    args = [
         "--demo",
-        "--port",
-        str(port),
         "--workers",
         "2",
         "--model-repository",
         str(tmp_path / "model_repository"),
         "--bundles-dir",
         str(tmp_path / "bundles"),
-        "--workdir",
-        str(tmp_path / "run"),
     ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready() -> bool:
-            assert proc.poll() is None, log.read_text()
-            try:
-                return httpx2.get(f"{base}/readyz", timeout=1).status_code == 200
-            except httpx2.TransportError:
-                return False
-
-        wait_until(ready, 90, "demo gateway ready")
-        output = log.read_text()
+    with serving(args, tmp_path, env) as gw:
+        output = gw.log.read_text()
         assert "reusing it" in output
         token = re.search(r"admin token \(demo\): (\S+)", output).group(1)
         assert tritonservers_under(tmp_path / "run")
+        port = gw.url.rsplit(":", 1)[1]
 
         commands = readme_curl_commands()
         assert len(commands) >= 9
@@ -117,11 +88,9 @@ def test_demo_serves_answers_the_readme_and_stops_cleanly(demo, text_demo, tmp_p
         assert answer("savings account balance")["cascade"] == "intents"
         assert answer("target_delegation_rate")["target_delegation_rate"] == 0.1
         assert {c["name"] for c in answer("/cascades")["cascades"]} == {"digits", "intents"}
-    finally:
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
-        proc.wait(30)
-    assert proc.returncode == 0, log.read_text()[-3000:]
-    assert "stopping tritonserver" in log.read_text()
+    # serving() sent SIGINT, as Ctrl-C does, and waited for the exit.
+    assert gw.process.returncode == 0, gw.log.read_text()[-3000:]
+    assert "stopping tritonserver" in gw.log.read_text()
     assert tritonservers_under(tmp_path / "run") == []
     with pytest.raises(httpx2.TransportError):
-        httpx2.get(f"{base}/healthz", timeout=1)
+        httpx2.get(f"{gw.url}/healthz", timeout=1)
