@@ -142,6 +142,11 @@ def main() -> None:
     p.add_argument("--runs", type=Path, help="default: runs/bench-<dataset>")
     p.add_argument("--methods", nargs="+", default=METHODS.names(), choices=METHODS.names())
     p.add_argument("--quick", action="store_true", help="12k training images, few epochs")
+    p.add_argument(
+        "--table-only",
+        action="store_true",
+        help="rebuild the table and plot from the run directories of --methods",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher-width", type=int, default=32)
     p.add_argument("--teacher-epochs", type=int, default=10)
@@ -168,6 +173,8 @@ def main() -> None:
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
+    if args.table_only:
+        return write_results(args, *collect(args))
     started = time.perf_counter()
     teacher_dir = args.runs / "teacher"
     prep = prepare(config(args, "kd"), teacher_dir)
@@ -200,7 +207,6 @@ def main() -> None:
             seconds,
         )
 
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "settings": {k: str(v) for k, v in vars(args).items()},
         "teacher_seconds": round(teacher_seconds, 1),
@@ -208,6 +214,33 @@ def main() -> None:
         "n_test": len(prep.y["test"]),
         "n_train": len(prep.y["train"]),
     }
+    write_results(args, curves, rows, meta)
+
+
+def collect(args) -> tuple[dict, list[dict], dict]:
+    """Curves, rows and meta from finished run directories (after an interrupted run)."""
+    curves, rows = {}, []
+    for method in args.methods:
+        run = args.runs / method
+        if not (run / "evaluation.json").is_file():
+            continue
+        ev = json.loads((run / "evaluation.json").read_text())
+        record = json.loads((run / "record.json").read_text())
+        curves[method] = ev
+        rows.append({"method": method, "seconds": record["student"]["seconds"], **ev["summary"]})
+    teacher = json.loads((args.runs / "teacher" / "record.json").read_text())["teacher"]
+    meta = {
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "teacher_seconds": teacher["seconds"],
+        "total_seconds": "n/a (collected)",
+        "n_test": "see runs",
+        "n_train": "see runs",
+    }
+    return curves, rows, meta
+
+
+def write_results(args, curves: dict, rows: list[dict], meta: dict) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     plot(curves, args.out / "curves.png", title=f"{args.dataset}: cascade accuracy vs delegation")
     (args.out / "table.md").write_text(table(rows, meta))

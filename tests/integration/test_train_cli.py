@@ -180,3 +180,29 @@ def test_bdistil_bundle_carries_its_stages_and_serves(tmp_path):
         image = np.full((8, 8, 1), 128, np.uint8)
         r = client.post("/predict", json={"image": b64(png_bytes(image))})
     assert r.status_code == 200 and r.json()["versions"]["student"] == bundle.manifest.version
+
+
+def test_onnx_text_teacher_import(text_demo, tmp_path):
+    onnx = text_demo.repository / "intents_teacher" / "1" / "model.onnx"
+    config = ROOT / "configs" / "intents" / "kd.yaml"
+    train(
+        "teacher",
+        config,
+        "--run-dir",
+        tmp_path / "run",
+        "--onnx",
+        onnx,
+        "--set",
+        "fit.epochs=3",
+        "--set",
+        "data.params.n=600",
+    )
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    # The imported teacher reads (input_ids, attention_mask) through ONNX Runtime.
+    assert record["teacher"]["source"] == "onnx" and record["teacher"]["test_accuracy"] > 0.5
+    train("distill", tmp_path / "run", "--method", "md")
+    train("export", tmp_path / "run", "--bundles", tmp_path / "b", "--repository", tmp_path / "r")
+    bundle = Bundle.load(tmp_path / "b" / "intents")
+    assert bundle.manifest.modality == "text" and (bundle.path / "tokenizer.json").is_file()
+    config_pb = read_model_config(tmp_path / "r" / "intents_teacher" / "config.pbtxt")
+    assert [i.name for i in config_pb.input] == ["input_ids", "attention_mask"]
