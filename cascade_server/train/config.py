@@ -40,6 +40,9 @@ class TextConfig(_Section):
     max_length: int = Field(default=32, gt=0, le=4096)
     model: Literal["wordpiece", "bpe"] = "wordpiece"
     lowercase: bool = True
+    # An existing tokenizer.json instead of training one: required with an imported text
+    # teacher, whose token ids only mean something under the tokenizer it was trained with.
+    tokenizer: Path | None = None
 
 
 class TeacherConfig(_Section):

@@ -143,11 +143,14 @@ def _prepare_text(config: ExperimentConfig, data: TextData, run_dir: Path | None
         normalization=normalization_label(t.lowercase),
     )
     saved = run_dir / spec.tokenizer_file if run_dir is not None else None
-    key = json.dumps([fp, t.model_dump()], sort_keys=True)
+    key = json.dumps([fp, t.model_dump(mode="json")], sort_keys=True)
     if saved is not None and saved.is_file() and (run_dir / "tokenizer.key").read_text() == key:
         tokenizer = load_tokenizer(saved, spec)
     else:
-        tokenizer = train_tokenizer(splits["train"].texts, t.vocab_size, t.model, t.lowercase)
+        if t.tokenizer is not None:
+            tokenizer = load_tokenizer(t.tokenizer, spec)
+        else:
+            tokenizer = train_tokenizer(splits["train"].texts, t.vocab_size, t.model, t.lowercase)
         if saved is not None and distributed()[0] == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             tokenizer.save(str(saved))

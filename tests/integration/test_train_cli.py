@@ -196,6 +196,8 @@ def test_onnx_text_teacher_import(text_demo, tmp_path):
         "fit.epochs=3",
         "--set",
         "data.params.n=600",
+        "--set",
+        f"text.tokenizer={text_demo.bundle / 'tokenizer.json'}",
     )
     record = json.loads((tmp_path / "run" / "record.json").read_text())
     # The imported teacher reads (input_ids, attention_mask) through ONNX Runtime.
