@@ -3,7 +3,6 @@ import torch
 
 from cascade_server.train.models import ARCHITECTURES, build, count_macs, count_parameters
 
-
 TEXT = {"bag", "textcnn", "transformer"}
 
 
