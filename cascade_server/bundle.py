@@ -183,11 +183,9 @@ class Manifest(_Strict):
 
     def in_domain_outputs(self) -> np.ndarray | None:
         """Bool mask over student outputs for class-based delegation, or None."""
-        if self.in_domain_classes is None:
-            return None
-        keep = set(self.in_domain_classes)
-        mapping = self.output_classes or tuple(range(len(self.classes)))
-        return np.array([c in keep for c in mapping], dtype=bool)
+        from .policy import in_domain_mask
+
+        return in_domain_mask(self.in_domain_classes, self.output_classes, len(self.classes))
 
     def policy(self) -> dict:
         """Keyword arguments of `policy.decide` for this student."""

@@ -77,3 +77,13 @@ def class_probabilities(
             out[:, c] += probs[:, j]
     total = out.sum(axis=1, keepdims=True)
     return np.where(total > 0, out / np.where(total > 0, total, 1.0), 1.0 / num_classes)
+
+
+def in_domain_mask(in_domain_classes, output_classes, num_classes: int) -> np.ndarray | None:
+    """Bool mask over the student's outputs for class-based delegation: True where the output
+    is a class in the in-domain set. None when the student has no in-domain set."""
+    if in_domain_classes is None:
+        return None
+    keep = set(in_domain_classes)
+    mapping = output_classes if output_classes is not None else range(num_classes)
+    return np.array([c in keep for c in mapping], dtype=bool)

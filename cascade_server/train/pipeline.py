@@ -29,6 +29,7 @@ from ..bundle import (
     TeacherRef,
     TextPreprocess,
 )
+from ..policy import in_domain_mask
 from ..preprocess import normalize
 from .calibrate import calibrate as calibrate_table
 from .calibrate import calibrate_stages
@@ -420,14 +421,10 @@ def student_logits(model: nn.Module, x: np.ndarray, stages: bool = False):
 
 def _policy(meta: dict, num_classes: int) -> dict:
     mapping = meta["output_classes"]
-    in_domain = None
-    if meta["in_domain_classes"] is not None:
-        keep = set(meta["in_domain_classes"])
-        in_domain = np.array([c in keep for c in (mapping or range(num_classes))], dtype=bool)
     return {
         "output_classes": mapping,
         "abstain_output": meta["abstain_output"],
-        "in_domain_outputs": in_domain,
+        "in_domain_outputs": in_domain_mask(meta["in_domain_classes"], mapping, num_classes),
     }
 
 
@@ -448,24 +445,16 @@ def calibrate(
     target_accuracy: float | None = None,
 ) -> Calibration:
     cfg = prep.config.calibration
-    rate = (
-        target_delegation_rate
-        if target_delegation_rate is not None
-        else (None if target_accuracy is not None else cfg.target_delegation_rate)
-    )
-    accuracy = (
-        target_accuracy
-        if target_accuracy is not None
-        else (cfg.target_accuracy if target_delegation_rate is None else None)
-    )
+    if target_delegation_rate is None and target_accuracy is None:  # the config decides
+        target_delegation_rate, target_accuracy = cfg.target_delegation_rate, cfg.target_accuracy
     model, meta = load_student(run_dir, prep)
     t_logits = teacher_logits(load_teacher(run_dir), prep, run_dir)
     calibration = calibrate_table(
         student_logits(model, prep.x["val"]),
         t_logits["val"],
         prep.y["val"],
-        target_delegation_rate=rate if accuracy is None else None,
-        target_accuracy=accuracy,
+        target_delegation_rate=target_delegation_rate if target_accuracy is None else None,
+        target_accuracy=target_accuracy,
         cost_student=_costs(run_dir),
         split="val",
         **_policy(meta, prep.num_classes),
