@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from .config import dump_config
 from .methods import METHODS
 
 
@@ -131,12 +132,6 @@ def _load(args) -> tuple:
     if args.device:
         config = config.model_copy(update={"device": args.device})
     return config, args.run_dir or Path("runs") / config.name
-
-
-def dump_config(config) -> str:
-    from .config import dump_config as dump
-
-    return dump(config)
 
 
 def _from_run(run: Path, overrides: list[str] = ()):

@@ -437,6 +437,17 @@ def _costs(run_dir: Path) -> float:
 # ---------------------------------------------------------------- calibrate, evaluate
 
 
+def _pair_logits(prep: Prepared, run_dir: Path, split_name: str):
+    """The run's student meta, student and teacher logits on one split, and the student's
+    per-stage logits when it is an anytime ensemble (else None)."""
+    model, meta = load_student(run_dir, prep)
+    x = prep.x[split_name]
+    t_logits = teacher_logits(load_teacher(run_dir), prep, run_dir)[split_name]
+    stage_logits = student_logits(model, x, stages=True) if meta.get("stages", 1) > 1 else None
+    s_logits = stage_logits[-1] if stage_logits is not None else student_logits(model, x)
+    return meta, s_logits, t_logits, stage_logits
+
+
 def calibrate(
     prep: Prepared,
     run_dir: Path,
@@ -447,11 +458,10 @@ def calibrate(
     cfg = prep.config.calibration
     if target_delegation_rate is None and target_accuracy is None:  # the config decides
         target_delegation_rate, target_accuracy = cfg.target_delegation_rate, cfg.target_accuracy
-    model, meta = load_student(run_dir, prep)
-    t_logits = teacher_logits(load_teacher(run_dir), prep, run_dir)
+    meta, s_logits, t_logits, stage_logits = _pair_logits(prep, run_dir, "val")
     calibration = calibrate_table(
-        student_logits(model, prep.x["val"]),
-        t_logits["val"],
+        s_logits,
+        t_logits,
         prep.y["val"],
         target_delegation_rate=target_delegation_rate if target_accuracy is None else None,
         target_accuracy=target_accuracy,
@@ -460,8 +470,7 @@ def calibrate(
         **_policy(meta, prep.num_classes),
     )
     stages = []
-    if meta.get("stages", 1) > 1:
-        stage_logits = student_logits(model, prep.x["val"], stages=True)
+    if stage_logits is not None:
         names = [f"stage_{k + 1}" for k in range(len(stage_logits))]
         stages = calibrate_stages(stage_logits, calibration.target_delegation_rate, names)
     (run_dir / "calibration.json").write_text(calibration.model_dump_json(indent=2))
@@ -480,17 +489,15 @@ def calibrate(
 
 
 def evaluate(prep: Prepared, run_dir: Path) -> dict:
-    model, meta = load_student(run_dir, prep)
-    t_logits = teacher_logits(load_teacher(run_dir), prep, run_dir)
+    meta, s_logits, t_logits, stage_logits = _pair_logits(prep, run_dir, "test")
     result = evaluate_pair(
-        student_logits(model, prep.x["test"]),
-        t_logits["test"],
+        s_logits,
+        t_logits,
         prep.y["test"],
         cost_student=_costs(run_dir),
         **_policy(meta, prep.num_classes),
     )
-    if meta.get("stages", 1) > 1:  # anytime accuracy after each member
-        stage_logits = student_logits(model, prep.x["test"], stages=True)
+    if stage_logits is not None:  # anytime accuracy after each member
         result["summary"]["stage_accuracy"] = [
             float((s.argmax(1) == prep.y["test"]).mean()) for s in stage_logits
         ]
