@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -41,6 +43,8 @@ def normalize(images: np.ndarray, spec: ImagePreprocess) -> np.ndarray:
 
 class ImagePreprocessor:
     """Decodes uploads of any size, mode and common format into the manifest's geometry."""
+
+    modality = "image"
 
     def __init__(self, spec: ImagePreprocess, max_pixels: int) -> None:
         self.spec = spec
@@ -110,6 +114,12 @@ class ImagePreprocessor:
             raise InvalidInput("this cascade takes images")
         return Batch({"input": self(items)}, None)
 
+    def sample(self) -> bytes:
+        """A valid input, for warming up the codecs and the student."""
+        buf = io.BytesIO()
+        Image.new("L", (self.spec.width, self.spec.height)).save(buf, "PNG")
+        return buf.getvalue()
+
 
 @dataclass
 class Batch:
@@ -119,8 +129,32 @@ class Batch:
     tensors: dict[str, np.ndarray]
     truncated: list[bool] | None
 
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         return {k: v[idx] for k, v in self.tensors.items()}
+
+    @classmethod
+    def concat(cls, batches: Sequence[Batch]) -> Batch:
+        """Several requests' batches as one (same preprocessing, so same shapes)."""
+        if len(batches) == 1:
+            return batches[0]
+        tensors = {k: np.concatenate([b.tensors[k] for b in batches]) for k in batches[0].tensors}
+        truncated = None
+        if batches[0].truncated is not None:
+            truncated = [t for b in batches for t in (b.truncated or ())]
+        return cls(tensors, truncated)
+
+
+class Preprocessor(Protocol):
+    """The preprocessing stage: request inputs -> a Batch; raises InvalidInput (naming the
+    input) or PayloadTooLarge before any model runs."""
+
+    modality: str
+
+    def prepare(self, items: list) -> Batch: ...
+    def sample(self) -> bytes | str: ...
 
 
 class _naming:
@@ -161,6 +195,8 @@ def encode_texts(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray, l
 
 
 class TextPreprocessor:
+    modality = "text"
+
     def __init__(self, spec: TextPreprocess, tokenizer_path: Path, max_chars: int) -> None:
         self.spec = spec
         self.max_chars = max_chars
@@ -182,3 +218,6 @@ class TextPreprocessor:
                 texts.append(self.validate(item))
         ids, mask, truncated = encode_texts(self.tokenizer, texts)
         return Batch(dict(zip(TEXT_INPUTS, (ids, mask), strict=True)), truncated)
+
+    def sample(self) -> str:
+        return "warm up"

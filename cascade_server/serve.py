@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         uvicorn.run(
-            "cascade_server.app:create_app_from_env",
+            "cascade_server.gateway.app:create_app_from_env",
             factory=True,
             host=args.host,
             port=args.port,

@@ -8,9 +8,13 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .gateway.batcher import BatchingConfig
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CASCADE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="CASCADE_", env_nested_delimiter="__", extra="ignore"
+    )
 
     # Cascade bundle directories (comma-separated in the environment).
     bundles: Annotated[list[Path], NoDecode] = Field(
@@ -39,6 +43,10 @@ class Settings(BaseSettings):
     # Student: ONNX Runtime. One intra-op thread suits a tiny model on a loaded event loop.
     student_device: Literal["cpu", "cuda", "auto"] = "cpu"
     student_threads: int = Field(default=1, gt=0)
+
+    # Cross-request micro-batching of the student (and of the delegated items sent to the
+    # teacher): CASCADE_BATCHING__MAX_ITEMS, CASCADE_BATCHING__MAX_WAIT_S.
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
 
     # Adds an `x-cascade-worker` header (the worker's pid): for tests and debugging.
     expose_worker_id: bool = False

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from cascade_server.app import create_app
 from cascade_server.errors import TeacherUnavailable
+from cascade_server.gateway.app import create_app
 from cascade_server.settings import Settings
 
 TOKEN = "test-admin-token"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from cascade_server.app import create_app
 from cascade_server.bundle import Bundle
+from cascade_server.gateway.app import create_app
 from cascade_server.settings import Settings
 
 from ..conftest import b64, png_bytes

@@ -9,7 +9,7 @@ def test_serving_a_request_does_not_import_torch(demo, text_demo, tmp_path):
     code = textwrap.dedent(f"""
         import sys
         from fastapi.testclient import TestClient
-        from cascade_server.app import create_app
+        from cascade_server.gateway.app import create_app
         from cascade_server.settings import Settings
         from tests.integration.conftest import FakeTeacher
         from tests.conftest import png_bytes, b64

@@ -143,7 +143,7 @@ def test_bdistil_bundle_carries_its_stages_and_serves(tmp_path):
     import onnxruntime as ort
     from fastapi.testclient import TestClient
 
-    from cascade_server.app import create_app
+    from cascade_server.gateway.app import create_app
     from cascade_server.settings import Settings
 
     from ..conftest import b64, png_bytes

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from cascade_server.control import ThresholdStore
+from cascade_server.gateway.control import ThresholdStore
 
 from .test_bundle import make_calibration
 

@@ -10,7 +10,7 @@ import pytest
 
 from cascade_server.bundle import TeacherRef
 from cascade_server.errors import TeacherUnavailable
-from cascade_server.teacher import TritonTeacher
+from cascade_server.gateway.teacher import TritonTeacher
 from cascade_server.triton import free_port
 
 

@@ -8,8 +8,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .bundle import TeacherRef
-from .errors import TeacherUnavailable
+from ..bundle import TeacherRef
+from ..errors import TeacherUnavailable
 
 log = logging.getLogger(__name__)
 

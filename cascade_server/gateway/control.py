@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from .bundle import Calibration
+from ..bundle import Calibration
 
 log = logging.getLogger(__name__)
 _RACY_NS = 100_000_000

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 
-def session_options(threads: int):
+class Student(Protocol):
+    """The student stage: input tensors by name -> logits (batch, outputs)."""
+
+    @property
+    def ready(self) -> bool: ...
+    def setup(self) -> None: ...
+    def close(self) -> None: ...
+    def predict(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+def session_options(threads: int) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -45,7 +56,8 @@ class OnnxStudent:
         self.output_name = output_name
         self.device = device
         self.threads = threads
-        self._session = None
+        self._session: Any = None
+        self.input_names: set[str] = set()
 
     def setup(self) -> None:
         import onnxruntime as ort
@@ -71,7 +83,7 @@ class OnnxStudent:
                 f"{self.path} takes inputs {sorted(self.input_names)}, not {sorted(feeds)}"
             )
         (logits,) = self._session.run([self.output_name], feeds)
-        return logits
+        return np.asarray(logits)
 
     def close(self) -> None:
         self._session = None

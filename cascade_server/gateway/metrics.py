@@ -2,15 +2,20 @@
 
 With several worker processes, `PROMETHEUS_MULTIPROC_DIR` must be set before prometheus_client
 is imported (`cascade-serve` does this); each worker then writes its values to files and a scrape
-of any worker aggregates them all. Recording never fails a request: errors are logged and dropped.
+of any worker aggregates them all. Every recording method here never raises: a metrics failure is
+logged and dropped, so callers need no guards. Recording happens once per student batch where the
+meaning allows (counts, margins, stage latencies), not once per item.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, ParamSpec, TypeVar
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -23,7 +28,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("student", "teacher", "degraded")  # and "rejected" for 4xx answers
+OUTCOMES = ("student", "teacher", "degraded")  # answered; "rejected" (4xx), "failed" (5xx)
+UNROUTED = "none"  # the cascade label of a request refused before a cascade was chosen
 _LATENCY_BUCKETS = (
     0.0001,
     0.00025,
@@ -44,6 +50,34 @@ _LATENCY_BUCKETS = (
 _MARGIN_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _never_raises(fn: Callable[P, None]) -> Callable[P, None]:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception:  # metrics must never fail a request
+            log.exception("recording metrics failed in %s", fn.__name__)
+
+    return wrapper
+
+
+def observe_many(child: Any, values: np.ndarray) -> None:
+    """Histogram.observe for every value, with one increment per bucket instead of one per value:
+    the same samples (bucket counts, count, sum) as a loop of observe(), at a fraction of the cost
+    under multiprocess mode, where each increment is a write to a shared file."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        return
+    bounds = np.asarray(child._upper_bounds, dtype=np.float64)
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for i in np.flatnonzero(counts):
+        child._buckets[i].inc(int(counts[i]))
+    child._sum.inc(float(values.sum()))
+
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
@@ -58,7 +92,8 @@ class Metrics:
         reg = self._registry
         self.requests = Counter(
             "cascade_requests",
-            "Predictions by cascade and who answered (items, not HTTP calls)",
+            "Answered predictions by cascade and who answered (items, not HTTP calls); "
+            "refused (rejected) and failed requests (HTTP calls)",
             ["cascade", "outcome"],
             registry=reg,
         )
@@ -78,7 +113,8 @@ class Metrics:
         )
         self.latency = Histogram(
             "cascade_stage_seconds",
-            "Latency per stage of a /predict call",
+            "Latency per stage: preprocess, total and overhead per request; student and teacher "
+            "per model call (one call serves a micro-batch of requests)",
             ["cascade", "stage"],
             buckets=_LATENCY_BUCKETS,
             registry=reg,
@@ -111,13 +147,66 @@ class Metrics:
         if reg is not None:
             reg.register(_DelegationRatio(self.requests.collect))
 
+    @_never_raises
     def prime(self, cascade: str) -> None:
         """Create every labelled series at 0, so dashboards and rate() see them from the start."""
-        for outcome in (*OUTCOMES, "rejected"):
+        for outcome in (*OUTCOMES, "rejected", "failed"):
             self.requests.labels(cascade, outcome)
         for kind in ("timeout", "unavailable", "error"):
             self.teacher_errors.labels(cascade, kind)
         self.threshold_changes.labels(cascade)
+
+    @_never_raises
+    def request_started(self) -> None:
+        self.in_flight.inc()
+
+    @_never_raises
+    def request_finished(self) -> None:
+        self.in_flight.dec()
+
+    @_never_raises
+    def rejected(self, cascade: str) -> None:
+        self.requests.labels(cascade, "rejected").inc()
+
+    @_never_raises
+    def failed(self, cascade: str) -> None:
+        self.requests.labels(cascade, "failed").inc()
+
+    @_never_raises
+    def student_batch(self, cascade: str, margins: np.ndarray, seconds: float) -> None:
+        """One student call over a micro-batch: its margins, size and latency."""
+        observe_many(self.margin.labels(cascade), margins)
+        self.latency.labels(cascade, "student").observe(seconds)
+        self.batch_size.labels(cascade, "student").observe(len(margins))
+
+    @_never_raises
+    def teacher_call(self, cascade: str, n: int, seconds: float, error: str | None) -> None:
+        self.latency.labels(cascade, "teacher").observe(seconds)
+        self.batch_size.labels(cascade, "teacher").observe(n)
+        if error is not None:
+            self.teacher_errors.labels(cascade, error).inc()
+
+    @_never_raises
+    def outcomes(self, cascade: str, student: int, teacher: int, degraded: int) -> None:
+        for outcome, count in (("student", student), ("teacher", teacher), ("degraded", degraded)):
+            if count:
+                self.requests.labels(cascade, outcome).inc(count)
+
+    @_never_raises
+    def request_done(self, cascade: str, preprocess: float, total: float, models: float) -> None:
+        """Per request: its preprocessing, its total, and the gateway's own overhead (the total
+        less preprocessing and the model calls it waited for)."""
+        self.latency.labels(cascade, "preprocess").observe(preprocess)
+        self.latency.labels(cascade, "total").observe(total)
+        self.latency.labels(cascade, "overhead").observe(max(total - preprocess - models, 0.0))
+
+    @_never_raises
+    def set_threshold(self, cascade: str, value: float) -> None:
+        self.threshold.labels(cascade).set(value)
+
+    @_never_raises
+    def threshold_changed(self, cascade: str) -> None:
+        self.threshold_changes.labels(cascade).inc()
 
     def render(self) -> tuple[bytes, str]:
         if self.multiprocess:
@@ -127,9 +216,11 @@ class Metrics:
             collector = multiprocess.MultiProcessCollector(registry)
             registry.register(_DelegationRatio(collector.collect))
         else:
+            assert self._registry is not None
             registry = self._registry
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
+    @_never_raises
     def mark_process_dead(self) -> None:
         if self.multiprocess:
             from prometheus_client import multiprocess
@@ -142,7 +233,7 @@ class _DelegationRatio:
     scrape time from the aggregated counters so it is right across worker processes. Windowed
     ratios belong in PromQL (see deploy/prometheus/rules.yml)."""
 
-    def __init__(self, source) -> None:
+    def __init__(self, source: Callable[[], Iterable[Metric]]) -> None:
         self._source = source
 
     def collect(self) -> Iterable[Metric]:
@@ -151,7 +242,7 @@ class _DelegationRatio:
             if family.name != "cascade_requests":
                 continue
             for s in family.samples:
-                if s.name == "cascade_requests_total":
+                if s.name == "cascade_requests_total" and s.labels["cascade"] != UNROUTED:
                     by = totals.setdefault(s.labels["cascade"], {})
                     by[s.labels["outcome"]] = by.get(s.labels["outcome"], 0.0) + s.value
         ratio = GaugeMetricFamily(

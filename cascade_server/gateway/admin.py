@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import Forbidden, Unauthorized
+from ..errors import Forbidden, Unauthorized
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -75,7 +75,7 @@ async def put_threshold(request: Request, update: ThresholdUpdate, actor: Admin)
         target_delegation_rate=update.target_delegation_rate,
         actor=actor,
     )
-    cascade.metrics.threshold_changes.labels(cascade.name).inc()
+    cascade.metrics.threshold_changed(cascade.name)
     cascade.threshold()
     return {**_describe(cascade), "previous_threshold": old.threshold}
 
@@ -85,6 +85,6 @@ async def reset_threshold(request: Request, actor: Admin, cascade: str | None = 
     """Back to the student bundle's calibrated default."""
     target = request.app.state.gateway.resolve(cascade)
     old, _ = target.thresholds.reset(actor=actor)
-    target.metrics.threshold_changes.labels(target.name).inc()
+    target.metrics.threshold_changed(target.name)
     target.threshold()
     return {**_describe(target), "previous_threshold": old.threshold}

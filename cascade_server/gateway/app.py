@@ -1,0 +1,96 @@
+"""`create_app(settings)` builds the gateway's ASGI app; nothing happens at import.
+
+The app is `PredictEndpoints` (the two prediction endpoints as plain ASGI) in front of a FastAPI
+app with everything else. The lifespan loads every bundle, sets up each cascade's stages and
+hands the cascades to both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .. import __version__
+from ..bundle import Bundle
+from ..settings import Settings
+from . import admin, kserve, routes
+from .cascade import Cascade
+from .http_errors import install_handlers
+from .metrics import Metrics
+from .openapi import install_openapi
+from .predict import PredictEndpoints
+from .serving import Gateway
+from .teacher import Teacher, TritonTeacher
+
+log = logging.getLogger(__name__)
+TeacherFactory = Callable[[Settings, Bundle], Teacher]
+
+
+def build_teacher(settings: Settings, bundle: Bundle) -> Teacher:
+    return TritonTeacher(
+        settings.triton_url,
+        bundle.manifest.teacher,
+        timeout_s=settings.teacher_timeout_s,
+        readiness_timeout_s=settings.readiness_timeout_s,
+        reconnect_backoff_ms=settings.teacher_reconnect_backoff_ms,
+    )
+
+
+def load_cascades(
+    settings: Settings, metrics: Metrics, teacher_factory: TeacherFactory
+) -> dict[str, Cascade]:
+    cascades: dict[str, Cascade] = {}
+    for path in settings.bundles:
+        bundle = Bundle.load(path)
+        name = bundle.manifest.name
+        if name in cascades:
+            raise ValueError(f"two bundles are named {name!r}: {path}")
+        cascades[name] = Cascade(bundle, settings, metrics, teacher_factory(settings, bundle))
+    return cascades
+
+
+def create_app(
+    settings: Settings | None = None, *, teacher_factory: TeacherFactory = build_teacher
+) -> PredictEndpoints:
+    settings = settings or Settings()
+    metrics = Metrics()
+    front: PredictEndpoints
+
+    @asynccontextmanager
+    async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+        cascades = load_cascades(settings, metrics, teacher_factory)
+        try:
+            for cascade in cascades.values():
+                await cascade.setup()
+            gateway = Gateway(settings, cascades, metrics)
+            api.state.gateway = front.gateway = gateway
+            log.info("serving cascades: %s", ", ".join(cascades))
+            yield
+        finally:
+            front.gateway = None
+            for cascade in cascades.values():
+                await cascade.close()
+            metrics.mark_process_dead()
+
+    api = FastAPI(title="cascade-server", version=__version__, lifespan=lifespan)
+    install_handlers(api)
+    api.include_router(routes.router)
+    api.include_router(admin.router)
+    api.include_router(kserve.router)
+    install_openapi(api)
+    front = PredictEndpoints(
+        api, max_body_bytes=settings.max_body_bytes, expose_worker_id=settings.expose_worker_id
+    )
+    return front
+
+
+def create_app_from_env() -> PredictEndpoints:
+    """uvicorn factory for worker processes: settings from the environment."""
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return create_app(settings)

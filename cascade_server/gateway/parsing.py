@@ -1,0 +1,280 @@
+"""Request bodies -> inputs, one parser per content type.
+
+JSON is parsed with orjson and checked by hand for the shapes the schema allows; anything else
+goes through the pydantic models of schemas.py, which then say what is wrong (the schema stays
+the single definition of what is valid, and valid requests never pay for building models).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import parse_qsl
+
+import orjson
+from pydantic import ValidationError
+from starlette.types import Message, Receive, Scope
+
+from ..errors import (
+    BadRequest,
+    CascadeError,
+    InvalidInput,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    format_validation_errors,
+)
+from ..settings import Settings
+from .schemas import PredictRequest
+
+Modality = Literal["image", "text"]
+
+
+@dataclass
+class RequestHead:
+    """What the parsers need from the ASGI scope, read once."""
+
+    content_type: str  # lower case, without parameters
+    charset: str | None
+    content_length: int | None
+    query: dict[str, str]
+
+    @classmethod
+    def from_scope(cls, scope: Scope) -> RequestHead:
+        content_type, charset, length = "application/json", None, None
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                mime, _, params = value.decode("latin-1").partition(";")
+                content_type = mime.strip().lower()
+                for param in params.split(";"):
+                    key, _, val = param.partition("=")
+                    if key.strip().lower() == "charset":
+                        charset = val.strip().strip('"').lower()
+            elif name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise BadRequest("content-length is not a number") from None
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        return cls(content_type, charset, length, query)
+
+
+@dataclass
+class ParsedRequest:
+    items: list[Any]  # bytes (encoded images) or str (texts), in request order
+    modality: Modality
+    cascade: str | None
+    top_k: int | None
+    batched: bool
+
+
+def limited_receive(receive: Receive, max_bytes: int) -> Receive:
+    """`receive` that refuses a body growing past `max_bytes` while it streams in."""
+    seen = 0
+
+    async def wrapped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > max_bytes:
+                raise PayloadTooLarge(body_limit_message(max_bytes))
+        return message
+
+    return wrapped
+
+
+def body_limit_message(max_bytes: int) -> str:
+    return f"request body is larger than the limit of {max_bytes} bytes"
+
+
+async def read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("client disconnected before the body was complete")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def decode_base64(value: str, where: str) -> bytes:
+    if value.startswith("data:"):
+        _, _, value = value.partition(",")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:  # `base64` on the command line wraps lines; tolerate whitespace, nothing else
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"{where} is not valid base64") from None
+
+
+def int_param(value: object, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InvalidInput(f"{name} must be an integer, got {value!r}")
+    try:
+        parsed = int(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{name} must be an integer, got {value!r}") from None
+    if parsed < 1:
+        raise InvalidInput(f"{name} must be at least 1")
+    return parsed
+
+
+def check_batch(n: int, settings: Settings) -> None:
+    if n == 0:
+        raise InvalidInput("inputs is empty: send at least one")
+    if n > settings.max_batch:
+        raise PayloadTooLarge(f"batch of {n} inputs; the limit is {settings.max_batch}")
+
+
+_TOP_LEVEL = frozenset(("image", "text", "inputs", "cascade", "top_k"))
+
+
+def _fast_shape(payload: dict[str, Any]) -> bool:
+    """True when the payload is one of the valid shapes, checked without building models."""
+    if not payload.keys() <= _TOP_LEVEL:
+        return False
+    if sum(k in payload for k in ("image", "text", "inputs")) != 1:
+        return False
+    cascade, top_k = payload.get("cascade"), payload.get("top_k")
+    if cascade is not None and not isinstance(cascade, str):
+        return False
+    if top_k is not None and (type(top_k) is not int or top_k < 1):
+        return False
+    if "inputs" in payload:
+        inputs = payload["inputs"]
+        return isinstance(inputs, list) and all(
+            type(x) is dict
+            and len(x) == 1
+            and isinstance(next(iter(x.values())), str)
+            and ("image" in x or "text" in x)
+            for x in inputs
+        )
+    value = payload.get("image", payload.get("text"))
+    return isinstance(value, str)
+
+
+def parse_json(raw: bytes, head: RequestHead, settings: Settings) -> ParsedRequest:
+    if not raw:
+        raise BadRequest('request body is empty; send JSON like {"image": "<base64>"}')
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON (or not UTF-8): {exc}") from None
+    if not isinstance(payload, dict):
+        raise InvalidInput("body must be a JSON object")
+    if not _fast_shape(payload):
+        try:
+            payload = PredictRequest.model_validate(payload).model_dump(exclude_none=True)
+        except ValidationError as exc:
+            raise InvalidInput(format_validation_errors(exc.errors())) from None
+    cascade = payload.get("cascade") or head.query.get("cascade")
+    top_k = payload.get("top_k") or int_param(head.query.get("top_k"), "top_k")
+    if "inputs" in payload:
+        inputs = payload["inputs"]
+        check_batch(len(inputs), settings)
+        kinds = {"text" if "text" in x else "image" for x in inputs}
+        if len(kinds) > 1:
+            raise InvalidInput("a batch mixes images and texts; send one modality per request")
+        if kinds == {"text"}:
+            return ParsedRequest([x["text"] for x in inputs], "text", cascade, top_k, True)
+        items = [decode_base64(x["image"], f"inputs[{i}].image") for i, x in enumerate(inputs)]
+        return ParsedRequest(items, "image", cascade, top_k, True)
+    if "text" in payload:
+        return ParsedRequest([payload["text"]], "text", cascade, top_k, False)
+    return ParsedRequest([decode_base64(payload["image"], "image")], "image", cascade, top_k, False)
+
+
+def parse_text(raw: bytes, head: RequestHead, settings: Settings) -> ParsedRequest:
+    if head.charset not in (None, "utf-8", "utf8"):
+        raise UnsupportedMediaType(
+            f"charset {head.charset!r} is not accepted: send text/plain in UTF-8"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"body is not valid UTF-8 (the only charset accepted): {exc}") from None
+    return ParsedRequest(
+        [text],
+        "text",
+        head.query.get("cascade"),
+        int_param(head.query.get("top_k"), "top_k"),
+        False,
+    )
+
+
+def parse_image(raw: bytes, head: RequestHead, settings: Settings) -> ParsedRequest:
+    return ParsedRequest(
+        [raw],
+        "image",
+        head.query.get("cascade"),
+        int_param(head.query.get("top_k"), "top_k"),
+        False,
+    )
+
+
+async def parse_multipart(
+    scope: Scope, receive: Receive, head: RequestHead, settings: Settings
+) -> ParsedRequest:
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request
+
+    try:
+        form = await Request(scope, receive).form(max_files=settings.max_batch + 1, max_fields=16)
+    except CascadeError:
+        raise
+    except Exception as exc:  # python-multipart's errors for malformed bodies
+        raise BadRequest(f"malformed multipart body: {exc}") from None
+    try:
+        files = [v for v in form.getlist("file") if isinstance(v, UploadFile)]
+        if not files:
+            raise InvalidInput("multipart body has no `file` field")
+        check_batch(len(files), settings)
+        blobs = [await f.read() for f in files]
+    finally:
+        await form.close()  # spooled temporary files, on every path
+    name = form.get("cascade")
+    return ParsedRequest(
+        blobs,
+        "image",
+        name if isinstance(name, str) else head.query.get("cascade"),
+        int_param(form.get("top_k"), "top_k") or int_param(head.query.get("top_k"), "top_k"),
+        len(files) > 1,
+    )
+
+
+BodyParser = Callable[[bytes, RequestHead, Settings], ParsedRequest]
+# Content types whose body is read whole, then parsed; multipart streams through Starlette.
+BODY_PARSERS: dict[str, BodyParser] = {
+    "application/json": parse_json,
+    "text/plain": parse_text,
+}
+ACCEPTED = "application/json, multipart/form-data, image/* or text/plain"
+
+
+async def parse_request(
+    scope: Scope, receive: Receive, head: RequestHead, settings: Settings
+) -> ParsedRequest:
+    """The request's inputs, their modality, the cascade named, top_k, and whether it was a
+    batch. Every input is checked here or in the cascade's preprocessor before any model runs."""
+    if head.content_length is not None and head.content_length > settings.max_body_bytes:
+        raise PayloadTooLarge(body_limit_message(settings.max_body_bytes))
+    receive = limited_receive(receive, settings.max_body_bytes)
+    if head.content_type == "multipart/form-data":
+        return await parse_multipart(scope, receive, head, settings)
+    parser = BODY_PARSERS.get(head.content_type)
+    if parser is None and head.content_type.startswith("image/"):
+        parser = parse_image
+    if parser is None:
+        raise UnsupportedMediaType(
+            f"content type {head.content_type!r} is not accepted: send {ACCEPTED}"
+        )
+    return parser(await read_body(receive), head, settings)

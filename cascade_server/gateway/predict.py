@@ -1,0 +1,176 @@
+"""The prediction endpoints as plain ASGI, in front of the FastAPI app.
+
+`POST /predict` and `POST /v2/models/{cascade}[/versions/{v}]/infer` are the hot path: served
+here without FastAPI's routing, dependency injection and middleware stack (measured: a bare
+FastAPI echo costs about 3x a plain ASGI echo on this kind of machine). Everything else (admin,
+probes, metrics, OpenAPI docs, OIP metadata) goes to the FastAPI app, which also documents the
+two endpoints (openapi.py). Body limits and the error mapping apply here as everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..errors import CascadeError, PayloadTooLarge, UnknownCascade
+from .http_errors import JSON, cascade_error_response, error_response
+from .kserve import HEADER_LENGTH, encode_response, error_body, parse_infer, split_body
+from .parsing import (
+    RequestHead,
+    body_limit_message,
+    limited_receive,
+    parse_request,
+    read_body,
+)
+
+if TYPE_CHECKING:
+    from .cascade import Cascade
+    from .serving import Gateway
+
+log = logging.getLogger(__name__)
+_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+_JSON_HEADER = (b"content-type", JSON.encode())
+
+
+async def send_body(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class PredictEndpoints:
+    """ASGI app: the two prediction endpoints, else `api` (the FastAPI app)."""
+
+    def __init__(self, api: ASGIApp, *, max_body_bytes: int, expose_worker_id: bool) -> None:
+        self.api = api
+        self.max_body_bytes = max_body_bytes
+        self._headers = [_JSON_HEADER]
+        if expose_worker_id:
+            self._headers.append((b"x-cascade-worker", str(os.getpid()).encode()))
+        self.gateway: Gateway | None = None  # set by the app's lifespan
+        self.state = getattr(api, "state", None)  # the FastAPI app's state, for tests and tools
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)
+            return
+        path = scope["path"]
+        if path == "/predict":
+            if scope["method"] != "POST":
+                await self._refuse(scope, receive, send, 405, "method_not_allowed", "use POST")
+                return
+            await self._predict(scope, receive, send)
+            return
+        match = _INFER.match(path) if path.startswith("/v2/models/") else None
+        if match is not None and scope["method"] == "POST":
+            await self._infer(scope, receive, send, match.group(1), match.group(2))
+            return
+        # Other routes: the declared size is checked up front, the streamed one as it comes.
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
+                await error_response(
+                    413, PayloadTooLarge.code, body_limit_message(self.max_body_bytes)
+                )(scope, receive, send)
+                return
+        await self.api(scope, limited_receive(receive, self.max_body_bytes), send)
+
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str
+    ) -> None:
+        headers = {"Allow": "POST"} if status == 405 else None
+        await error_response(status, code, message, headers)(scope, receive, send)
+
+    async def _predict(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        gateway = self.gateway
+        if gateway is None:
+            await self._refuse(scope, receive, send, 503, "not_ready", "the gateway is starting")
+            return
+        metrics, settings = gateway.metrics, gateway.settings
+        metrics.request_started()
+        cascade: Cascade | None = None
+        try:
+            head = RequestHead.from_scope(scope)
+            parsed = await parse_request(scope, receive, head, settings)
+            cascade = gateway.resolve(parsed.cascade, parsed.modality)
+            predictions = await cascade.predict(parsed.items)
+            total = time.perf_counter() - started
+            outputs = predictions.outputs(parsed.top_k or settings.default_top_k, total)
+            a = predictions.answer
+            metrics.request_done(
+                cascade.name, predictions.preprocess_s, total, a.student_s + a.teacher_s
+            )
+            body = orjson.dumps({"outputs": outputs} if parsed.batched else outputs[0])
+            await send_body(send, 200, body, self._headers)
+        except CascadeError as exc:
+            metrics.rejected(gateway.label_for_rejection(cascade))
+            await cascade_error_response(exc)(scope, receive, send)
+        except Exception:
+            log.exception("unhandled error on POST /predict")
+            metrics.failed(gateway.label_for_rejection(cascade))
+            await error_response(500, "internal_error", "internal error")(scope, receive, send)
+        finally:
+            metrics.request_finished()
+
+    async def _infer(
+        self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
+    ) -> None:
+        started = time.perf_counter()
+        gateway = self.gateway
+        if gateway is None:
+            await send_body(send, 503, error_body("the gateway is starting"), [_JSON_HEADER])
+            return
+        metrics, settings = gateway.metrics, gateway.settings
+        metrics.request_started()
+        cascade: Cascade | None = None
+        try:
+            cascade = gateway.resolve(name)
+            if version is not None and version != cascade.versions["student"]:
+                raise UnknownCascade(f"model {name!r} has no version {version!r}")
+            head = RequestHead.from_scope(scope)
+            if head.content_length is not None and head.content_length > settings.max_body_bytes:
+                raise PayloadTooLarge(body_limit_message(settings.max_body_bytes))
+            body = await read_body(limited_receive(receive, settings.max_body_bytes))
+            header_length = next(
+                (v.decode("latin-1") for k, v in scope["headers"] if k == HEADER_LENGTH.encode()),
+                None,
+            )
+            request = parse_infer(
+                *split_body(body, header_length), cascade.modality, settings.max_batch
+            )
+            predictions = await cascade.predict(request.items)
+            total = time.perf_counter() - started
+            a = predictions.answer
+            metrics.request_done(
+                cascade.name, predictions.preprocess_s, total, a.student_s + a.teacher_s
+            )
+            payload, json_length = encode_response(
+                request, predictions, cascade.versions["student"]
+            )
+            headers = list(self._headers)
+            if json_length is not None:
+                headers[0] = (b"content-type", b"application/octet-stream")
+                headers.append((HEADER_LENGTH.encode(), str(json_length).encode()))
+            await send_body(send, 200, payload, headers)
+        except CascadeError as exc:
+            metrics.rejected(gateway.label_for_rejection(cascade))
+            await send_body(send, exc.status, error_body(exc.message), [_JSON_HEADER])
+        except Exception:
+            log.exception("unhandled error on POST %s", scope["path"])
+            metrics.failed(gateway.label_for_rejection(cascade))
+            await send_body(send, 500, error_body("internal error"), [_JSON_HEADER])
+        finally:
+            metrics.request_finished()

@@ -1,0 +1,77 @@
+"""The gateway's FastAPI routes besides prediction: probes, the cascade listing, metrics."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from .serving import Gateway
+
+router = APIRouter()
+
+
+def _gateway(request: Request) -> Gateway | None:
+    return getattr(request.app.state, "gateway", None)
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(
+    request: Request, teacher: Literal["required", "optional"] = "required"
+) -> Response:
+    """Every cascade's student is loaded and its teacher model is ready on Triton.
+    `?teacher=optional` only requires the students: a load balancer probe that should keep
+    routing (degraded answers) while the teacher is down."""
+    gateway = _gateway(request)
+    if gateway is None:
+        return Response(orjson.dumps({"ready": False}), 503, media_type="application/json")
+    detail = {name: await c.readiness() for name, c in gateway.cascades.items()}
+    needed = ("student", "teacher") if teacher == "required" else ("student",)
+    ready = all(parts[k] for parts in detail.values() for k in needed)
+    return Response(
+        orjson.dumps({"ready": ready, "cascades": detail}),
+        200 if ready else 503,
+        media_type="application/json",
+    )
+
+
+@router.get("/cascades")
+async def cascades(request: Request) -> dict[str, Any]:
+    """The cascades served, with their classes and current thresholds."""
+    gateway = _gateway(request)
+    return {
+        "cascades": [
+            {
+                "name": c.name,
+                "modality": c.modality,
+                "classes": list(c.classes),
+                "threshold": c.threshold(),
+                "versions": c.versions,
+            }
+            for c in (gateway.cascades.values() if gateway else ())
+        ]
+    }
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics, aggregated over every worker process."""
+    gateway = _gateway(request)
+    if gateway is None:
+        return Response(b"", 503)
+    for cascade in gateway.cascades.values():
+        cascade.threshold()  # a change made through another worker shows on every scrape
+    body, content_type = gateway.metrics.render()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,83 @@
+"""The request and response models of the HTTP API, for the OpenAPI schema and for refusing
+invalid JSON with a precise message. Valid requests are parsed without building them
+(parsing.py) and answers are serialised from dicts with orjson; these models describe both."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class InputItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str | None = Field(default=None, description="base64 PNG/JPEG/... (data: URL ok)")
+    text: str | None = Field(default=None, description="a text, for text cascades")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> InputItem:
+        if (self.image is None) == (self.text is None):
+            raise ValueError("each input has exactly one of `image` and `text`")
+        return self
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str | None = Field(default=None, description="one base64 image")
+    text: str | None = Field(default=None, description="one text")
+    inputs: list[InputItem] | None = Field(default=None, description="a batch, answered in order")
+    cascade: str | None = Field(default=None, description="which cascade; optional if one fits")
+    top_k: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> PredictRequest:
+        if sum(x is not None for x in (self.image, self.text, self.inputs)) != 1:
+            raise ValueError("give exactly one of `image`, `text` (one input) or `inputs` (a list)")
+        return self
+
+
+class ClassProbability(BaseModel):
+    label: str
+    class_id: int
+    probability: float
+
+
+class StageTimings(BaseModel):
+    preprocess: float = Field(description="this request's decoding / tokenisation, ms")
+    student: float = Field(description="the student call that served this request's batch, ms")
+    teacher: float = Field(description="the teacher call, 0 when nothing was delegated, ms")
+    total: float = Field(description="the whole request inside the gateway, ms")
+
+
+class Prediction(BaseModel):
+    """The answer for one input."""
+
+    label: str
+    class_id: int
+    top_k: list[ClassProbability]
+    margin: float = Field(description="the student's top-1 minus top-2 probability")
+    threshold: float = Field(description="delegation threshold in force for this answer")
+    delegated: bool
+    answered_by: str = Field(description="student | teacher")
+    degraded: bool = Field(description="delegated, but the teacher failed: the student answered")
+    cascade: str
+    versions: dict[str, str]
+    timings_ms: StageTimings
+    truncated: bool | None = Field(
+        default=None, description="text cascades: the text was cut to the student's max length"
+    )
+
+
+class BatchPrediction(BaseModel):
+    """The answer for `inputs` (or several uploaded files), in request order."""
+
+    outputs: list[Prediction]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
