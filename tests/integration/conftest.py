@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 import numpy as np
 import pytest
@@ -59,3 +59,29 @@ def gateway(demo, tmp_path):
             yield client, teacher
 
     return make
+
+
+@asynccontextmanager
+async def serving_in_process(app):
+    """Runs the app's lifespan, then yields an async client over ASGI: for tests that need
+    truly concurrent requests on one event loop (TestClient sends one at a time)."""
+    import asyncio
+
+    import httpx2
+
+    inbox: asyncio.Queue = asyncio.Queue()
+    outbox: asyncio.Queue = asyncio.Queue()
+    task = asyncio.create_task(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, outbox.put)
+    )
+    await inbox.put({"type": "lifespan.startup"})
+    started = await outbox.get()
+    assert started["type"] == "lifespan.startup.complete", started
+    try:
+        transport = httpx2.ASGITransport(app=app)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://gw") as client:
+            yield client
+    finally:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await outbox.get()
+        await task

@@ -26,14 +26,18 @@ FIELDS = {
 }
 
 
-def metric(client, name: str, **labels) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
+def metric_in(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels`, in a Prometheus scrape."""
     return sum(
         s.value
-        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for family in text_string_to_metric_families(text)
         for s in family.samples
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def metric(client, name: str, **labels) -> float:
+    return metric_in(client.get("/metrics").text, name, **labels)
 
 
 def test_one_image_as_base64_json(gateway, demo):
