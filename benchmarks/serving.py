@@ -203,7 +203,8 @@ def outcome_counts(url: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
         text = r.read().decode()
     counts: dict[str, float] = {}
-    for m in re.finditer(r'cascade_requests_total\{cascade="fashion",outcome="(\w+)"\} (\S+)', text):
+    pattern = r'cascade_requests_total\{cascade="fashion",outcome="(\w+)"\} (\S+)'
+    for m in re.finditer(pattern, text):
         counts[m.group(1)] = float(m.group(2))
     return counts
 
@@ -271,8 +272,15 @@ def main() -> int:
         echo_port = free_port()
         stack.enter_context(
             process(
-                [str(bin_dir / "uvicorn"), "benchmarks.echo_app:app", "--port", str(echo_port),
-                 "--no-access-log", "--log-level", "warning"],
+                [
+                    str(bin_dir / "uvicorn"),
+                    "benchmarks.echo_app:app",
+                    "--port",
+                    str(echo_port),
+                    "--no-access-log",
+                    "--log-level",
+                    "warning",
+                ],
                 dict(os.environ),
                 work / "echo.log",
                 f"http://127.0.0.1:{echo_port}/docs",
@@ -291,9 +299,21 @@ def main() -> int:
             env.pop("PROMETHEUS_MULTIPROC_DIR", None)
             stack.enter_context(
                 process(
-                    [sys.executable, "-m", "cascade_server.serve", "--bundle", str(bundle_dir),
-                     "--triton-url", triton.grpc_url, "--workers", str(workers), "--port",
-                     str(port), "--workdir", str(work / f"gateway-{workers}")],
+                    [
+                        sys.executable,
+                        "-m",
+                        "cascade_server.serve",
+                        "--bundle",
+                        str(bundle_dir),
+                        "--triton-url",
+                        triton.grpc_url,
+                        "--workers",
+                        str(workers),
+                        "--port",
+                        str(port),
+                        "--workdir",
+                        str(work / f"gateway-{workers}"),
+                    ],
                     env,
                     work / f"gateway-{workers}.log",
                     f"{url}/readyz",
@@ -311,14 +331,27 @@ def main() -> int:
         bls = {name: bls_bodies(work, files["gateway"], t) for name, t in thresholds.items()}
         bls_url = f"{triton.http_url}/v2/models/{BLS}/infer"
         direct_cmd = [
-            sys.executable, str(ROOT / "benchmarks" / "direct_teacher.py"), "--url",
-            triton.grpc_url, "--model", bundle.manifest.teacher.model_name, "--inputs",
-            str(files["tensors"]), "--concurrency", str(args.connections), "--seconds",
+            sys.executable,
+            str(ROOT / "benchmarks" / "direct_teacher.py"),
+            "--url",
+            triton.grpc_url,
+            "--model",
+            bundle.manifest.teacher.model_name,
+            "--inputs",
+            str(files["tensors"]),
+            "--concurrency",
+            str(args.connections),
+            "--seconds",
             str(args.seconds),
         ]
 
-        def gateway_run(workers: int, name: str, threshold: float, c: int = args.connections,
-                        delay_ms: float = 0) -> dict:
+        def gateway_run(
+            workers: int,
+            name: str,
+            threshold: float,
+            c: int = args.connections,
+            delay_ms: float = 0,
+        ) -> dict:
             url = gateways[workers]
             admin(url, "PUT", {"threshold": threshold})
             before = outcome_counts(url)
@@ -338,8 +371,15 @@ def main() -> int:
 
         for rep in range(args.reps):
             log(f"rep {rep + 1}/{args.reps}")
-            record("echo", wrk(f"http://127.0.0.1:{echo_port}/predict", files["gateway"],
-                               args.seconds, args.connections))
+            record(
+                "echo",
+                wrk(
+                    f"http://127.0.0.1:{echo_port}/predict",
+                    files["gateway"],
+                    args.seconds,
+                    args.connections,
+                ),
+            )
             for workers in args.workers:
                 for name, threshold in thresholds.items():
                     record(f"gateway-{workers}w {name}", gateway_run(workers, name, threshold))
@@ -350,24 +390,26 @@ def main() -> int:
 
         log("latency at concurrency 1")
         w1 = args.workers[0]
-        for rep in range(args.reps):
+        for _ in range(args.reps):
             record("c1 gateway student", gateway_run(w1, "student", 0.0, c=1))
             record("c1 gateway teacher", gateway_run(w1, "teacher", 1.0, c=1))
             out = subprocess.run(
                 [*direct_cmd[:-4], "--concurrency", "1", "--seconds", str(args.seconds)],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout
             record("c1 teacher direct", json.loads(out.strip().splitlines()[-1]))
 
         log("p99 at 70% of the cascade's peak (paced wrk)")
-        peak = statistics.median(
-            r["requests_per_s"] for r in results[f"gateway-{w1}w cascade@20%"]
-        )
+        peak = statistics.median(r["requests_per_s"] for r in results[f"gateway-{w1}w cascade@20%"])
         p50 = statistics.median(r["p50_ms"] for r in results[f"gateway-{w1}w cascade@20%"])
         delay = max(args.connections / (0.7 * peak) * 1e3 - p50, 0.1)
-        for rep in range(args.reps):
-            record("paced 70% cascade@20%",
-                   gateway_run(w1, "paced", thresholds["cascade@20%"], delay_ms=delay))
+        for _ in range(args.reps):
+            record(
+                "paced 70% cascade@20%",
+                gateway_run(w1, "paced", thresholds["cascade@20%"], delay_ms=delay),
+            )
         admin(first, "DELETE")
 
     summary = summarize(results, args)
@@ -378,14 +420,18 @@ def main() -> int:
 
 
 def summarize(results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
-    med = {k: {f: statistics.median(r[f] for r in v) for f in v[0] if isinstance(v[0][f], float)}
-           for k, v in results.items()}
+    med = {
+        k: {f: statistics.median(r[f] for r in v) for f in v[0] if isinstance(v[0][f], float)}
+        for k, v in results.items()
+    }
     print("\n| setting | req/s | p50 ms | p99 ms | delegation |")
     print("|---|---|---|---|---|")
     for name, m in med.items():
         d = m.get("delegation")
-        print(f"| {name} | {m['requests_per_s']:,.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
-              f"{'' if d is None else f'{d:.1%}'} |")
+        print(
+            f"| {name} | {m['requests_per_s']:,.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
+            f"{'' if d is None else f'{d:.1%}'} |"
+        )
     x = {k: m["requests_per_s"] for k, m in med.items()}
     ratios: dict[str, float] = {}
     for w in args.workers:
@@ -393,7 +439,8 @@ def summarize(results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
         ratios[f"{w}w cascade@20% / bls cascade@20%"] = x[f"{g} cascade@20%"] / x["bls cascade@20%"]
         ratios[f"{w}w student / bls student"] = x[f"{g} student"] / x["bls student"]
         ratios[f"{w}w student / echo"] = x[f"{g} student"] / x["echo"]
-        ratios[f"{w}w teacher / teacher direct"] = x[f"{g} teacher"] / x["teacher direct (grpc.aio)"]
+        direct = x["teacher direct (grpc.aio)"]
+        ratios[f"{w}w teacher / teacher direct"] = x[f"{g} teacher"] / direct
         for rate in args.rates:
             name = f"{g} cascade@{rate:.0%}"
             d = med[name]["delegation"]
@@ -401,7 +448,8 @@ def summarize(results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
                 d, x[f"{g} student"], x[f"{g} teacher"]
             )
     ratios["teacher hop over direct, c=1 p50 (ms)"] = (
-        med["c1 gateway teacher"]["p50_ms"] - med["c1 gateway student"]["p50_ms"]
+        med["c1 gateway teacher"]["p50_ms"]
+        - med["c1 gateway student"]["p50_ms"]
         - med["c1 teacher direct"]["p50_ms"]
     )
     paced = med["paced 70% cascade@20%"]

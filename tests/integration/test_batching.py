@@ -58,11 +58,10 @@ def test_delegated_items_of_concurrent_requests_go_to_the_teacher_in_one_call(de
     assert teacher.calls == [4]
     by = [r.json()["answered_by"] for r in responses]
     assert by == ["teacher" if i in hard else "student" for i in order]
-    assert all(r.json()["label"] == "4" for r, i in zip(responses, order) if i in hard)
+    pairs = list(zip(responses, order, strict=True))
+    assert all(r.json()["label"] == "4" for r, i in pairs if i in hard)
     # requests with nothing delegated do not wait for the teacher
-    assert all(
-        r.json()["timings_ms"]["teacher"] == 0 for r, i in zip(responses, order) if i in easy
-    )
+    assert all(r.json()["timings_ms"]["teacher"] == 0 for r, i in pairs if i in easy)
 
 
 def test_batched_and_unbatched_answers_are_the_same(demo, tmp_path):

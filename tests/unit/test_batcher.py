@@ -29,7 +29,9 @@ def run(coro):
 
 async def _submit_all(batcher, payloads, sizes=None):
     sizes = sizes or [1] * len(payloads)
-    return await asyncio.gather(*(batcher.submit(p, s) for p, s in zip(payloads, sizes, strict=True)))
+    return await asyncio.gather(
+        *(batcher.submit(p, s) for p, s in zip(payloads, sizes, strict=True))
+    )
 
 
 def test_concurrent_submissions_form_one_batch_answered_in_order():
