@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 WORKERS ?= 2
 
-.PHONY: setup serve test test-fast lint format demo bench bench-quick clean
+.PHONY: setup serve test test-fast lint format demo bench bench-quick bench-serving loadtest clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,7 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: setup
 	$(BIN)/ruff check --fix .
@@ -48,6 +49,23 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python benchmarks/methods.py --quick --out runs/bench-quick/results --runs runs/bench-quick
+
+## The gateway beside echo, direct Triton and a Triton-only cascade (about 12 min; needs wrk).
+bench-serving: setup
+	$(BIN)/python benchmarks/serving.py
+
+## Locust against a running gateway: CSVs, summary.json and a plot under $(LOADTEST_OUT).
+LOADTEST_HOST ?= http://$(HOST):$(PORT)
+USERS ?= 16
+SPAWN_RATE ?= 16
+DURATION ?= 30s
+IMAGE_DATA ?= digits
+TEXT_DATA ?= intents
+LOADTEST_OUT ?= runs/loadtest
+loadtest: setup
+	$(BIN)/python -m loadtests.run --host $(LOADTEST_HOST) --users $(USERS) \
+		--spawn-rate $(SPAWN_RATE) --duration $(DURATION) --image-data $(IMAGE_DATA) \
+		--text-data $(TEXT_DATA) --out $(LOADTEST_OUT)
 
 clean:
 	rm -rf .cascade bundles model_repository/*/[0-9]*

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,13 +21,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
         raise NonFiniteLogits("logits contain NaN or inf")
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
+    out: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
+    return out
 
 
 def top2_margin(probs: np.ndarray) -> np.ndarray:
     """Top-1 minus top-2 probability per row; 0 on a tie, in [0, 1]."""
     top2 = np.partition(probs, -2, axis=1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
+    margins: np.ndarray = top2[:, 1] - top2[:, 0]
+    return margins
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,11 @@ def class_probabilities(
     return np.where(total > 0, out / np.where(total > 0, total, 1.0), 1.0 / num_classes)
 
 
-def in_domain_mask(in_domain_classes, output_classes, num_classes: int) -> np.ndarray | None:
+def in_domain_mask(
+    in_domain_classes: Sequence[int] | None,
+    output_classes: Sequence[int] | None,
+    num_classes: int,
+) -> np.ndarray | None:
     """Bool mask over the student's outputs for class-based delegation: True where the output
     is a class in the in-domain set. None when the student has no in-domain set."""
     if in_domain_classes is None:

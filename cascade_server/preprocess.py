@@ -12,7 +12,8 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from types import TracebackType
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -166,13 +167,18 @@ class _naming:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
         if exc is not None and isinstance(exc, InvalidInput | PayloadTooLarge) and self.n > 1:
             exc.message = f"inputs[{self.i}]: {exc.message}"
         return False
 
 
-def load_tokenizer(path: Path, spec: TextPreprocess):
+def load_tokenizer(path: Path, spec: TextPreprocess) -> Any:
     """The bundle's tokenizer, truncating and padding as the manifest says."""
     from tokenizers import Tokenizer
 
@@ -186,7 +192,7 @@ def load_tokenizer(path: Path, spec: TextPreprocess):
     return tok
 
 
-def encode_texts(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+def encode_texts(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
     """Texts -> (input_ids, attention_mask) int64 (N, max_length), and which were truncated."""
     encodings = tokenizer.encode_batch(texts)
     ids = np.array([e.ids for e in encodings], dtype=np.int64)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import Forbidden, Unauthorized
+
+if TYPE_CHECKING:
+    from .cascade import Cascade
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -47,7 +50,7 @@ class ThresholdUpdate(BaseModel):
         return self
 
 
-def _describe(cascade) -> dict:
+def _describe(cascade: Cascade) -> dict[str, Any]:
     state = cascade.thresholds.current()
     calibration = cascade.manifest.calibration
     return {

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,6 +109,7 @@ class ThresholdStore:
             raise ValueError("give exactly one of threshold and target_delegation_rate")
         if target_delegation_rate is not None:
             threshold = self.calibration.threshold_for_rate(target_delegation_rate)
+        assert threshold is not None
         new = ThresholdState(
             threshold=threshold,
             source="admin",
@@ -161,7 +163,7 @@ class ThresholdStore:
         return old, current
 
     @contextmanager
-    def _locked(self):
+    def _locked(self) -> Iterator[None]:
         with open(self._lock_path, "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:

@@ -7,6 +7,7 @@ with a generic 500 that leaks nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import orjson
 from fastapi import FastAPI, Request
@@ -25,7 +26,7 @@ def error_body(code: str, message: str) -> bytes:
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> Response:
     return Response(error_body(code, message), status_code=status, media_type=JSON, headers=headers)
 

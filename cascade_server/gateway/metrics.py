@@ -213,7 +213,7 @@ class Metrics:
             from prometheus_client import multiprocess
 
             registry = CollectorRegistry()
-            collector = multiprocess.MultiProcessCollector(registry)
+            collector = multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             registry.register(_DelegationRatio(collector.collect))
         else:
             assert self._registry is not None
@@ -225,7 +225,7 @@ class Metrics:
         if self.multiprocess:
             from prometheus_client import multiprocess
 
-            multiprocess.mark_process_dead(os.getpid())
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
 class _DelegationRatio:
