@@ -86,6 +86,7 @@ class TextUser(_CascadeUser):
 for _user in (ImageUser, TextUser):
     if not os.environ.get(_user.data_env):
         _user.abstract = True
+del _user  # locust collects every user class bound at module level
 
 
 @events.quitting.add_listener
