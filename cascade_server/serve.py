@@ -55,6 +55,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="runtime files: Triton's derived repository and logs, metrics files",
     )
     p.add_argument(
+        "--proxy-headers",
+        action="store_true",
+        help="trust X-Forwarded-For/-Proto from --forwarded-allow-ips (behind a proxy); off by "
+        "default: it costs every request a header scan and lets clients dress up their address",
+    )
+    p.add_argument("--forwarded-allow-ips", default="127.0.0.1")
+    p.add_argument(
         "--graceful-shutdown-s",
         type=float,
         default=10.0,
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             workers=args.workers,
             access_log=False,
+            proxy_headers=args.proxy_headers,
+            forwarded_allow_ips=args.forwarded_allow_ips,
             timeout_graceful_shutdown=args.graceful_shutdown_s,
             log_level=settings.log_level.lower(),
         )

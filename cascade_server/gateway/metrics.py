@@ -4,11 +4,14 @@ With several worker processes, `PROMETHEUS_MULTIPROC_DIR` must be set before pro
 is imported (`cascade-serve` does this); each worker then writes its values to files and a scrape
 of any worker aggregates them all. Every recording method here never raises: a metrics failure is
 logged and dropped, so callers need no guards. Recording happens once per student batch where the
-meaning allows (counts, margins, stage latencies), not once per item.
+meaning allows (counts, margins, model latencies); what is per request (total latency, in-flight
+count) is buffered and written once per event-loop iteration, which under load means once per
+batch of answers, and within one iteration of the last answer when idle.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -146,6 +149,36 @@ class Metrics:
         )
         if reg is not None:
             reg.register(_DelegationRatio(self.requests.collect))
+        # Per-request observations waiting for the next flush: (cascade, preprocess, total,
+        # overhead) seconds; and the in-flight count the gauge shows after it.
+        self._pending: list[tuple[str, float, float, float]] = []
+        self._in_flight = 0
+        self._shown_in_flight = 0
+        self._flush_scheduled = False
+
+    def _schedule_flush(self) -> None:
+        if self._flush_scheduled:
+            return
+        self._flush_scheduled = True
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:  # no loop (a synchronous caller): write now
+            self.flush()
+
+    @_never_raises
+    def flush(self) -> None:
+        """Writes the buffered per-request observations (one bucket increment per bucket)."""
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        if self._in_flight != self._shown_in_flight:
+            self._shown_in_flight = self._in_flight
+            self.in_flight.set(self._in_flight)
+        if not pending:
+            return
+        for cascade in {p[0] for p in pending}:
+            rows = np.array([p[1:] for p in pending if p[0] == cascade], dtype=np.float64)
+            for j, stage in enumerate(("preprocess", "total", "overhead")):
+                observe_many(self.latency.labels(cascade, stage), rows[:, j])
 
     @_never_raises
     def prime(self, cascade: str) -> None:
@@ -156,13 +189,13 @@ class Metrics:
             self.teacher_errors.labels(cascade, kind)
         self.threshold_changes.labels(cascade)
 
-    @_never_raises
     def request_started(self) -> None:
-        self.in_flight.inc()
+        self._in_flight += 1
+        self._schedule_flush()
 
-    @_never_raises
     def request_finished(self) -> None:
-        self.in_flight.dec()
+        self._in_flight -= 1
+        self._schedule_flush()
 
     @_never_raises
     def rejected(self, cascade: str) -> None:
@@ -192,13 +225,11 @@ class Metrics:
             if count:
                 self.requests.labels(cascade, outcome).inc(count)
 
-    @_never_raises
     def request_done(self, cascade: str, preprocess: float, total: float, models: float) -> None:
         """Per request: its preprocessing, its total, and the gateway's own overhead (the total
-        less preprocessing and the model calls it waited for)."""
-        self.latency.labels(cascade, "preprocess").observe(preprocess)
-        self.latency.labels(cascade, "total").observe(total)
-        self.latency.labels(cascade, "overhead").observe(max(total - preprocess - models, 0.0))
+        less preprocessing and the model calls it waited for). Buffered until the flush."""
+        self._pending.append((cascade, preprocess, total, max(total - preprocess - models, 0.0)))
+        self._schedule_flush()
 
     @_never_raises
     def set_threshold(self, cascade: str, value: float) -> None:
@@ -209,6 +240,7 @@ class Metrics:
         self.threshold_changes.labels(cascade).inc()
 
     def render(self) -> tuple[bytes, str]:
+        self.flush()
         if self.multiprocess:
             from prometheus_client import multiprocess
 
