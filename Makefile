@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
-WORKERS ?= 2
+WORKERS ?= 1
 
 .PHONY: setup serve test test-fast lint format demo bench bench-quick bench-serving loadtest clean
 

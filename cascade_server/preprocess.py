@@ -42,6 +42,20 @@ def normalize(images: np.ndarray, spec: ImagePreprocess) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+_ORIENTATION = 0x0112
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Applies the EXIF orientation, if any. A broken EXIF block is ignored (the pixels are
+    still an image), not a reason to refuse the upload."""
+    try:
+        if img.getexif().get(_ORIENTATION, 1) == 1:
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:
+        return img
+
+
 class ImagePreprocessor:
     """Decodes uploads of any size, mode and common format into the manifest's geometry."""
 
@@ -57,36 +71,37 @@ class ImagePreprocessor:
         if not data:
             raise InvalidInput("image is empty")
         try:
-            with warnings.catch_warnings():
-                # Pillow warns before it raises on huge images; our own limit answers first.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-                width, height = img.size
-                if width * height > self.max_pixels:
-                    raise PayloadTooLarge(
-                        f"image is {width}x{height} = {width * height} pixels; "
-                        f"the limit is {self.max_pixels}"
-                    )
-                img.load()
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = img.size
+            if width * height > self.max_pixels:
+                raise PayloadTooLarge(
+                    f"image is {width}x{height} = {width * height} pixels; "
+                    f"the limit is {self.max_pixels}"
+                )
+            img.load()
+            # Mode conversion and resizing stay inside: a file Pillow opened can still fail
+            # there (odd modes, truncated data), and that is the client's bad input too.
+            return self._to_array(img)
+        except PayloadTooLarge:
+            raise
         except UnidentifiedImageError:
             raise InvalidInput(
                 f"bytes are not a supported image ({', '.join(ALLOWED_FORMATS)})"
             ) from None
         except Image.DecompressionBombError as exc:
             raise PayloadTooLarge(str(exc)) from None
-        except (OSError, SyntaxError, ValueError) as exc:
+        except Exception as exc:  # any other failure of a decoder on untrusted bytes
             raise InvalidInput(f"image could not be decoded: {exc}") from None
-        return self._to_array(img)
 
     def _to_array(self, img: Image.Image) -> np.ndarray:
-        img = ImageOps.exif_transpose(img)
+        img = _upright(img)
         img = self._flatten_alpha(img)
         img = img.convert("L" if self.spec.channels == 1 else "RGB")
         size = (self.spec.width, self.spec.height)
         if img.size != size:
             img = img.resize(size, self._resample)
-        arr = np.asarray(img, dtype=np.uint8)
-        return arr[:, :, None] if arr.ndim == 2 else arr
+        arr = np.frombuffer(img.tobytes(), dtype=np.uint8)
+        return arr.reshape(img.height, img.width, self.spec.channels)
 
     def _flatten_alpha(self, img: Image.Image) -> Image.Image:
         if img.mode == "P" and "transparency" in img.info:
@@ -105,9 +120,12 @@ class ImagePreprocessor:
     def __call__(self, blobs: list[bytes]) -> np.ndarray:
         """Encoded images -> float32 NCHW batch. Raises on the first bad one, naming it."""
         arrays = []
-        for i, blob in enumerate(blobs):
-            with _naming(i, len(blobs)):
-                arrays.append(self.decode(blob))
+        with warnings.catch_warnings():
+            # Pillow warns before it raises on huge images; our own limit answers first.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            for i, blob in enumerate(blobs):
+                with _naming(i, len(blobs)):
+                    arrays.append(self.decode(blob))
         return normalize(np.stack(arrays), self.spec)
 
     def prepare(self, items: list) -> Batch:

@@ -11,10 +11,28 @@ import logging
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 log = logging.getLogger("cascade_server.serve")
+# What `cascade-train demo` writes under its --bundles directory.
+DEMO_BUNDLES = ("digits", "intents")
+
+
+def build_demos(repository: Path, bundles: Path) -> None:
+    """The demo cascades, built (or found) by `cascade-train demo` in its own process: the
+    gateway never imports training (nor torch)."""
+    train = shutil.which("cascade-train", path=str(Path(sys.executable).parent)) or shutil.which(
+        "cascade-train"
+    )
+    if train is None:
+        raise SystemExit(
+            "--demo builds the demo cascades with cascade-train: install cascade-server[train]"
+        )
+    cmd = [train, "--no-progress", "demo", "--repository", str(repository), "--bundles",
+           str(bundles)]  # fmt: skip
+    subprocess.run(cmd, check=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,12 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     env = os.environ
     if args.demo:
-        from .train.demo import build_demos
-
-        for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        demos = build_demos(args.model_repository, args.bundles_dir, progress=False)
-        args.bundles = args.bundles or [b.path for b in demos]
+        build_demos(args.model_repository, args.bundles_dir)
+        args.bundles = args.bundles or [args.bundles_dir / name for name in DEMO_BUNDLES]
         args.launch_triton = True
         if not env.get("CASCADE_ADMIN_TOKEN"):
             env["CASCADE_ADMIN_TOKEN"] = "demo-" + secrets.token_urlsafe(12)

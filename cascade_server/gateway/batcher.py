@@ -84,7 +84,8 @@ class MicroBatcher(Generic[T, R]):
         job: Job[T, R] = Job(payload, size, asyncio.get_running_loop().create_future())
         self._queue.append(job)
         self._queued_items += size
-        self._wake.set()
+        if not self._wake.is_set():
+            self._wake.set()
         return await job.future
 
     def _take(self) -> list[Job[T, R]]:

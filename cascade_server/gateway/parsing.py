@@ -57,7 +57,8 @@ class RequestHead:
                     length = int(value)
                 except ValueError:
                     raise BadRequest("content-length is not a number") from None
-        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        raw_query = scope.get("query_string", b"")
+        query = dict(parse_qsl(raw_query.decode("latin-1"))) if raw_query else {}
         return cls(content_type, charset, length, query)
 
 

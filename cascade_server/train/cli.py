@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the distillation methods and their parameters")
 
-    p = sub.add_parser("demo", help="train, calibrate and export the digits demo cascade")
+    p = sub.add_parser(
+        "demo", help="train, calibrate and export the demo cascades (digits images, intents texts)"
+    )
     _export_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
     return parser
@@ -154,10 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         print(_methods_text())
         return 0
     if args.command == "demo":
-        from .demo import build_demo
+        from .demo import build_demos
 
-        bundle = build_demo(args.repository, args.bundles, progress=progress, force=args.force)
-        print(f"bundle: {bundle.path}  threshold: {bundle.manifest.default_threshold:.4f}")
+        for bundle in build_demos(
+            args.repository, args.bundles, progress=progress, force=args.force
+        ):
+            print(f"bundle: {bundle.path}  threshold: {bundle.manifest.default_threshold:.4f}")
         return 0
 
     from . import pipeline
