@@ -36,6 +36,10 @@ class UnsupportedMediaType(CascadeError):
     status, code = 415, "unsupported_media_type"
 
 
+class RequestTimeout(CascadeError):
+    status, code = 408, "request_timeout"
+
+
 class UnknownCascade(CascadeError):
     status, code = 404, "unknown_cascade"
 

@@ -61,13 +61,19 @@ class ImagePreprocessor:
 
     modality = "image"
 
-    def __init__(self, spec: ImagePreprocess, max_pixels: int) -> None:
+    def __init__(
+        self, spec: ImagePreprocess, max_pixels: int, max_request_pixels: int | None = None
+    ) -> None:
         self.spec = spec
         self.max_pixels = max_pixels
+        # Decoded pixels allowed across one request's images (a batch of large images costs
+        # seconds of CPU even when each is under the per-image limit).
+        self.max_request_pixels = max_request_pixels or max_pixels
         self._resample = _RESAMPLE[spec.resample]
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """One encoded image -> uint8 (H, W, C) at the manifest's size."""
+    def decode(self, data: bytes, budget: list[int] | None = None) -> np.ndarray:
+        """One encoded image -> uint8 (H, W, C) at the manifest's size. `budget`: the request's
+        remaining pixel allowance, spent here (a one-element list)."""
         if not data:
             raise InvalidInput("image is empty")
         try:
@@ -78,6 +84,13 @@ class ImagePreprocessor:
                     f"image is {width}x{height} = {width * height} pixels; "
                     f"the limit is {self.max_pixels}"
                 )
+            if budget is not None:
+                budget[0] -= width * height
+                if budget[0] < 0:
+                    raise PayloadTooLarge(
+                        f"the request's images hold more than {self.max_request_pixels} "
+                        "pixels in all; send fewer or smaller images"
+                    )
             img.load()
             # Mode conversion and resizing stay inside: a file Pillow opened can still fail
             # there (odd modes, truncated data), and that is the client's bad input too.
@@ -121,11 +134,14 @@ class ImagePreprocessor:
         """Encoded images -> float32 NCHW batch. Raises on the first bad one, naming it."""
         arrays = []
         with warnings.catch_warnings():
-            # Pillow warns before it raises on huge images; our own limit answers first.
+            # Pillow warns before it raises on huge images (our own limit answers first) and
+            # on corrupt metadata such as a broken EXIF block (ignored: the pixels are fine).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            budget = [self.max_request_pixels]
             for i, blob in enumerate(blobs):
                 with _naming(i, len(blobs)):
-                    arrays.append(self.decode(blob))
+                    arrays.append(self.decode(blob, budget))
         return normalize(np.stack(arrays), self.spec)
 
     def prepare(self, items: list) -> Batch:
@@ -225,6 +241,11 @@ class TextPreprocessor:
         self.spec = spec
         self.max_chars = max_chars
         self.tokenizer = load_tokenizer(tokenizer_path, spec)
+        # Ids that carry no word: padding, unknown, and the special tokens the tokenizer adds.
+        specials = [self.tokenizer.token_to_id(t) for t in ("[UNK]", "[CLS]", "[SEP]", "<unk>")]
+        self._wordless = np.array(
+            sorted({spec.pad_id, *(i for i in specials if i is not None)}), dtype=np.int64
+        )
 
     def validate(self, text: object) -> str:
         if not isinstance(text, str):
@@ -241,6 +262,16 @@ class TextPreprocessor:
             with _naming(i, len(items)):
                 texts.append(self.validate(item))
         ids, mask, truncated = encode_texts(self.tokenizer, texts)
+        # A text with no word the tokenizer knows ("12345", emoji, "...") is all [UNK] to the
+        # student and the teacher alike: any answer would be a guess with a confident margin.
+        wordless = np.isin(ids, self._wordless).all(axis=1)
+        if wordless.any():
+            i = int(np.flatnonzero(wordless)[0])
+            where = f"inputs[{i}]: " if len(items) > 1 else ""
+            raise InvalidInput(
+                f"{where}text has no word this cascade's vocabulary knows (only unknown "
+                "tokens: digits, symbols, emoji or another script?)"
+            )
         return Batch(dict(zip(TEXT_INPUTS, (ids, mask), strict=True)), truncated)
 
     def sample(self) -> str:

@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in settings.bundles:
         Bundle.load(path)
 
+    # uvicorn handles SIGTERM itself (drain, graceful shutdown), then restores this handler and
+    # raises the signal again: exit through `finally`, so a bundled Triton stops after the
+    # gateway and the exit status is 0. A SIGTERM during start-up ends the same way.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     triton = None
     try:
         if args.launch_triton:
@@ -153,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("stopping tritonserver")
             triton.stop()
     return 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _banner(args: argparse.Namespace, env) -> None:

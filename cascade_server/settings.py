@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .gateway.batcher import BatchingConfig
+from .gateway.breaker import BreakerConfig
 
 
 class Settings(BaseSettings):
@@ -27,6 +28,13 @@ class Settings(BaseSettings):
     # gRPC otherwise backs off up to 2 minutes between reconnects after Triton went away.
     teacher_reconnect_backoff_ms: int = Field(default=1000, ge=100)
     readiness_timeout_s: float = Field(default=1.0, gt=0)
+    # How often teacher readiness is checked in the background (probes read the cached result).
+    readiness_interval_s: float = Field(default=2.0, gt=0)
+    # Teacher calls in flight per cascade and worker; past it delegated items are answered
+    # degraded at once (a bounded wait for the teacher, not a queue that grows).
+    teacher_max_in_flight: int = Field(default=32, ge=1)
+    # Circuit breaker on the teacher: CASCADE_TEACHER_BREAKER__FAILURES, __OPEN_S, __PROBES.
+    teacher_breaker: BreakerConfig = Field(default_factory=BreakerConfig)
 
     # Admin API: refused entirely when no token is set.
     admin_token: SecretStr | None = None
@@ -35,8 +43,20 @@ class Settings(BaseSettings):
 
     # Request limits.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    # The whole request body must arrive within this (408 otherwise).
+    body_timeout_s: float = Field(default=10.0, gt=0)
     max_image_pixels: int = Field(default=4096 * 4096, gt=0)
+    # Pixels across all images of one request.
+    max_request_pixels: int = Field(default=2 * 4096 * 4096, gt=0)
+    # A request whose encoded images exceed this many bytes is decoded on a thread (Pillow
+    # releases the GIL), so that it does not stall the event loop and its probes; small ones
+    # are decoded inline, cheaper than a thread hop.
+    decode_inline_bytes: int = Field(default=64 * 1024, ge=0)
+    decode_threads: int = Field(default=2, ge=1)
     max_batch: int = Field(default=64, gt=0)
+    # Requests being handled per worker; past it new ones get 503 with Retry-After at once.
+    max_in_flight: int = Field(default=512, gt=0)
+    retry_after_s: int = Field(default=1, ge=1)
     max_text_chars: int = Field(default=10_000, gt=0)
     default_top_k: int = Field(default=5, gt=0)
 
@@ -47,6 +67,10 @@ class Settings(BaseSettings):
     # Cross-request micro-batching of the student (and of the delegated items sent to the
     # teacher): CASCADE_BATCHING__MAX_ITEMS, CASCADE_BATCHING__MAX_WAIT_S.
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+
+    # On SIGTERM: how long readiness says 503 while requests are still served, before the
+    # server stops accepting and drains (0: stop at once, as on Ctrl-C).
+    drain_s: float = Field(default=0.0, ge=0, le=300)
 
     # Adds an `x-cascade-worker` header (the worker's pid): for tests and debugging.
     expose_worker_id: bool = False

@@ -40,7 +40,9 @@ def write_model_config(config, path: Path) -> None:
     path.write_text(text_format.MessageToString(config))
 
 
-def python_backend_repository(source: Path, target: Path, *, intra_op_threads: int = 1) -> Path:
+def python_backend_repository(
+    source: Path, target: Path, *, intra_op_threads: int = 1, delay_ms: int = 0
+) -> Path:
     """Derive a Python-backend repository serving the same ONNX files as `source`."""
     from tritonclient.grpc import model_config_pb2
 
@@ -66,6 +68,8 @@ def python_backend_repository(source: Path, target: Path, *, intra_op_threads: i
             del group.gpus[:]
         config.parameters["onnx_file"].string_value = "model.onnx"
         config.parameters["intra_op_threads"].string_value = str(intra_op_threads)
+        if delay_ms:  # fault injection: a slow teacher (reliability tests)
+            config.parameters["delay_ms"].string_value = str(delay_ms)
         out_dir = target / name
         out_dir.mkdir()
         write_model_config(config, out_dir / "config.pbtxt")

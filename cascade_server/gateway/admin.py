@@ -7,9 +7,9 @@ import hmac
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import Forbidden, Unauthorized
+from ..errors import Forbidden, InvalidInput, Unauthorized, format_validation_errors
 
 if TYPE_CHECKING:
     from .cascade import Cascade
@@ -29,19 +29,25 @@ def require_admin(request: Request) -> str:
     if not hmac.compare_digest(given.strip().encode(), expected.encode()):
         raise Forbidden("the admin token is not valid")
     fingerprint = hashlib.sha256(expected.encode()).hexdigest()[:8]
-    actor = request.headers.get("x-cascade-actor", "")[:64].strip()
     client = request.client.host if request.client else "?"
-    return f"{actor or 'admin'} (token {fingerprint}, from {client})"
+    who = f"token {fingerprint} from {client}"
+    # The header is the caller's own word, recorded as such, never as the identity.
+    claimed = "".join(c for c in request.headers.get("x-cascade-actor", "")[:64] if c.isprintable())
+    return f"{who} (says: {claimed.strip()})" if claimed.strip() else who
 
 
 Admin = Annotated[str, Depends(require_admin)]
 
 
+# Strict numbers: `true` or "0.5" are not thresholds; NaN and infinities are refused as such.
+Unit = Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
 class ThresholdUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cascade: str | None = None
-    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    target_delegation_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    threshold: Unit | None = None
+    target_delegation_rate: Unit | None = None
 
     @model_validator(mode="after")
     def _one(self) -> ThresholdUpdate:
@@ -68,19 +74,36 @@ async def get_threshold(request: Request, _: Admin, cascade: str | None = None) 
     return _describe(request.app.state.gateway.resolve(cascade))
 
 
-@router.put("/threshold")
-async def put_threshold(request: Request, update: ThresholdUpdate, actor: Admin) -> dict:
+@router.put(
+    "/threshold",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": ThresholdUpdate.model_json_schema()}},
+        }
+    },
+)
+async def put_threshold(
+    request: Request, actor: Admin, cascade: str | None = None
+) -> dict[str, Any]:
     """Set the threshold, or a target delegation rate resolved through the calibration table.
-    Applies to every worker at once and survives restarts."""
-    cascade = request.app.state.gateway.resolve(update.cascade)
-    old, _ = cascade.thresholds.set(
+    Applies to every worker at once and survives restarts. The body is read after the token is
+    checked: an unauthenticated caller learns nothing about what a valid body is."""
+    try:
+        update = ThresholdUpdate.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise InvalidInput(format_validation_errors(exc.errors())) from None
+    if update.cascade and cascade and update.cascade != cascade:
+        raise InvalidInput(f"?cascade={cascade} and body cascade {update.cascade!r} differ")
+    target = request.app.state.gateway.resolve(update.cascade or cascade)
+    old, _ = target.thresholds.set(
         threshold=update.threshold,
         target_delegation_rate=update.target_delegation_rate,
         actor=actor,
     )
-    cascade.metrics.threshold_changed(cascade.name)
-    cascade.threshold()
-    return {**_describe(cascade), "previous_threshold": old.threshold}
+    target.metrics.threshold_changed(target.name)
+    target.threshold()
+    return {**_describe(target), "previous_threshold": old.threshold}
 
 
 @router.delete("/threshold")

@@ -66,6 +66,7 @@ def create_app(
             for cascade in cascades.values():
                 await cascade.setup()
             gateway = Gateway(settings, cascades, metrics)
+            gateway.drain.install()
             api.state.gateway = front.gateway = gateway
             log.info("serving cascades: %s", ", ".join(cascades))
             yield
@@ -82,7 +83,11 @@ def create_app(
     api.include_router(kserve.router)
     install_openapi(api)
     front = PredictEndpoints(
-        api, max_body_bytes=settings.max_body_bytes, expose_worker_id=settings.expose_worker_id
+        api,
+        max_body_bytes=settings.max_body_bytes,
+        expose_worker_id=settings.expose_worker_id,
+        max_in_flight=settings.max_in_flight,
+        retry_after_s=settings.retry_after_s,
     )
     return front
 

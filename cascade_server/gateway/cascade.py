@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..policy import NonFiniteLogits, class_probabilities, decide, softmax
 from ..preprocess import Batch, ImagePreprocessor, Preprocessor, TextPreprocessor
 from ..settings import Settings
 from .batcher import Job, MicroBatcher
+from .breaker import CircuitBreaker, State
 from .control import ThresholdStore
 from .metrics import Metrics
 from .student import OnnxStudent, Student
@@ -132,7 +134,9 @@ class Cascade:
                 m.preprocess, bundle.path / m.preprocess.tokenizer_file, settings.max_text_chars
             )
         else:
-            self.preprocessor = ImagePreprocessor(m.preprocess, settings.max_image_pixels)
+            self.preprocessor = ImagePreprocessor(
+                m.preprocess, settings.max_image_pixels, settings.max_request_pixels
+            )
         self.student: Student = student or OnnxStudent(
             bundle.student_path,
             m.student_output,
@@ -157,6 +161,22 @@ class Cascade:
         self._teacher_failures = BurstLog()
         self._policy = m.policy()
         self._teacher_calls: set[asyncio.Task[None]] = set()
+        self.decode_inline_bytes = settings.decode_inline_bytes
+        self._decoder = ThreadPoolExecutor(
+            settings.decode_threads, thread_name_prefix=f"{m.name}-decode"
+        )
+        self.max_teacher_calls = settings.teacher_max_in_flight
+        self.readiness_interval_s = settings.readiness_interval_s
+        self.teacher_ready = False
+        self._watch: asyncio.Task[None] | None = None
+        self.breaker = CircuitBreaker(
+            settings.teacher_breaker,
+            name=f"cascade {m.name}: teacher {self.versions['teacher']}",
+            on_change=self._circuit_changed,
+        )
+
+    def _circuit_changed(self, old: State, new: State) -> None:
+        self.metrics.circuit(self.name, int(new), new.name.lower())
 
     async def setup(self) -> None:
         self.student.setup()
@@ -167,10 +187,29 @@ class Cascade:
         self.batcher.start()
         # Opens the gRPC channel now rather than on the first delegated request; a teacher
         # that is down is not fatal here (/readyz reports it, requests degrade).
-        if not await self.teacher.ready():
+        self.teacher_ready = await self.teacher.ready()
+        if not self.teacher_ready:
             log.warning(
                 "cascade %s: teacher %s is not ready yet", self.name, self.versions["teacher"]
             )
+        self._watch = asyncio.get_running_loop().create_task(
+            self._watch_teacher(), name=f"{self.name}-teacher-readiness"
+        )
+
+    async def _watch_teacher(self) -> None:
+        """Teacher readiness, checked in the background with its own timeout (the client's
+        readiness_timeout_s) so that probes read a cached answer and never wait on the network."""
+        while True:
+            await asyncio.sleep(self.readiness_interval_s)
+            ready = await self.teacher.ready()
+            if ready != self.teacher_ready:
+                log.warning(
+                    "cascade %s: teacher %s is %s",
+                    self.name,
+                    self.versions["teacher"],
+                    "ready" if ready else "not ready",
+                )
+            self.teacher_ready = ready
 
     def _warm_up(self) -> None:
         """Pay first-call costs (Pillow's codec imports, ORT's first run) before traffic does."""
@@ -183,15 +222,20 @@ class Cascade:
             )
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
         await self.batcher.close()
         for task in list(self._teacher_calls):
             task.cancel()
         await asyncio.gather(*self._teacher_calls, return_exceptions=True)
         await self.teacher.close()
         self.student.close()
+        self._decoder.shutdown(wait=False, cancel_futures=True)
 
-    async def readiness(self) -> dict[str, bool]:
-        return {"student": self.student.ready, "teacher": await self.teacher.ready()}
+    def readiness(self) -> dict[str, bool]:
+        """Cached: never waits on the network (see _watch_teacher)."""
+        return {"student": self.student.ready, "teacher": self.teacher_ready}
 
     def threshold(self) -> float:
         value = self.thresholds.current().threshold
@@ -212,10 +256,22 @@ class Cascade:
     async def predict(self, items: list[Any]) -> Predictions:
         """Answers every input, in order. Bad input raises before any model runs."""
         t0 = time.perf_counter()
-        batch = self.preprocessor.prepare(items)
+        if self._heavy(items):
+            loop = asyncio.get_running_loop()
+            batch = await loop.run_in_executor(self._decoder, self.preprocessor.prepare, items)
+        else:
+            batch = self.preprocessor.prepare(items)
         preprocess_s = time.perf_counter() - t0
         answer = await self.batcher.submit(batch, len(batch))
         return Predictions(self, answer, batch.truncated, preprocess_s)
+
+    def _heavy(self, items: list[Any]) -> bool:
+        size = 0
+        for item in items:
+            size += len(item)
+            if size > self.decode_inline_bytes:
+                return True
+        return False
 
     def _run_batch(self, jobs: list[Job[Batch, Answer]]) -> None:
         """One student call for every job; the delegated items of all of them go to the teacher
@@ -246,6 +302,13 @@ class Cascade:
         if not delegated.size:
             _resolve(jobs, answer, lambda _: True)
             return
+        skipped = self._skip_teacher()
+        if skipped is not None:
+            answer.degraded[delegated] = True
+            self.metrics.teacher_skipped(self.name, skipped)
+            self.metrics.outcomes(self.name, 0, 0, delegated.size)
+            _resolve(jobs, answer, lambda _: True)
+            return
         # Requests with nothing delegated answer now; the rest when the teacher has answered.
         starts = np.cumsum([0] + [job.size for job in jobs])
         waiting = np.zeros(len(jobs), dtype=bool)
@@ -256,6 +319,15 @@ class Cascade:
         )
         self._teacher_calls.add(task)
         task.add_done_callback(self._teacher_calls.discard)
+
+    def _skip_teacher(self) -> str | None:
+        """Why no teacher call is made for this batch (its delegated items answer degraded at
+        once), or None: the call goes ahead."""
+        if len(self._teacher_calls) >= self.max_teacher_calls:
+            return "overloaded"
+        if not self.breaker.allow():
+            return "circuit_open"
+        return None
 
     async def _delegate(
         self,
@@ -269,13 +341,21 @@ class Cascade:
         error: str | None = None
         try:
             teacher_logits = await self.teacher.infer(self._teacher_feeds(tensors))
+            if teacher_logits.shape != (delegated.size, len(self.classes)):
+                raise TeacherUnavailable(
+                    "error",
+                    f"teacher returned logits of shape {teacher_logits.shape}; expected "
+                    f"{(delegated.size, len(self.classes))}",
+                )
             try:
                 answer.probs[delegated] = softmax(teacher_logits)
             except NonFiniteLogits:
                 raise TeacherUnavailable("error", "teacher returned non-finite logits") from None
             answer.by_teacher[delegated] = True
+            self.breaker.success()
         except TeacherUnavailable as exc:
             error = exc.kind
+            self.breaker.failure()
             answer.degraded[delegated] = True
             self._teacher_failures(
                 "cascade %s: teacher %s failed (%s); answering with the student",
@@ -284,6 +364,8 @@ class Cascade:
                 exc,
             )
         except BaseException as exc:  # unexpected: those requests answer 500 (or are cancelled)
+            if isinstance(exc, Exception):
+                self.breaker.failure()
             for j, job in enumerate(jobs):
                 if waiting[j] and not job.future.done():
                     job.future.set_exception(exc)

@@ -32,6 +32,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("student", "teacher", "degraded")  # answered; "rejected" (4xx), "failed" (5xx)
+# Why delegated items were degraded: the call failed (timeout, unavailable, error) or was not
+# made (circuit_open: the breaker is open; overloaded: too many teacher calls in flight).
+TEACHER_FAILURES = ("timeout", "unavailable", "error", "circuit_open", "overloaded")
 UNROUTED = "none"  # the cascade label of a request refused before a cascade was chosen
 _LATENCY_BUCKETS = (
     0.0001,
@@ -124,8 +127,27 @@ class Metrics:
         )
         self.teacher_errors = Counter(
             "cascade_teacher_errors",
-            "Failed teacher calls by kind (timeout, unavailable, error)",
+            "Teacher calls failed (timeout, unavailable, error) or not made (circuit_open, "
+            "overloaded), by kind",
             ["cascade", "kind"],
+            registry=reg,
+        )
+        self.circuit_state = Gauge(
+            "cascade_teacher_circuit_state",
+            "Teacher circuit breaker: 0 closed, 1 half-open, 2 open (the worst worker's)",
+            ["cascade"],
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
+        self.circuit_transitions = Counter(
+            "cascade_teacher_circuit_transitions",
+            "Teacher circuit breaker transitions, by the state entered",
+            ["cascade", "to"],
+            registry=reg,
+        )
+        self.shed = Counter(
+            "cascade_shed_requests",
+            "Requests refused with 503 because the worker had too many in flight",
             registry=reg,
         )
         self.in_flight = Gauge(
@@ -185,9 +207,10 @@ class Metrics:
         """Create every labelled series at 0, so dashboards and rate() see them from the start."""
         for outcome in (*OUTCOMES, "rejected", "failed"):
             self.requests.labels(cascade, outcome)
-        for kind in ("timeout", "unavailable", "error"):
+        for kind in TEACHER_FAILURES:
             self.teacher_errors.labels(cascade, kind)
         self.threshold_changes.labels(cascade)
+        self.circuit_state.labels(cascade).set(0)
 
     def request_started(self) -> None:
         self._in_flight += 1
@@ -200,6 +223,19 @@ class Metrics:
     @_never_raises
     def rejected(self, cascade: str) -> None:
         self.requests.labels(cascade, "rejected").inc()
+
+    @_never_raises
+    def circuit(self, cascade: str, state: int, name: str) -> None:
+        self.circuit_state.labels(cascade).set(state)
+        self.circuit_transitions.labels(cascade, name).inc()
+
+    @_never_raises
+    def shed_request(self) -> None:
+        self.shed.inc()
+
+    @_never_raises
+    def teacher_skipped(self, cascade: str, kind: str) -> None:
+        self.teacher_errors.labels(cascade, kind).inc()
 
     @_never_raises
     def failed(self, cascade: str) -> None:

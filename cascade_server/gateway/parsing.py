@@ -7,6 +7,7 @@ the single definition of what is valid, and valid requests never pay for buildin
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from ..errors import (
     CascadeError,
     InvalidInput,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
     format_validation_errors,
 )
@@ -91,15 +93,21 @@ def body_limit_message(max_bytes: int) -> str:
     return f"request body is larger than the limit of {max_bytes} bytes"
 
 
-async def read_body(receive: Receive) -> bytes:
+async def read_body(receive: Receive, timeout_s: float) -> bytes:
+    """The whole body, within `timeout_s` (a client trickling a body, slowloris-style, is cut
+    off with 408 instead of holding a slot forever)."""
     chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise BadRequest("client disconnected before the body was complete")
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise BadRequest("client disconnected before the body was complete")
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s}s") from None
 
 
 def decode_base64(value: str, where: str) -> bytes:
@@ -278,4 +286,4 @@ async def parse_request(
         raise UnsupportedMediaType(
             f"content type {head.content_type!r} is not accepted: send {ACCEPTED}"
         )
-    return parser(await read_body(receive), head, settings)
+    return parser(await read_body(receive, settings.body_timeout_s), head, settings)

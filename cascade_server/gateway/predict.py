@@ -54,9 +54,20 @@ async def send_body(
 class PredictEndpoints:
     """ASGI app: the two prediction endpoints, else `api` (the FastAPI app)."""
 
-    def __init__(self, api: ASGIApp, *, max_body_bytes: int, expose_worker_id: bool) -> None:
+    def __init__(
+        self,
+        api: ASGIApp,
+        *,
+        max_body_bytes: int,
+        expose_worker_id: bool,
+        max_in_flight: int,
+        retry_after_s: int,
+    ) -> None:
         self.api = api
         self.max_body_bytes = max_body_bytes
+        self.max_in_flight = max_in_flight
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
         self._headers = [_JSON_HEADER]
         if expose_worker_id:
             self._headers.append((b"x-cascade-worker", str(os.getpid()).encode()))
@@ -71,12 +82,24 @@ class PredictEndpoints:
         if path == "/predict":
             if scope["method"] != "POST":
                 await self._refuse(scope, receive, send, 405, "method_not_allowed", "use POST")
+            elif await self._shed(scope, receive, send):
                 return
-            await self._predict(scope, receive, send)
+            else:
+                self.in_flight += 1
+                try:
+                    await self._predict(scope, receive, send)
+                finally:
+                    self.in_flight -= 1
             return
         match = _INFER.match(path) if path.startswith("/v2/models/") else None
         if match is not None and scope["method"] == "POST":
-            await self._infer(scope, receive, send, match.group(1), match.group(2))
+            if await self._shed(scope, receive, send):
+                return
+            self.in_flight += 1
+            try:
+                await self._infer(scope, receive, send, match.group(1), match.group(2))
+            finally:
+                self.in_flight -= 1
             return
         # Other routes: the declared size is checked up front, the streamed one as it comes.
         for name, value in scope["headers"]:
@@ -86,6 +109,22 @@ class PredictEndpoints:
                 )(scope, receive, send)
                 return
         await self.api(scope, limited_receive(receive, self.max_body_bytes), send)
+
+    async def _shed(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Refuses the request at once (503, Retry-After) when this worker already handles
+        max_in_flight: an explicit refusal the client can retry, not a queue that grows."""
+        if self.in_flight < self.max_in_flight:
+            return False
+        if self.gateway is not None:
+            self.gateway.metrics.shed_request()
+        await error_response(
+            503,
+            "overloaded",
+            f"the gateway is at its limit of {self.max_in_flight} requests in flight; "
+            f"retry after {self.retry_after_s}s",
+            {"Retry-After": str(self.retry_after_s)},
+        )(scope, receive, send)
+        return True
 
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str
@@ -143,7 +182,9 @@ class PredictEndpoints:
             head = RequestHead.from_scope(scope)
             if head.content_length is not None and head.content_length > settings.max_body_bytes:
                 raise PayloadTooLarge(body_limit_message(settings.max_body_bytes))
-            body = await read_body(limited_receive(receive, settings.max_body_bytes))
+            body = await read_body(
+                limited_receive(receive, settings.max_body_bytes), settings.body_timeout_s
+            )
             header_length = next(
                 (v.decode("latin-1") for k, v in scope["headers"] if k == HEADER_LENGTH.encode()),
                 None,

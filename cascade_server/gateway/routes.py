@@ -27,13 +27,17 @@ async def healthz() -> dict[str, str]:
 async def readyz(
     request: Request, teacher: Literal["required", "optional"] = "required"
 ) -> Response:
-    """Every cascade's student is loaded and its teacher model is ready on Triton.
-    `?teacher=optional` only requires the students: a load balancer probe that should keep
-    routing (degraded answers) while the teacher is down."""
+    """Every cascade's student is loaded and its teacher model is ready on Triton (as last
+    seen by a background check: this route never waits on the network). `?teacher=optional`
+    only requires the students: for a load balancer that should keep routing (degraded answers)
+    while the teacher is down, and for start-up probes."""
     gateway = _gateway(request)
     if gateway is None:
         return Response(orjson.dumps({"ready": False}), 503, media_type="application/json")
-    detail = {name: await c.readiness() for name, c in gateway.cascades.items()}
+    if gateway.drain.draining:
+        body = {"ready": False, "draining": True}
+        return Response(orjson.dumps(body), 503, media_type="application/json")
+    detail = {name: c.readiness() for name, c in gateway.cascades.items()}
     needed = ("student", "teacher") if teacher == "required" else ("student",)
     ready = all(parts[k] for parts in detail.values() for k in needed)
     return Response(

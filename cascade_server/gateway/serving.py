@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import InvalidInput, UnknownCascade
 from ..settings import Settings
 from .cascade import Cascade
+from .drain import Drain
 from .metrics import UNROUTED, Metrics
 
 
@@ -13,6 +14,7 @@ class Gateway:
         self.settings = settings
         self.cascades = cascades
         self.metrics = metrics
+        self.drain = Drain(settings.drain_s)
 
     def resolve(self, name: str | None, modality: str | None = None) -> Cascade:
         """The cascade named, or the only one that fits the modality."""

@@ -127,6 +127,9 @@ class TritonTeacher:
             model_version=self.version,
             outputs=[out],
             client_timeout=self.timeout_s,
+            # Triton's own request timeout (us): with the teacher config's queue policy, a
+            # request still queued when the gateway has given up is dropped, not computed.
+            timeout=int(self.timeout_s * 1e6),
         )
         logits = result.as_numpy(self.ref.output_name)
         if logits is None or logits.shape[0] != len(next(iter(chunk.values()))):

@@ -107,6 +107,7 @@ def teacher_config(
     output_name: str = "logits",
     instances: int = 1,
     max_queue_delay_us: int = 100,
+    default_timeout_us: int = 5_000_000,
     modality: str = "image",
     text_inputs: tuple[str, str] = ("input_ids", "attention_mask"),
 ):
@@ -132,6 +133,14 @@ def teacher_config(
         dynamic_batching=mc.ModelDynamicBatching(
             max_queue_delay_microseconds=max_queue_delay_us,
             preferred_batch_size=[s for s in (8, 16, 32) if s <= max_batch_size],
+            # The gateway sends its deadline as the request timeout; a request still queued
+            # past it is rejected rather than computed for nobody. The default bounds requests
+            # from clients that send none.
+            default_queue_policy=mc.ModelQueuePolicy(
+                timeout_action=mc.ModelQueuePolicy.REJECT,
+                default_timeout_microseconds=default_timeout_us,
+                allow_timeout_override=True,
+            ),
         ),
         # Triton runs this before reporting ready, so the first real request does not pay for
         # lazy initialisation (tens of ms measured on the first call without it).

@@ -3,11 +3,13 @@
 The bundled tritonserver (nvidia-pytriton) has no ONNX Runtime backend, so local runs and tests
 serve the production `model.onnx` through this file; production Triton uses its native
 `onnxruntime_onnx` platform on the same file. Parameters (config.pbtxt `parameters`):
-`onnx_file` (default model.onnx) and `intra_op_threads` (default 1).
+`onnx_file` (default model.onnx), `intra_op_threads` (default 1), and `delay_ms` (default 0):
+a fault-injection knob for reliability tests, a teacher that takes this long per batch.
 """
 
 import json
 import os
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -28,9 +30,12 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
+        self.delay_s = float(params.get("delay_ms", "0")) / 1000
 
     def execute(self, requests):
         # The dynamic batcher hands over several requests at once: run them as one ORT batch.
+        if self.delay_s:
+            time.sleep(self.delay_s)
         try:
             per_request = [
                 [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs]

@@ -104,6 +104,7 @@ def gateway(demo, text_demo, triton, tmp_path_factory):
         "CASCADE_EXPOSE_WORKER_ID": "true",
         "CASCADE_TEACHER_TIMEOUT_S": "2.0",
         "CASCADE_TEACHER_RECONNECT_BACKOFF_MS": "250",
+        "CASCADE_READINESS_INTERVAL_S": "0.2",
         "CASCADE_LOG_LEVEL": "warning",
     }
     args = [

@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -182,11 +184,12 @@ def test_metrics_count_stage_latency_margins_and_in_flight(gateway, demo):
 
 
 def test_health_readiness_and_cascade_listing(gateway):
-    with gateway() as (client, teacher):
+    with gateway(readiness_interval_s=0.02) as (client, teacher):
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["ready"] is True
         teacher.is_ready = False
+        time.sleep(0.2)  # the background check sees it; the probe itself asks nobody
         not_ready = client.get("/readyz")
         assert not_ready.status_code == 503
         assert not_ready.json()["cascades"]["digits"] == {"student": True, "teacher": False}
