@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -114,3 +115,60 @@ async def reset_threshold(request: Request, actor: Admin, cascade: str | None = 
     target.metrics.threshold_changed(target.name)
     target.threshold()
     return {**_describe(target), "previous_threshold": old.threshold}
+
+
+class StudentUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cascade: str | None = None
+    bundle: str = Field(min_length=1, description="a bundle directory the gateway can read")
+
+
+def _student(cascade: Cascade) -> dict[str, Any]:
+    state = cascade.rollout.read()
+    return {
+        "cascade": cascade.name,
+        "version": cascade.active.version,
+        "bundle": str(cascade.active.bundle.path),
+        "previous": state.previous if state else None,
+        "updated_at": state.updated_at if state else None,
+        "updated_by": state.updated_by if state else None,
+    }
+
+
+@router.get("/student")
+async def get_student(request: Request, _: Admin, cascade: str | None = None) -> dict[str, Any]:
+    """The student version a cascade serves, and the one a rollback returns to."""
+    return _student(request.app.state.gateway.resolve(cascade))
+
+
+@router.put(
+    "/student",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": StudentUpdate.model_json_schema()}},
+        }
+    },
+)
+async def put_student(request: Request, actor: Admin, cascade: str | None = None) -> dict[str, Any]:
+    """Hot swap: load the bundle beside the served version, warm it, flip to it between two
+    requests, and retire the old version once its in-flight requests are answered. Every worker
+    follows within CASCADE_READINESS_INTERVAL_S; the choice survives restarts. The threshold
+    follows the new calibration when a target delegation rate is set."""
+    try:
+        update = StudentUpdate.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise InvalidInput(format_validation_errors(exc.errors())) from None
+    target = request.app.state.gateway.resolve(update.cascade or cascade)
+    await target.swap(Path(update.bundle).resolve(), actor)
+    return {**_student(target), "threshold": target.threshold()}
+
+
+@router.post("/student/rollback")
+async def rollback_student(
+    request: Request, actor: Admin, cascade: str | None = None
+) -> dict[str, Any]:
+    """Back to the student version before the last swap."""
+    target = request.app.state.gateway.resolve(cascade)
+    await target.rollback(actor)
+    return {**_student(target), "threshold": target.threshold()}

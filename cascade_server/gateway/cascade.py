@@ -14,21 +14,24 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..bundle import TEXT_INPUTS, Bundle, TextPreprocess
-from ..errors import TeacherUnavailable
+from ..bundle import TEXT_INPUTS, Bundle, Manifest
+from ..errors import InvalidInput, TeacherUnavailable
 from ..policy import NonFiniteLogits, class_probabilities, decide, softmax
-from ..preprocess import Batch, ImagePreprocessor, Preprocessor, TextPreprocessor
+from ..preprocess import Batch, Preprocessor
 from ..settings import Settings
 from .batcher import Job, MicroBatcher
 from .breaker import CircuitBreaker, State
 from .control import ThresholdStore
 from .metrics import Metrics
-from .student import OnnxStudent, Student
+from .rollout import RolloutState, RolloutStore
+from .student import Student
 from .teacher import Teacher
+from .version import StudentVersion
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +68,15 @@ class Answer:
     teacher_s: float  # the teacher call, 0 when nothing of this request was delegated
 
 
+BatchJob = Job[tuple["StudentVersion", Batch], "Answer"]
+
+
 @dataclass
 class Predictions:
     """A request's answer plus what the response needs: classes, versions, truncation."""
 
     cascade: Cascade
+    version: StudentVersion
     answer: Answer
     truncated: list[bool] | None
     preprocess_s: float
@@ -102,7 +109,7 @@ class Predictions:
                 "answered_by": "teacher" if a.by_teacher[i] else "student",
                 "degraded": bool(a.degraded[i]),
                 "cascade": self.cascade.name,
-                "versions": self.cascade.versions,
+                "versions": self.version.versions,
                 "timings_ms": timings,
             }
             if self.truncated is not None:
@@ -112,6 +119,10 @@ class Predictions:
 
 
 class Cascade:
+    """The orchestrator of one cascade. The student-specific parts live in the active
+    `StudentVersion`, which an admin call (or another worker's, through the state directory)
+    can replace without dropping requests."""
+
     def __init__(
         self,
         bundle: Bundle,
@@ -121,45 +132,19 @@ class Cascade:
         student: Student | None = None,
     ) -> None:
         m = bundle.manifest
-        self.bundle = bundle
-        self.manifest = m
+        self.settings = settings
         self.name = m.name
         self.modality = m.modality
         self.classes = m.classes
         self.metrics = metrics
         self.teacher = teacher
-        self.preprocessor: Preprocessor
-        if isinstance(m.preprocess, TextPreprocess):
-            self.preprocessor = TextPreprocessor(
-                m.preprocess, bundle.path / m.preprocess.tokenizer_file, settings.max_text_chars
-            )
-        else:
-            self.preprocessor = ImagePreprocessor(
-                m.preprocess, settings.max_image_pixels, settings.max_request_pixels
-            )
-        self.student: Student = student or OnnxStudent(
-            bundle.student_path,
-            m.student_output,
-            device=settings.student_device,
-            threads=settings.student_threads,
-        )
-        self.thresholds = ThresholdStore(
-            settings.state_dir,
-            m.name,
-            default_threshold=m.default_threshold,
-            calibration=m.calibration,
-            student_version=m.version,
-        )
-        teacher_version = m.teacher.model_version or "latest"
-        self.versions = {
-            "student": m.version,
-            "teacher": f"{m.teacher.model_name}/{teacher_version}",
-        }
-        self.batcher: MicroBatcher[Batch, Answer] = MicroBatcher(
+        self.active = StudentVersion(bundle, settings, student)
+        self.rollout = RolloutStore(settings.state_dir, m.name)
+        self._swap_lock = asyncio.Lock()
+        self.batcher: MicroBatcher[tuple[StudentVersion, Batch], Answer] = MicroBatcher(
             self._run_batch, settings.batching, name=f"{m.name}-batcher"
         )
         self._teacher_failures = BurstLog()
-        self._policy = m.policy()
         self._teacher_calls: set[asyncio.Task[None]] = set()
         self.decode_inline_bytes = settings.decode_inline_bytes
         self._decoder = ThreadPoolExecutor(
@@ -175,16 +160,43 @@ class Cascade:
             on_change=self._circuit_changed,
         )
 
+    # The active version's parts, as the routes and admin see them.
+    @property
+    def bundle(self) -> Bundle:
+        return self.active.bundle
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.active.manifest
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return self.active.versions
+
+    @property
+    def thresholds(self) -> ThresholdStore:
+        return self.active.thresholds
+
+    @property
+    def student(self) -> Student:
+        return self.active.student
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        return self.active.preprocessor
+
     def _circuit_changed(self, old: State, new: State) -> None:
         self.metrics.circuit(self.name, int(new), new.name.lower())
 
     async def setup(self) -> None:
-        self.student.setup()
+        self.active.setup()
         await self.teacher.setup()
         self.metrics.prime(self.name)
+        self.metrics.student_version(self.name, None, self.active.version)
         self.threshold()
-        self._warm_up()
         self.batcher.start()
+        # A version rolled out earlier (through any worker) survives restarts.
+        await self._follow_rollout()
         # Opens the gRPC channel now rather than on the first delegated request; a teacher
         # that is down is not fatal here (/readyz reports it, requests degrade).
         self.teacher_ready = await self.teacher.ready()
@@ -193,14 +205,19 @@ class Cascade:
                 "cascade %s: teacher %s is not ready yet", self.name, self.versions["teacher"]
             )
         self._watch = asyncio.get_running_loop().create_task(
-            self._watch_teacher(), name=f"{self.name}-teacher-readiness"
+            self._watch_loop(), name=f"{self.name}-watch"
         )
 
-    async def _watch_teacher(self) -> None:
-        """Teacher readiness, checked in the background with its own timeout (the client's
-        readiness_timeout_s) so that probes read a cached answer and never wait on the network."""
+    async def _watch_loop(self) -> None:
+        """In the background: teacher readiness (with the client's own timeout, so probes read
+        a cached answer and never wait on the network), and student versions rolled out
+        through another worker."""
         while True:
             await asyncio.sleep(self.readiness_interval_s)
+            try:
+                await self._follow_rollout()
+            except Exception:  # a bad bundle on disk must not stop the watch
+                log.exception("cascade %s: following the rollout failed", self.name)
             ready = await self.teacher.ready()
             if ready != self.teacher_ready:
                 log.warning(
@@ -211,15 +228,46 @@ class Cascade:
                 )
             self.teacher_ready = ready
 
-    def _warm_up(self) -> None:
-        """Pay first-call costs (Pillow's codec imports, ORT's first run) before traffic does."""
-        batch = self.preprocessor.prepare([self.preprocessor.sample()])
-        logits = self.student.predict(self._student_feeds(batch))
-        if logits.shape[1] != self.manifest.student_outputs:
-            raise ValueError(
-                f"{self.bundle.student_path} has {logits.shape[1]} outputs; the manifest says "
-                f"{self.manifest.student_outputs}"
-            )
+    async def _follow_rollout(self) -> None:
+        state = self.rollout.read()
+        if state is not None and Path(state.bundle) != self.active.bundle.path:
+            log.warning("cascade %s: following rollout to %s", self.name, state.bundle)
+            await self._swap_to(Path(state.bundle))
+
+    async def swap(self, path: Path, actor: str) -> RolloutState:
+        """Loads the bundle at `path` beside the active version, warms it, flips to it, and
+        records the choice for every worker (and restarts). The old version is retired when
+        its in-flight requests are answered."""
+        async with self._swap_lock:
+            previous = self.active.bundle.path
+            await self._swap_to(path)
+            return self.rollout.write(path, previous, self.active.version, actor)
+
+    async def rollback(self, actor: str) -> RolloutState:
+        """Back to the version before the last swap."""
+        state = self.rollout.read()
+        if state is None or state.previous is None:
+            raise InvalidInput(f"cascade {self.name!r} has no previous student version")
+        return await self.swap(Path(state.previous), actor)
+
+    async def _swap_to(self, path: Path) -> None:
+        def load() -> StudentVersion:
+            version = StudentVersion(Bundle.load(path), self.settings)
+            version.check_replaces(self.active)
+            version.setup()
+            return version
+
+        try:
+            new = await asyncio.to_thread(load)  # session creation and warm-up off the loop
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"bundle {path} cannot be loaded: {exc}") from None
+        old, self.active = self.active, new  # the flip: one assignment, between two requests
+        self.metrics.student_version(self.name, old.version, new.version)
+        self.threshold()
+        log.warning("cascade %s: student %s -> %s", self.name, old.version, new.version)
+        old.retired = True
+        if old.in_flight == 0:
+            old.close()
 
     async def close(self) -> None:
         if self._watch is not None:
@@ -230,40 +278,47 @@ class Cascade:
             task.cancel()
         await asyncio.gather(*self._teacher_calls, return_exceptions=True)
         await self.teacher.close()
-        self.student.close()
+        self.active.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
 
     def readiness(self) -> dict[str, bool]:
-        """Cached: never waits on the network (see _watch_teacher)."""
-        return {"student": self.student.ready, "teacher": self.teacher_ready}
+        """Cached: never waits on the network (see _watch_loop)."""
+        return {"student": self.active.student.ready, "teacher": self.teacher_ready}
 
     def threshold(self) -> float:
-        value = self.thresholds.current().threshold
+        value = self.active.threshold()
         self.metrics.set_threshold(self.name, value)
         return value
 
-    def _student_feeds(self, batch: Batch) -> dict[str, np.ndarray]:
-        if self.modality == "image":
-            return {self.manifest.student_input: batch.tensors["input"]}
-        return batch.tensors
-
-    def _teacher_feeds(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ref = self.manifest.teacher
+    def _teacher_feeds(
+        self, manifest: Manifest, tensors: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        ref = manifest.teacher
         if self.modality == "image":
             return {ref.input_name: tensors["input"]}
         return {name: tensors[key] for name, key in zip(ref.text_inputs, TEXT_INPUTS, strict=True)}
 
     async def predict(self, items: list[Any]) -> Predictions:
-        """Answers every input, in order. Bad input raises before any model runs."""
-        t0 = time.perf_counter()
-        if self._heavy(items):
-            loop = asyncio.get_running_loop()
-            batch = await loop.run_in_executor(self._decoder, self.preprocessor.prepare, items)
-        else:
-            batch = self.preprocessor.prepare(items)
-        preprocess_s = time.perf_counter() - t0
-        answer = await self.batcher.submit(batch, len(batch))
-        return Predictions(self, answer, batch.truncated, preprocess_s)
+        """Answers every input, in order, on the version active when the request started. Bad
+        input raises before any model runs."""
+        version = self.active
+        version.in_flight += 1
+        try:
+            t0 = time.perf_counter()
+            if self._heavy(items):
+                loop = asyncio.get_running_loop()
+                batch = await loop.run_in_executor(
+                    self._decoder, version.preprocessor.prepare, items
+                )
+            else:
+                batch = version.preprocessor.prepare(items)
+            preprocess_s = time.perf_counter() - t0
+            answer = await self.batcher.submit((version, batch), len(batch))
+            return Predictions(self, version, answer, batch.truncated, preprocess_s)
+        finally:
+            version.in_flight -= 1
+            if version.retired and version.in_flight == 0:
+                version.close()
 
     def _heavy(self, items: list[Any]) -> bool:
         size = 0
@@ -273,16 +328,31 @@ class Cascade:
                 return True
         return False
 
-    def _run_batch(self, jobs: list[Job[Batch, Answer]]) -> None:
+    def _run_batch(self, jobs: list[BatchJob]) -> None:
+        """Jobs by student version (one group, except around a swap), then `_run_group`."""
+        first = jobs[0].payload[0]
+        if all(job.payload[0] is first for job in jobs):
+            self._run_group(first, jobs)
+            return
+        groups: dict[int, list[BatchJob]] = {}
+        for job in jobs:
+            groups.setdefault(id(job.payload[0]), []).append(job)
+        for group in groups.values():
+            self._run_group(group[0].payload[0], group)
+
+    def _run_group(self, version: StudentVersion, jobs: list[BatchJob]) -> None:
         """One student call for every job; the delegated items of all of them go to the teacher
         in one call, in the background, while the collector moves on to the next batch."""
-        batch = Batch.concat([job.payload for job in jobs])
+        batch = Batch.concat([job.payload[1] for job in jobs])
         t0 = time.perf_counter()
-        logits = self.student.predict(self._student_feeds(batch))
+        logits = version.student.predict(version.feeds(batch))
         student_s = time.perf_counter() - t0
-        threshold = self.threshold()
-        decision = decide(logits, threshold, **self._policy)
-        probs = class_probabilities(decision.probs, self.manifest.output_classes, len(self.classes))
+        threshold = version.threshold()
+        if version is self.active:
+            self.metrics.set_threshold(self.name, threshold)
+        decision = decide(logits, threshold, **version.policy)
+        m = version.manifest
+        probs = class_probabilities(decision.probs, m.output_classes, len(self.classes))
         if probs is decision.probs:
             probs = probs.copy()  # teacher rows are written into it
         n = len(batch)
@@ -314,8 +384,9 @@ class Cascade:
         waiting = np.zeros(len(jobs), dtype=bool)
         waiting[np.searchsorted(starts, delegated, side="right") - 1] = True
         _resolve(jobs, answer, lambda j: not waiting[j])
+        feeds = self._teacher_feeds(m, batch.take(delegated))
         task = asyncio.get_running_loop().create_task(
-            self._delegate(jobs, answer, batch.take(delegated), delegated, waiting)
+            self._delegate(jobs, answer, feeds, delegated, waiting)
         )
         self._teacher_calls.add(task)
         task.add_done_callback(self._teacher_calls.discard)
@@ -331,16 +402,16 @@ class Cascade:
 
     async def _delegate(
         self,
-        jobs: list[Job[Batch, Answer]],
+        jobs: list[BatchJob],
         answer: Answer,
-        tensors: dict[str, np.ndarray],
+        feeds: dict[str, np.ndarray],
         delegated: np.ndarray,
         waiting: np.ndarray,
     ) -> None:
         t0 = time.perf_counter()
         error: str | None = None
         try:
-            teacher_logits = await self.teacher.infer(self._teacher_feeds(tensors))
+            teacher_logits = await self.teacher.infer(feeds)
             if teacher_logits.shape != (delegated.size, len(self.classes)):
                 raise TeacherUnavailable(
                     "error",
@@ -380,7 +451,7 @@ class Cascade:
         _resolve(jobs, answer, lambda j: bool(waiting[j]))
 
 
-def _resolve(jobs: list[Job[Batch, Answer]], answer: Answer, which: Callable[[int], bool]) -> None:
+def _resolve(jobs: list[BatchJob], answer: Answer, which: Callable[[int], bool]) -> None:
     """Hands each chosen job its rows of the batch's answer."""
     start = 0
     for j, job in enumerate(jobs):

@@ -115,42 +115,37 @@ class ThresholdStore:
             source="admin",
             target_delegation_rate=target_delegation_rate,
             student_version=self.student_version,
-            updated_at=_now(),
+            updated_at=now(),
             updated_by=actor,
         )
         return self._write(new, actor)
 
     def reset(self, *, actor: str) -> tuple[ThresholdState, ThresholdState]:
         """Back to the bundle's calibrated default."""
-        new = self._default.model_copy(update={"updated_at": _now(), "updated_by": actor})
+        new = self._default.model_copy(update={"updated_at": now(), "updated_by": actor})
         return self._write(new, actor, remove=True)
 
     def _write(
         self, new: ThresholdState, actor: str, remove: bool = False
     ) -> tuple[ThresholdState, ThresholdState]:
-        with self._locked():
+        with locked(self._lock_path):
             old = self.current()
             if remove:
                 self.path.unlink(missing_ok=True)
             else:
-                tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_text(new.model_dump_json())
-                os.replace(tmp, self.path)
-            with open(self.audit_path, "a") as audit:
-                audit.write(
-                    json.dumps(
-                        {
-                            "at": new.updated_at,
-                            "by": actor,
-                            "cascade": self.cascade,
-                            "old": old.threshold,
-                            "new": new.threshold,
-                            "source": new.source,
-                            "target_delegation_rate": new.target_delegation_rate,
-                        }
-                    )
-                    + "\n"
-                )
+                replace_atomically(self.path, new.model_dump_json())
+            append_audit(
+                self.audit_path,
+                {
+                    "at": new.updated_at,
+                    "by": actor,
+                    "cascade": self.cascade,
+                    "old": old.threshold,
+                    "new": new.threshold,
+                    "source": new.source,
+                    "target_delegation_rate": new.target_delegation_rate,
+                },
+            )
             current = self.current()
         log.warning(
             "cascade %s: threshold %.4f -> %.4f (%s) by %s",
@@ -162,15 +157,29 @@ class ThresholdStore:
         )
         return old, current
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self._lock_path, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock between worker processes (and hosts sharing the directory)."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _now() -> str:
+def replace_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def append_audit(path: Path, entry: dict[str, object]) -> None:
+    with open(path, "a") as audit:
+        audit.write(json.dumps(entry) + "\n")
+
+
+def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")

@@ -145,6 +145,13 @@ class Metrics:
             ["cascade", "to"],
             registry=reg,
         )
+        self.student_info = Gauge(
+            "cascade_student_version_info",
+            "The student version each cascade serves (1; 0 for a version swapped out)",
+            ["cascade", "version"],
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
         self.shed = Counter(
             "cascade_shed_requests",
             "Requests refused with 503 because the worker had too many in flight",
@@ -228,6 +235,12 @@ class Metrics:
     def circuit(self, cascade: str, state: int, name: str) -> None:
         self.circuit_state.labels(cascade).set(state)
         self.circuit_transitions.labels(cascade, name).inc()
+
+    @_never_raises
+    def student_version(self, cascade: str, old: str | None, new: str) -> None:
+        if old is not None and old != new:
+            self.student_info.labels(cascade, old).set(0)
+        self.student_info.labels(cascade, new).set(1)
 
     @_never_raises
     def shed_request(self) -> None:

@@ -199,7 +199,7 @@ class PredictEndpoints:
                 cascade.name, predictions.preprocess_s, total, a.student_s + a.teacher_s
             )
             payload, json_length = encode_response(
-                request, predictions, cascade.versions["student"]
+                request, predictions, predictions.version.version
             )
             headers = list(self._headers)
             if json_length is not None:

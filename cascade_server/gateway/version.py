@@ -1,0 +1,96 @@
+"""One loaded version of a cascade's student: its bundle, preprocessing, ONNX session, threshold
+store (with that version's calibration) and policy. A cascade serves one version at a time and
+swaps to another without dropping requests (cascade.py); each request runs end to end on the
+version it started with."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..bundle import Bundle, TextPreprocess
+from ..errors import InvalidInput
+from ..preprocess import Batch, ImagePreprocessor, Preprocessor, TextPreprocessor
+from ..settings import Settings
+from .control import ThresholdStore
+from .student import OnnxStudent, Student
+
+log = logging.getLogger(__name__)
+
+
+class StudentVersion:
+    def __init__(self, bundle: Bundle, settings: Settings, student: Student | None = None) -> None:
+        m = bundle.manifest
+        self.bundle = bundle
+        self.manifest = m
+        self.version = m.version
+        self.preprocessor: Preprocessor
+        if isinstance(m.preprocess, TextPreprocess):
+            self.preprocessor = TextPreprocessor(
+                m.preprocess, bundle.path / m.preprocess.tokenizer_file, settings.max_text_chars
+            )
+        else:
+            self.preprocessor = ImagePreprocessor(
+                m.preprocess, settings.max_image_pixels, settings.max_request_pixels
+            )
+        self.student: Student = student or OnnxStudent(
+            bundle.student_path,
+            m.student_output,
+            device=settings.student_device,
+            threads=settings.student_threads,
+        )
+        self.thresholds = ThresholdStore(
+            settings.state_dir,
+            m.name,
+            default_threshold=m.default_threshold,
+            calibration=m.calibration,
+            student_version=m.version,
+        )
+        teacher_version = m.teacher.model_version or "latest"
+        self.versions = {
+            "student": m.version,
+            "teacher": f"{m.teacher.model_name}/{teacher_version}",
+        }
+        self.policy = m.policy()
+        self.in_flight = 0  # requests that started on this version and are not answered yet
+        self.retired = False
+
+    def setup(self) -> None:
+        """Loads the session and pays first-call costs (codecs, ORT's first run) before traffic
+        does; checks the model against the manifest."""
+        self.student.setup()
+        batch = self.preprocessor.prepare([self.preprocessor.sample()])
+        logits = self.student.predict(self.feeds(batch))
+        if logits.shape[1] != self.manifest.student_outputs:
+            raise ValueError(
+                f"{self.bundle.student_path} has {logits.shape[1]} outputs; the manifest says "
+                f"{self.manifest.student_outputs}"
+            )
+
+    def close(self) -> None:
+        self.student.close()
+
+    def feeds(self, batch: Batch) -> dict[str, np.ndarray]:
+        if self.manifest.modality == "image":
+            return {self.manifest.student_input: batch.tensors["input"]}
+        return batch.tensors
+
+    def threshold(self) -> float:
+        value: float = self.thresholds.current().threshold
+        return value
+
+    def check_replaces(self, current: StudentVersion) -> None:
+        """A new version must be the same cascade: same name, modality, classes and teacher."""
+        new, old = self.manifest, current.manifest
+        for field, a, b in (
+            ("name", new.name, old.name),
+            ("modality", new.modality, old.modality),
+            ("classes", new.classes, old.classes),
+            ("teacher", new.teacher, old.teacher),
+        ):
+            if a != b:
+                raise InvalidInput(
+                    f"bundle {self.bundle.path} cannot replace cascade {old.name!r}: its {field} "
+                    "differs"
+                )
