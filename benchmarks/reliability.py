@@ -9,6 +9,7 @@
 - killed: Triton killed (SIGKILL), restarted on the same ports 3 s later;
 - slow: a teacher that takes 1.5 s per batch (past the 1 s deadline), for the whole run;
 - overload: 3x more clients than the worker admits (CASCADE_MAX_IN_FLIGHT);
+- swap: the student hot-swapped to another version through the admin API;
 - sigterm: SIGTERM to the gateway with a 2 s drain.
 For each: requests sent, answered (normal / degraded), refused (503 with Retry-After), lost
 (timeouts, dropped connections), refused at connect (after shutdown), unhandled 5xx, p50/p99,
@@ -157,6 +158,10 @@ def scenario_killed(ctx) -> dict:
                                 seconds=ctx.seconds, events=events))  # fmt: skip
     finally:
         gw.stop()
+        # Restarted from the driver's helper thread, that Triton would get SIGTERM when the
+        # thread ends (PR_SET_PDEATHSIG follows the thread); replace it from the main thread.
+        triton.stop()
+        triton.start()
     return row("Triton killed, restarted 3 s later", run, recovery_seconds(run, 6.0),
                "recovery counted from the restart (Triton needs ~2.5 s to be ready)")  # fmt: skip
 
@@ -216,12 +221,46 @@ def scenario_sigterm(ctx) -> dict:
     return row("SIGTERM, 2 s drain", run, None, note)
 
 
+def scenario_swap(ctx) -> dict:
+    import shutil
+
+    v2 = ctx.work / "bundle-v2"
+    shutil.rmtree(v2, ignore_errors=True)
+    shutil.copytree(ctx.bundle, v2)
+    manifest = json.loads((v2 / "manifest.json").read_text())
+    manifest["version"] = "swapped-v2"
+    (v2 / "manifest.json").write_text(json.dumps(manifest))
+    gw = Gateway(ctx.bundle, ctx.triton.grpc_url, ctx.work)
+    took: list[float] = []
+
+    def swap() -> None:
+        t0 = time.perf_counter()
+        req = urllib.request.Request(
+            f"{gw.url}/admin/student", data=json.dumps({"bundle": str(v2)}).encode(),
+            method="PUT", headers={"authorization": f"Bearer {TOKEN}",
+                                   "content-type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+        took.append(time.perf_counter() - t0)
+
+    try:
+        run = asyncio.run(drive(f"{gw.url}/predict", ctx.payloads, concurrency=ctx.c,
+                                seconds=ctx.seconds, events=[(5.0, swap)]))  # fmt: skip
+    finally:
+        gw.stop()
+        shutil.rmtree(ctx.work / "state", ignore_errors=True)  # the next scenarios serve v1
+    note = f"swap call took {took[0]:.2f} s" if took else "swap failed"
+    return row("hot swap of the student", run, None, note)
+
+
 SCENARIOS = {
     "healthy": scenario_healthy,
     "hung": scenario_hung,
     "killed": scenario_killed,
     "slow": scenario_slow,
     "overload": scenario_overload,
+    "swap": scenario_swap,
     "sigterm": scenario_sigterm,
 }
 

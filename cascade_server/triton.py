@@ -195,6 +195,8 @@ class TritonServer:
         return env
 
     def start(self, timeout_s: float = 60.0) -> TritonServer:
+        """Starts and waits until ready. Call it from a thread that outlives the server: the
+        parent-death signal follows the thread that started it, not the process."""
         if self.process is not None:
             raise RuntimeError("tritonserver already started")
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -5,17 +5,31 @@ from __future__ import annotations
 import hashlib
 import hmac
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import Forbidden, InvalidInput, Unauthorized, format_validation_errors
+from .schemas import ErrorResponse, documented_errors
 
 if TYPE_CHECKING:
     from .cascade import Cascade
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    responses=documented_errors(
+        ErrorResponse,
+        {
+            401: "no bearer token",
+            403: "wrong token, or the admin API is disabled",
+            404: "no such cascade",
+            413: "body over the limit",
+            422: "invalid update, or the cascade is ambiguous (name it)",
+        },
+    ),
+)
 
 
 def require_admin(request: Request) -> str:
@@ -75,28 +89,37 @@ async def get_threshold(request: Request, _: Admin, cascade: str | None = None) 
     return _describe(request.app.state.gateway.resolve(cascade))
 
 
-@router.put(
-    "/threshold",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": ThresholdUpdate.model_json_schema()}},
-        }
-    },
-)
+def _one_cascade(in_body: str | None, in_query: str | None) -> str | None:
+    if in_body and in_query and in_body != in_query:
+        raise InvalidInput(f"?cascade={in_query} and body cascade {in_body!r} differ")
+    return in_body or in_query
+
+
+def _documented_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a JSON body that the route reads itself (after the token is checked)."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+async def _read_body(request: Request, model: type[B]) -> B:
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise InvalidInput(format_validation_errors(exc.errors())) from None
+
+
+@router.put("/threshold", openapi_extra=_documented_body(ThresholdUpdate))
 async def put_threshold(
     request: Request, actor: Admin, cascade: str | None = None
 ) -> dict[str, Any]:
     """Set the threshold, or a target delegation rate resolved through the calibration table.
     Applies to every worker at once and survives restarts. The body is read after the token is
     checked: an unauthenticated caller learns nothing about what a valid body is."""
-    try:
-        update = ThresholdUpdate.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise InvalidInput(format_validation_errors(exc.errors())) from None
-    if update.cascade and cascade and update.cascade != cascade:
-        raise InvalidInput(f"?cascade={cascade} and body cascade {update.cascade!r} differ")
-    target = request.app.state.gateway.resolve(update.cascade or cascade)
+    update = await _read_body(request, ThresholdUpdate)
+    target = request.app.state.gateway.resolve(_one_cascade(update.cascade, cascade))
     old, _ = target.thresholds.set(
         threshold=update.threshold,
         target_delegation_rate=update.target_delegation_rate,
@@ -141,26 +164,15 @@ async def get_student(request: Request, _: Admin, cascade: str | None = None) ->
     return _student(request.app.state.gateway.resolve(cascade))
 
 
-@router.put(
-    "/student",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": StudentUpdate.model_json_schema()}},
-        }
-    },
-)
+@router.put("/student", openapi_extra=_documented_body(StudentUpdate))
 async def put_student(request: Request, actor: Admin, cascade: str | None = None) -> dict[str, Any]:
     """Hot swap: load the bundle beside the served version, warm it, flip to it between two
     requests, and retire the old version once its in-flight requests are answered. Every worker
     follows within CASCADE_READINESS_INTERVAL_S; the choice survives restarts. The threshold
     follows the new calibration when a target delegation rate is set."""
-    try:
-        update = StudentUpdate.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise InvalidInput(format_validation_errors(exc.errors())) from None
-    target = request.app.state.gateway.resolve(update.cascade or cascade)
-    await target.swap(Path(update.bundle).resolve(), actor)
+    update = await _read_body(request, StudentUpdate)
+    target = request.app.state.gateway.resolve(_one_cascade(update.cascade, cascade))
+    await target.swap(Path(update.bundle), actor)
     return {**_student(target), "threshold": target.threshold()}
 
 

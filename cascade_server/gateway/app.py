@@ -44,7 +44,7 @@ def load_cascades(
 ) -> dict[str, Cascade]:
     cascades: dict[str, Cascade] = {}
     for path in settings.bundles:
-        bundle = Bundle.load(path)
+        bundle = Bundle.load(path.resolve())  # the path the rollout state records
         name = bundle.manifest.name
         if name in cascades:
             raise ValueError(f"two bundles are named {name!r}: {path}")

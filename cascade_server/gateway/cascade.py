@@ -241,7 +241,8 @@ class Cascade:
         async with self._swap_lock:
             previous = self.active.bundle.path
             await self._swap_to(path)
-            return self.rollout.write(path, previous, self.active.version, actor)
+            new = self.active.bundle.path
+            return self.rollout.write(new, previous, self.active.version, actor)
 
     async def rollback(self, actor: str) -> RolloutState:
         """Back to the version before the last swap."""
@@ -252,7 +253,7 @@ class Cascade:
 
     async def _swap_to(self, path: Path) -> None:
         def load() -> StudentVersion:
-            version = StudentVersion(Bundle.load(path), self.settings)
+            version = StudentVersion(Bundle.load(path.resolve()), self.settings)
             version.check_replaces(self.active)
             version.setup()
             return version

@@ -36,6 +36,22 @@ def cascade_error_response(exc: CascadeError) -> Response:
     return error_response(exc.status, exc.code, exc.message, headers)
 
 
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    methods: set[str] = set()
+    routes = list(app.routes)
+    while routes:
+        route = routes.pop()
+        # An included router (FastAPI >= 0.160) holds its routes on the original router.
+        original = getattr(route, "original_router", None)
+        if original is not None:
+            routes.extend(original.routes)
+            continue
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(CascadeError)
     async def _cascade(_: Request, exc: CascadeError) -> Response:
@@ -46,8 +62,13 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(422, "invalid_input", format_validation_errors(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(exc.status_code, "http_error", str(exc.detail), exc.headers)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route matching the path only; a path
+            # served by several routes (GET and PUT /admin/threshold) allows them all.
+            headers["Allow"] = ", ".join(allowed_methods(app, request.url.path))
+        return error_response(exc.status_code, "http_error", str(exc.detail), headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

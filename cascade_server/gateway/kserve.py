@@ -21,6 +21,7 @@ from starlette.responses import Response
 from .. import __version__
 from ..errors import BadRequest, InvalidInput, PayloadTooLarge
 from .parsing import decode_base64
+from .schemas import ProtocolError, documented_errors
 
 if TYPE_CHECKING:
     from .cascade import Cascade, Predictions
@@ -237,7 +238,11 @@ def model_metadata(cascade: Cascade) -> dict[str, Any]:
     }
 
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+router = APIRouter(
+    prefix="/v2",
+    tags=["open inference protocol"],
+    responses=documented_errors(ProtocolError, {404: "no such model", 503: "not ready"}),
+)
 
 
 def _json(body: dict[str, Any], status: int = 200) -> Response:

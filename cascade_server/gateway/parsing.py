@@ -211,23 +211,17 @@ def parse_text(raw: bytes, head: RequestHead, settings: Settings) -> ParsedReque
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadRequest(f"body is not valid UTF-8 (the only charset accepted): {exc}") from None
-    return ParsedRequest(
-        [text],
-        "text",
-        head.query.get("cascade"),
-        int_param(head.query.get("top_k"), "top_k"),
-        False,
-    )
+    return _one_input(text, "text", head)
 
 
 def parse_image(raw: bytes, head: RequestHead, settings: Settings) -> ParsedRequest:
-    return ParsedRequest(
-        [raw],
-        "image",
-        head.query.get("cascade"),
-        int_param(head.query.get("top_k"), "top_k"),
-        False,
-    )
+    return _one_input(raw, "image", head)
+
+
+def _one_input(item: bytes | str, modality: Modality, head: RequestHead) -> ParsedRequest:
+    """A raw body is one input; the cascade and top_k come from the query."""
+    top_k = int_param(head.query.get("top_k"), "top_k")
+    return ParsedRequest([item], modality, head.query.get("cascade"), top_k, False)
 
 
 async def parse_multipart(

@@ -23,7 +23,10 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={503: {"description": "not ready (details per cascade), starting or draining"}},
+)
 async def readyz(
     request: Request, teacher: Literal["required", "optional"] = "required"
 ) -> Response:
@@ -68,7 +71,10 @@ async def cascades(request: Request) -> dict[str, Any]:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+        503: {"description": "starting"},
+    },
 )
 async def metrics(request: Request) -> Response:
     """Prometheus metrics, aggregated over every worker process."""

@@ -4,7 +4,7 @@ invalid JSON with a precise message. Valid requests are parsed without building 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -81,3 +81,14 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class ProtocolError(BaseModel):
+    """Errors of the Open Inference Protocol routes, in that protocol's shape."""
+
+    error: str
+
+
+def documented_errors(model: type[BaseModel], codes: dict[int, str]) -> dict[int | str, Any]:
+    """FastAPI `responses=` for the error answers a router gives."""
+    return {code: {"model": model, "description": text} for code, text in codes.items()}

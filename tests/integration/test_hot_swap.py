@@ -91,8 +91,9 @@ def test_swap_and_rollback_need_the_token_and_a_previous_version(gateway, demo, 
         assert client.put("/admin/student", json={"bundle": "/x"}).status_code == 401
         r = client.post("/admin/student/rollback", headers=AUTH)
         assert r.status_code == 422 and "no previous" in r.json()["error"]["message"]
-        r = client.put("/admin/student", json={"bundle": str(tmp_path / "nope")}, headers=AUTH)
-        assert r.status_code == 422 and "cannot be loaded" in r.json()["error"]["message"]
+        for bad in (str(tmp_path / "nope"), "\x00bad", "/dev/null"):
+            r = client.put("/admin/student", json={"bundle": bad}, headers=AUTH)
+            assert r.status_code == 422 and "cannot be loaded" in r.json()["error"]["message"]
 
 
 def test_swap_under_load_drops_nothing_and_flips_once(demo, tmp_path):
