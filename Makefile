@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 WORKERS ?= 1
 
-.PHONY: setup serve test test-fast lint format demo bench bench-quick bench-serving loadtest clean
+.PHONY: setup serve test test-fast lint format demo bench bench-quick bench-serving loadtest reliability clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,11 @@ bench-quick: setup
 ## The gateway beside echo, direct Triton and a Triton-only cascade (about 12 min; needs wrk).
 bench-serving: setup
 	$(BIN)/python benchmarks/serving.py
+
+## Fault tests under load (Triton hung, killed, slow; overload; hot swap; SIGTERM), ~3 min:
+## figures into docs/reliability.md.
+reliability: setup
+	$(BIN)/python benchmarks/reliability.py --write docs/reliability.md
 
 ## Locust against a running gateway: CSVs, summary.json and a plot under $(LOADTEST_OUT).
 LOADTEST_HOST ?= http://$(HOST):$(PORT)

@@ -10,6 +10,9 @@ import numpy as np
 from ..bundle import CalibrationRow
 from .calibrate import cascade_rows, student_predictions
 
+# numpy 2 renamed trapz to trapezoid (and removed trapz in 2.4); numpy 1 has only trapz.
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz
+
 
 def summarize(rows: list[CalibrationRow], student_acc: float, teacher_acc: float) -> dict:
     rates = np.array([r.delegation_rate for r in rows])
@@ -33,7 +36,7 @@ def summarize(rows: list[CalibrationRow], student_acc: float, teacher_acc: float
         # Smallest delegation rate whose cascade accuracy reaches teacher accuracy - 0.5 pt.
         "delegation_to_teacher_minus_0.5pt": float(reaching.min()) if reaching.size else None,
         # Area under accuracy vs delegation rate, over [first rate, 1].
-        "auc": float(np.trapz(accs, rates)),
+        "auc": float(_trapezoid(accs, rates)),
         "gap_recovered": {
             f"{q:.1f}": (acc_at(q) - student_acc) / gap
             if gap > 0 and acc_at(q) is not None
