@@ -13,13 +13,15 @@ import logging
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import CascadeError, PayloadTooLarge, UnknownCascade
-from .http_errors import JSON, cascade_error_response, error_response
+from .http_errors import JSON, error_response
+from .http_errors import error_body as http_error_body
 from .kserve import HEADER_LENGTH, encode_response, error_body, parse_infer, split_body
 from .parsing import (
     RequestHead,
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 _JSON_HEADER = (b"content-type", JSON.encode())
+# A handled request: status, body, headers.
+Answered = tuple[int, bytes, list[tuple[bytes, bytes]]]
+Handler = Callable[["Gateway", "list[Cascade]", float], Awaitable[Answered]]
 
 
 async def send_body(
@@ -82,24 +87,21 @@ class PredictEndpoints:
         if path == "/predict":
             if scope["method"] != "POST":
                 await self._refuse(scope, receive, send, 405, "method_not_allowed", "use POST")
-            elif await self._shed(scope, receive, send):
                 return
-            else:
-                self.in_flight += 1
-                try:
-                    await self._predict(scope, receive, send)
-                finally:
-                    self.in_flight -= 1
+
+            async def predict(gateway: Gateway, chosen: list[Cascade], started: float) -> Answered:
+                return await self._predict(scope, receive, gateway, chosen, started)
+
+            await self._serve(scope, receive, send, predict, protocol=False)
             return
         match = _INFER.match(path) if path.startswith("/v2/models/") else None
         if match is not None and scope["method"] == "POST":
-            if await self._shed(scope, receive, send):
-                return
-            self.in_flight += 1
-            try:
-                await self._infer(scope, receive, send, match.group(1), match.group(2))
-            finally:
-                self.in_flight -= 1
+            name, version = match.group(1), match.group(2)
+
+            async def infer(gateway: Gateway, chosen: list[Cascade], started: float) -> Answered:
+                return await self._infer(scope, receive, gateway, chosen, started, name, version)
+
+            await self._serve(scope, receive, send, infer, protocol=True)
             return
         # Other routes: the declared size is checked up front, the streamed one as it comes.
         for name, value in scope["headers"]:
@@ -110,108 +112,130 @@ class PredictEndpoints:
                 return
         await self.api(scope, limited_receive(receive, self.max_body_bytes), send)
 
-    async def _shed(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        """Refuses the request at once (503, Retry-After) when this worker already handles
-        max_in_flight: an explicit refusal the client can retry, not a queue that grows."""
-        if self.in_flight < self.max_in_flight:
-            return False
-        if self.gateway is not None:
-            self.gateway.metrics.shed_request()
-        await error_response(
-            503,
-            "overloaded",
-            f"the gateway is at its limit of {self.max_in_flight} requests in flight; "
-            f"retry after {self.retry_after_s}s",
-            {"Retry-After": str(self.retry_after_s)},
-        )(scope, receive, send)
-        return True
-
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str
     ) -> None:
         headers = {"Allow": "POST"} if status == 405 else None
         await error_response(status, code, message, headers)(scope, receive, send)
 
-    async def _predict(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
-        gateway = self.gateway
-        if gateway is None:
-            await self._refuse(scope, receive, send, 503, "not_ready", "the gateway is starting")
-            return
-        metrics, settings = gateway.metrics, gateway.settings
-        metrics.request_started()
-        cascade: Cascade | None = None
-        try:
-            head = RequestHead.from_scope(scope)
-            parsed = await parse_request(scope, receive, head, settings)
-            cascade = gateway.resolve(parsed.cascade, parsed.modality)
-            predictions = await cascade.predict(parsed.items)
-            total = time.perf_counter() - started
-            outputs = predictions.outputs(parsed.top_k or settings.default_top_k, total)
-            a = predictions.answer
-            metrics.request_done(
-                cascade.name, predictions.preprocess_s, total, a.student_s + a.teacher_s
-            )
-            body = orjson.dumps({"outputs": outputs} if parsed.batched else outputs[0])
-            await send_body(send, 200, body, self._headers)
-        except CascadeError as exc:
-            metrics.rejected(gateway.label_for_rejection(cascade))
-            await cascade_error_response(exc)(scope, receive, send)
-        except Exception:
-            log.exception("unhandled error on POST /predict")
-            metrics.failed(gateway.label_for_rejection(cascade))
-            await error_response(500, "internal_error", "internal error")(scope, receive, send)
-        finally:
-            metrics.request_finished()
-
-    async def _infer(
-        self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        handle: Handler,
+        *,
+        protocol: bool,
     ) -> None:
-        started = time.perf_counter()
+        """What both prediction endpoints share: shedding past max_in_flight (503 with
+        Retry-After, an explicit refusal the client can retry, not a queue that grows), the
+        in-flight count, and the one mapping of errors to answers and metrics. `protocol`: errors
+        in the Open Inference Protocol's shape instead of ours."""
         gateway = self.gateway
         if gateway is None:
-            await send_body(send, 503, error_body("the gateway is starting"), [_JSON_HEADER])
+            await self._error(send, 503, "not_ready", "the gateway is starting", protocol)
             return
-        metrics, settings = gateway.metrics, gateway.settings
+        metrics = gateway.metrics
+        if self.in_flight >= self.max_in_flight:
+            metrics.shed_request()
+            message = (
+                f"the gateway is at its limit of {self.max_in_flight} requests in flight; "
+                f"retry after {self.retry_after_s}s"
+            )
+            retry = [(b"retry-after", str(self.retry_after_s).encode())]
+            await self._error(send, 503, "overloaded", message, protocol, retry)
+            return
+        started = time.perf_counter()
+        self.in_flight += 1
         metrics.request_started()
-        cascade: Cascade | None = None
+        chosen: list[Cascade] = []  # the cascade, once the request names one
         try:
-            cascade = gateway.resolve(name)
-            if version is not None and version != cascade.versions["student"]:
-                raise UnknownCascade(f"model {name!r} has no version {version!r}")
-            head = RequestHead.from_scope(scope)
-            if head.content_length is not None and head.content_length > settings.max_body_bytes:
-                raise PayloadTooLarge(body_limit_message(settings.max_body_bytes))
-            body = await read_body(
-                limited_receive(receive, settings.max_body_bytes), settings.body_timeout_s
-            )
-            header_length = next(
-                (v.decode("latin-1") for k, v in scope["headers"] if k == HEADER_LENGTH.encode()),
-                None,
-            )
-            request = parse_infer(
-                *split_body(body, header_length), cascade.modality, settings.max_batch
-            )
-            predictions = await cascade.predict(request.items)
-            total = time.perf_counter() - started
-            a = predictions.answer
-            metrics.request_done(
-                cascade.name, predictions.preprocess_s, total, a.student_s + a.teacher_s
-            )
-            payload, json_length = encode_response(
-                request, predictions, predictions.version.version
-            )
-            headers = list(self._headers)
-            if json_length is not None:
-                headers[0] = (b"content-type", b"application/octet-stream")
-                headers.append((HEADER_LENGTH.encode(), str(json_length).encode()))
-            await send_body(send, 200, payload, headers)
+            status, body, headers = await handle(gateway, chosen, started)
+            await send_body(send, status, body, headers)
         except CascadeError as exc:
-            metrics.rejected(gateway.label_for_rejection(cascade))
-            await send_body(send, exc.status, error_body(exc.message), [_JSON_HEADER])
+            metrics.rejected(gateway.label_for_rejection(chosen[0] if chosen else None))
+            auth = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
+            await self._error(send, exc.status, exc.code, exc.message, protocol, auth)
         except Exception:
             log.exception("unhandled error on POST %s", scope["path"])
-            metrics.failed(gateway.label_for_rejection(cascade))
-            await send_body(send, 500, error_body("internal error"), [_JSON_HEADER])
+            metrics.failed(gateway.label_for_rejection(chosen[0] if chosen else None))
+            await self._error(send, 500, "internal_error", "internal error", protocol)
         finally:
+            self.in_flight -= 1
             metrics.request_finished()
+
+    async def _error(
+        self,
+        send: Send,
+        status: int,
+        code: str,
+        message: str,
+        protocol: bool,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        body = error_body(message) if protocol else http_error_body(code, message)
+        await send_body(send, status, body, [_JSON_HEADER, *(headers or [])])
+
+    async def _predict(
+        self,
+        scope: Scope,
+        receive: Receive,
+        gateway: Gateway,
+        chosen: list[Cascade],
+        started: float,
+    ) -> Answered:
+        settings = gateway.settings
+        head = RequestHead.from_scope(scope)
+        parsed = await parse_request(scope, receive, head, settings)
+        cascade = gateway.resolve(parsed.cascade, parsed.modality)
+        chosen.append(cascade)
+        predictions = await cascade.predict(parsed.items)
+        total = time.perf_counter() - started
+        outputs = predictions.outputs(parsed.top_k or settings.default_top_k, total)
+        a = predictions.answer
+        gateway.metrics.request_done(
+            cascade.name, predictions.preprocess_s, total, a.student_s + a.teacher_s
+        )
+        body = orjson.dumps({"outputs": outputs} if parsed.batched else outputs[0])
+        return 200, body, self._headers
+
+    async def _infer(
+        self,
+        scope: Scope,
+        receive: Receive,
+        gateway: Gateway,
+        chosen: list[Cascade],
+        started: float,
+        name: str,
+        version: str | None,
+    ) -> Answered:
+        settings = gateway.settings
+        cascade = gateway.resolve(name)
+        chosen.append(cascade)
+        if version is not None and version != cascade.versions["student"]:
+            raise UnknownCascade(f"model {name!r} has no version {version!r}")
+        head = RequestHead.from_scope(scope)
+        if head.content_length is not None and head.content_length > settings.max_body_bytes:
+            raise PayloadTooLarge(body_limit_message(settings.max_body_bytes))
+        body = await read_body(
+            limited_receive(receive, settings.max_body_bytes), settings.body_timeout_s
+        )
+        header_length = next(
+            (v.decode("latin-1") for k, v in scope["headers"] if k == HEADER_LENGTH.encode()),
+            None,
+        )
+        request = parse_infer(
+            *split_body(body, header_length), cascade.modality, settings.max_batch
+        )
+        predictions = await cascade.predict(request.items)
+        total = time.perf_counter() - started
+        a = predictions.answer
+        gateway.metrics.request_done(
+            cascade.name, predictions.preprocess_s, total, a.student_s + a.teacher_s
+        )
+        payload, json_length = encode_response(request, predictions, predictions.version.version)
+        headers = list(self._headers)
+        if json_length is not None:
+            headers[0] = (b"content-type", b"application/octet-stream")
+            headers.append((HEADER_LENGTH.encode(), str(json_length).encode()))
+        return 200, payload, headers
