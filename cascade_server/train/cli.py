@@ -147,6 +147,15 @@ def _from_run(run: Path, overrides: list[str] = ()):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .engine import shutdown_distributed
+
+    try:
+        return _command(args)
+    finally:
+        shutdown_distributed()  # under torchrun: leave the process group cleanly
+
+
+def _command(args: argparse.Namespace) -> int:
     # The ONNX exporter narrates every optimisation pass.
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

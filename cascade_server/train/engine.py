@@ -73,6 +73,12 @@ def init_distributed(device: str) -> None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
+def shutdown_distributed() -> None:
+    """Leaves the process group, if this process joined one (NCCL warns otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class Trainer:
     """One model, one optimiser and schedule, epochs on demand. `fit` drives one; methods that
     alternate two models (DiSK's student and guide) drive two."""

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..registry import Registry
+from .device import chunked, device_of, to_device
 from .engine import Batch, FitConfig, Trainer, fit, seed_everything
 from .losses import LOSSES, KDPlus, ScaffoldedLoss, WeightedResidual
 from .models import Classifier, build
@@ -427,17 +428,15 @@ class DiSK:
         p = params
         loss = ScaffoldedLoss(p.top_k, p.t_teacher, p.t_student, p.w_aux, p.w_nll, p.max_ce)
         t_logits = torch.from_numpy(ctx.train_logits())
+        device = torch.device(ctx.fit.device)
         if p.guide_input == "features":
-            z = torch.cat(
-                [
-                    ctx.teacher.features(torch.from_numpy(ctx.x_train[i : i + 512]))
-                    for i in range(0, len(ctx.x_train), 512)
-                ]
-            )
+            teacher_device = getattr(ctx.teacher, "device", "cpu")
+            z = torch.from_numpy(chunked(ctx.teacher.features, ctx.x_train, teacher_device))
         elif p.guide_input == "logits":
             z = t_logits
         else:
             raise ValueError("guide_input must be logits or features")
+        z = z.to(device)  # the guide trains on the student's device; batches index it there
         student = ctx.build_student()
         seed_everything(ctx.fit.seed)
         guide = Guide(z.shape[1], p.guide_hidden)
@@ -588,7 +587,7 @@ class BDistil:
             member = build(ctx.student_arch, ctx.in_shape, ctx.num_classes, **kwargs)
             if params.connect and prev_dim:
                 member.head = nn.Linear(member.feature_dim + prev_dim, ctx.num_classes)
-            residual = torch.from_numpy(g - current)
+            residual = to_device(g - current, ctx.fit.device)
             ensemble = Ensemble([*members, member], [*etas, 1.0], params.connect)
             for m in members:  # earlier members stay fixed
                 m.requires_grad_(False)
@@ -611,12 +610,7 @@ class BDistil:
             )
             with torch.no_grad():
                 ensemble.eval()
-                f = torch.cat(
-                    [
-                        ensemble.last_member_logits(torch.from_numpy(ctx.x_train[i : i + 512]))
-                        for i in range(0, len(ctx.x_train), 512)
-                    ]
-                ).numpy()
+                f = chunked(ensemble.last_member_logits, ctx.x_train, device_of(ensemble))
             eta = line_search(f, g - current, weigher)
             members.append(member)
             etas.append(eta)

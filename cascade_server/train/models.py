@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import Registry
+from .device import device_of
 
 ARCHITECTURES: Registry = Registry("architecture")
 
@@ -174,7 +175,7 @@ def count_macs(model: nn.Module, in_shape, modality: str = "image") -> int:
     was_training = model.training
     model.eval()
     try:
-        model(example_input(in_shape, modality))
+        model(example_input(in_shape, modality).to(device_of(model)))
     finally:
         for h in handles:
             h.remove()

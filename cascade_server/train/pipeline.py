@@ -35,6 +35,7 @@ from .calibrate import calibrate as calibrate_table
 from .calibrate import calibrate_stages
 from .config import ExperimentConfig, dump_config
 from .data import ImageData, TextData, load, split
+from .device import device_of, to_device
 from .engine import FitConfig, distributed, fit, seed_everything
 from .evaluate import evaluate as evaluate_pair
 from .export import export_onnx, load_weights, save_weights, teacher_config, write_teacher_entry
@@ -408,10 +409,14 @@ def load_student(run_dir: Path, prep: Prepared) -> tuple[nn.Module, dict]:
 @torch.no_grad()
 def student_logits(model: nn.Module, x: np.ndarray, stages: bool = False):
     model.eval()
+    device = device_of(model)
     chunks = []
     for i in range(0, len(x), 512):
-        xb = torch.from_numpy(x[i : i + 512])
-        chunks.append([s.numpy() for s in model.stages(xb)] if stages else [model(xb).numpy()])
+        xb = to_device(x[i : i + 512], device)
+        if stages:
+            chunks.append([s.float().cpu().numpy() for s in model.stages(xb)])
+        else:
+            chunks.append([model(xb).float().cpu().numpy()])
     return (
         [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
         if stages

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .device import chunked, to_device
 from .models import Classifier, build
 
 TEACHER_WEIGHTS = "teacher.pt"
@@ -33,14 +34,11 @@ class TorchTeacher:
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.features(x)
+        return self.model.features(to_device(x, self.device))
 
+    @torch.no_grad()
     def logits(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        out = [
-            self.torch_logits(torch.from_numpy(x[i : i + batch_size]).to(self.device)).cpu().numpy()
-            for i in range(0, len(x), batch_size)
-        ]
-        return np.concatenate(out).astype(np.float32)
+        return chunked(self.torch_logits, x, self.device, batch_size).astype(np.float32)
 
 
 class OnnxTeacher:

@@ -121,7 +121,7 @@ def test_help_everywhere_and_the_method_list():
 
 def test_two_process_distributed_training_with_torchrun(tmp_path):
     """DistributedDataParallel on CPU (gloo), 2 processes, as `torchrun` launches them."""
-    train(
+    done = train(
         "run",
         CONFIG,
         "--run-dir",
@@ -132,6 +132,7 @@ def test_two_process_distributed_training_with_torchrun(tmp_path):
         "fit.epochs=3",
         launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
     )
+    assert "destroy_process_group" not in done.stderr  # the group is left cleanly
     record = json.loads((tmp_path / "ddp" / "record.json").read_text())
     assert record["world_size"] == 2
     assert record["teacher"]["test_accuracy"] > 0.3
