@@ -7,7 +7,9 @@ under `torchrun`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import random
 from collections.abc import Callable
@@ -19,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
+
+from .device import chunked, to_device
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,63 @@ class FitConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    # The recipe (config.Recipe documents each knob and where the defaults come from).
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    schedule: str = "onecycle"
+    warmup_epochs: float = 0.0
+    crop_padding: int = 0
+    hflip: bool = False
+    amp: bool = True
+    channels_last: bool = True
+
+
+def augment(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random crops of the zero-padded images and random horizontal flips, for a (N, C, H, W)
+    batch, vectorised on the batch's device; the random numbers come from `gen` (CPU), so a
+    run is reproducible whatever the device."""
+    n, _, h, w = x.shape
+    if padding:
+        padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, chans, rows, cols]
+    if hflip:
+        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def schedule(
+    opt: torch.optim.Optimizer, config: FitConfig, total_steps: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total_steps)
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:  # linear warm-up, then cosine to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def optimizer(params, config: FitConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 @dataclass
@@ -101,21 +162,25 @@ class Trainer:
         self.gen = generator if generator is not None else seed_everything(config.seed)
         self.device = torch.device(config.device)
         self.rank, self.world = distributed()
+        cuda = self.device.type == "cuda"
+        self.images = x.ndim == 4 and np.issubdtype(x.dtype, np.floating)
+        self.channels_last = cuda and config.channels_last and self.images
         self.model = model.to(self.device)
-        self.trained = model
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.trained = self.model
         if self.world > 1:
-            self.trained = nn.parallel.DistributedDataParallel(model)
-        self.xs, self.ys = torch.from_numpy(x), torch.from_numpy(y)
-        self.ts = torch.from_numpy(teacher_logits) if teacher_logits is not None else None
-        self.opt = torch.optim.AdamW(
-            parameters if parameters is not None else model.parameters(),
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-        )
+            self.trained = nn.parallel.DistributedDataParallel(self.model)
+        # The training arrays live on the device for the whole run: no per-batch copies.
+        self.xs, self.ys = to_device(x, self.device), to_device(y, self.device)
+        self.ts = to_device(teacher_logits, self.device) if teacher_logits is not None else None
+        self.opt = optimizer(parameters if parameters is not None else model.parameters(), config)
         per_rank = len(self.xs) // self.world if self.world > 1 else len(self.xs)
         steps_per_epoch = max(1, -(-per_rank // config.batch_size))
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(
-            self.opt, max_lr=config.lr, total_steps=(epochs or config.epochs) * steps_per_epoch
+        total = (epochs or config.epochs) * steps_per_epoch
+        self.sched = schedule(self.opt, config, total, steps_per_epoch)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if cuda and config.amp else None
         )
         self.last_accuracy = 0.0
 
@@ -128,15 +193,22 @@ class Trainer:
         total, correct, seen = 0.0, 0, 0
         for begin in range(0, len(perm), self.config.batch_size):
             idx = perm[begin : begin + self.config.batch_size]
+            on_device = idx.to(self.device)
+            x = self.xs[on_device]
+            if self.images and (self.config.crop_padding or self.config.hflip):
+                x = augment(x, self.config.crop_padding, self.config.hflip, self.gen)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             batch = Batch(
-                self.xs[idx].to(self.device),
-                self.ys[idx].to(self.device),
-                self.ts[idx].to(self.device) if self.ts is not None else None,
+                x,
+                self.ys[on_device],
+                self.ts[on_device] if self.ts is not None else None,
                 idx,
             )
-            loss, logits = self.step(self.trained, batch)
+            with self.autocast or contextlib.nullcontext():
+                loss, logits = self.step(self.trained, batch)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.float().backward()
             self.opt.step()
             self.sched.step()
             total += float(loss.detach()) * len(idx)
@@ -223,11 +295,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 512, device: str = "cpu"):
     model.to(device).eval()
-    out = [
-        model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu().numpy()
-        for i in range(0, len(x), batch_size)
-    ]
-    return np.concatenate(out)
+    return chunked(model, x, device, batch_size)
 
 
 def accuracy(logits: np.ndarray, y: np.ndarray) -> float:

@@ -45,10 +45,15 @@ def _mask(classes: Sequence[int], num_classes: int, device) -> torch.Tensor:
 
 @LOSSES.register("ce")
 class CrossEntropy(nn.Module):
-    """Labels only: the no-teacher baseline (and how teachers are trained)."""
+    """Labels only: the no-teacher baseline (and how teachers are trained, optionally with label
+    smoothing)."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
 
     def forward(self, student_logits, teacher_logits, targets, **_) -> torch.Tensor:
-        return F.cross_entropy(student_logits, targets)
+        return F.cross_entropy(student_logits, targets, label_smoothing=self.label_smoothing)
 
 
 @LOSSES.register("kd")

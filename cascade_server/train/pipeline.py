@@ -33,7 +33,7 @@ from ..policy import in_domain_mask
 from ..preprocess import normalize
 from .calibrate import calibrate as calibrate_table
 from .calibrate import calibrate_stages
-from .config import ExperimentConfig, dump_config
+from .config import ExperimentConfig, Recipe, dump_config
 from .data import ImageData, TextData, load, split
 from .device import device_of, to_device
 from .engine import FitConfig, distributed, fit, seed_everything
@@ -83,14 +83,9 @@ class Prepared:
 
     def fit_config(self, section=None, *, progress: bool = True) -> FitConfig:
         s = section or self.config.fit
+        recipe = {f: getattr(s, f) for f in Recipe.model_fields}
         return FitConfig(
-            epochs=s.epochs,
-            batch_size=s.batch_size,
-            lr=s.lr,
-            weight_decay=getattr(s, "weight_decay", 1e-4),
-            seed=self.config.seed,
-            device=self.config.device,
-            progress=progress,
+            **recipe, seed=self.config.seed, device=self.config.device, progress=progress
         )
 
 
@@ -248,7 +243,7 @@ def train_teacher(prep: Prepared, run_dir: Path, *, progress: bool = True):
         model = build(cfg.arch, prep.in_shape, prep.num_classes, **cfg.params)
         fit(
             model,
-            LOSSES.get("ce")(),
+            LOSSES.get("ce")(label_smoothing=cfg.label_smoothing),
             prep.x["train"],
             prep.y["train"],
             prep.fit_config(cfg, progress=progress),
