@@ -9,7 +9,9 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 WORKERS ?= 1
 
-.PHONY: setup serve test test-fast lint format demo bench bench-quick bench-serving loadtest reliability clean
+VENV_NP2 ?= .venv-numpy2
+
+.PHONY: setup serve test test-numpy2 test-fast lint format demo bench bench-quick bench-serving loadtest reliability clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +29,21 @@ serve: setup
 ## Every test tier: unit, integration (in-process app), e2e (real tritonserver + uvicorn).
 test: setup
 	$(BIN)/python -m pytest
+
+## Training under numpy 2 (the serving stack stays on numpy 1 because of nvidia-pytriton).
+NUMPY2_TESTS = tests/unit/test_losses.py tests/unit/test_methods.py tests/unit/test_engine.py \
+	tests/unit/test_evaluate.py tests/unit/test_calibrate.py tests/unit/test_data.py \
+	tests/unit/test_recipe.py tests/unit/test_device.py tests/unit/test_models.py \
+	tests/unit/test_train_without_web_stack.py tests/unit/test_numpy_version.py
+$(VENV_NP2)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_NP2)
+	$(VENV_NP2)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_NP2)/bin/python -m pip install --quiet "$(TORCH)"
+	$(VENV_NP2)/bin/python -m pip install --quiet -e '.[cpu,train]' "numpy>=2" "pytest>=8"
+	touch $@
+
+test-numpy2: $(VENV_NP2)/.installed
+	CASCADE_EXPECT_NUMPY=2 $(VENV_NP2)/bin/python -m pytest -p no:cacheprovider $(NUMPY2_TESTS)
 
 test-fast: setup
 	$(BIN)/python -m pytest tests/unit tests/integration

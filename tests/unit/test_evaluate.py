@@ -22,7 +22,7 @@ def test_summary_numbers():
     assert s["delegation_to_teacher_minus_0.5pt"] == 0.2
     assert s["gap_recovered"]["0.1"] == pytest.approx(0.6)
     assert s["auc"] == pytest.approx(
-        np.trapz([0.80, 0.86, 0.895, 0.90, 0.90], [0, 0.1, 0.2, 0.3, 1.0])
+        _area([0.80, 0.86, 0.895, 0.90, 0.90], [0, 0.1, 0.2, 0.3, 1.0])
     )
 
 
@@ -44,4 +44,9 @@ def test_evaluate_and_plot(tmp_path):
 
 def test_a_curve_that_stops_short_of_full_delegation_ends_at_the_teacher():
     s = summarize(rows([(0.0, 0.8), (0.5, 0.85)]), student_acc=0.8, teacher_acc=0.9)
-    assert s["auc"] == pytest.approx(np.trapz([0.8, 0.85, 0.9], [0.0, 0.5, 1.0]))
+    assert s["auc"] == pytest.approx(_area([0.8, 0.85, 0.9], [0.0, 0.5, 1.0]))
+
+
+def _area(y, x):
+    """The trapezoid rule written out: an oracle independent of numpy's trapz/trapezoid."""
+    return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1))
