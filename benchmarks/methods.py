@@ -64,6 +64,7 @@ def banking77_config(args, method: str) -> ExperimentConfig:
         {
             "name": f"banking77-{method}",
             "seed": args.seed,
+            "device": args.device,
             "data": {
                 "name": "csv",
                 "params": {
@@ -111,6 +112,7 @@ def fashion_config(args, method: str) -> ExperimentConfig:
         {
             "name": f"fashion-{method}",
             "seed": args.seed,
+            "device": args.device,
             "data": {
                 "name": "idx",
                 "params": data_params,
@@ -148,6 +150,9 @@ def main() -> None:
         help="rebuild the table and plot from the run directories of --methods",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where teachers and students train"
+    )
     p.add_argument("--teacher-width", type=int, default=32)
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--student-hidden", type=int, default=16)

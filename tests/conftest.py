@@ -138,3 +138,12 @@ def easy_and_hard(demo: Demo, threshold: float, n: int = 5) -> tuple[list[int], 
     easy = [int(i) for i in order[::-1] if margins[i] > min(0.99, threshold + 0.1)][:n]
     assert len(hard) == n and len(easy) == n, "demo student has too few easy or hard digits"
     return easy, hard
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory):
+    """Decoded-dataset caches (cascade-train's imagefolder) go to a temporary directory, not
+    the user's ~/.cache."""
+    import os
+
+    os.environ["CASCADE_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))

@@ -7,6 +7,8 @@ import csv
 import gzip
 import hashlib
 import json
+import logging
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,26 +136,77 @@ _FASHION = (
 )
 
 
-@DATASETS.register("imagefolder")
-def imagefolder(path: str, size: int = 32, channels: int = 3) -> ImageData:
-    """One subfolder per class (sorted names = class ids), images resized to `size`."""
-    from PIL import Image
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
-    root = Path(path)
+
+def _data_cache_dir() -> Path:
+    return Path(os.environ.get("CASCADE_DATA_CACHE", "~/.cache/cascade-server")).expanduser()
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(
+    path: str,
+    size: int = 32,
+    channels: int = 3,
+    split: str | None = None,
+    cache: bool = True,
+    progress: bool = True,
+) -> ImageData:
+    """One subfolder per class (sorted names = class ids), images resized to `size`. With
+    `split` (e.g. train, test), the classes are under `path/split`. Decoded once: the arrays are
+    cached as .npz (in $CASCADE_DATA_CACHE, default ~/.cache/cascade-server), keyed by the
+    files' names, sizes and modification times, so a 50k-image folder is not decoded again."""
+    root = Path(path) / split if split else Path(path)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if len(classes) < 2:
         raise ValueError(f"{root} needs at least 2 class subfolders")
-    xs, ys = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            if file.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"):
-                continue
-            with Image.open(file) as img:
-                img = img.convert("L" if channels == 1 else "RGB").resize((size, size))
-                arr = np.asarray(img, dtype=np.uint8)
-            xs.append(arr[..., None] if arr.ndim == 2 else arr)
-            ys.append(label)
-    return ImageData(np.stack(xs), np.asarray(ys, dtype=np.int64), tuple(classes))
+    files = [
+        (label, file)
+        for label, name in enumerate(classes)
+        for file in sorted((root / name).iterdir())
+        if file.suffix.lower() in _IMAGE_SUFFIXES
+    ]
+    key = hashlib.sha256(f"{size}:{channels}".encode())
+    for label, file in files:
+        st = file.stat()
+        key.update(f"{label}/{file.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    cached = _data_cache_dir() / f"imagefolder-{key.hexdigest()[:20]}.npz"
+    if cache and cached.is_file():
+        with np.load(cached, allow_pickle=False) as f:
+            return ImageData(f["x"], f["y"], tuple(classes))
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    def decode(file: Path) -> np.ndarray:
+        with Image.open(file) as img:
+            img = img.convert("L" if channels == 1 else "RGB").resize((size, size))
+            arr = np.asarray(img, dtype=np.uint8)
+        return arr[..., None] if arr.ndim == 2 else arr
+
+    # Pillow releases the GIL while decoding: threads use every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        xs = list(
+            tqdm(
+                pool.map(decode, (f for _, f in files)),
+                total=len(files),
+                desc=f"decoding {root}",
+                disable=not progress,
+            )
+        )
+    x = np.stack(xs)
+    y = np.asarray([label for label, _ in files], dtype=np.int64)
+    if cache:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp.npz")
+            np.savez(tmp, x=x, y=y)
+            tmp.replace(cached)
+        except OSError as exc:  # a read-only cache is a slower run, not a failure
+            log.warning("could not cache %s: %s", cached, exc)
+    return ImageData(x, y, tuple(classes))
 
 
 @DATASETS.register("npz")

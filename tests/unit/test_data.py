@@ -92,3 +92,37 @@ def test_split_is_deterministic_stratified_and_disjoint():
 def test_image_data_validates():
     with pytest.raises(ValueError, match="uint8"):
         ImageData(np.zeros((2, 3, 3, 1), np.float32), np.zeros(2, np.int64), ("a", "b"))
+
+
+def test_imagefolder_splits_and_decodes_once(tmp_path, monkeypatch):
+    import PIL.Image
+
+    monkeypatch.setenv("CASCADE_DATA_CACHE", str(tmp_path / "cache"))
+    for part in ("train", "test"):
+        for label, name in enumerate(("a", "b")):
+            (tmp_path / "data" / part / name).mkdir(parents=True)
+            for i in range(3):
+                Image.new("L", (12, 12), 40 * label + i).save(
+                    tmp_path / "data" / part / name / f"{i}.png"
+                )
+    train = load("imagefolder", path=str(tmp_path / "data"), split="train", size=4, channels=1,
+                 progress=False)  # fmt: skip
+    assert train.x.shape == (6, 4, 4, 1) and train.y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+    def no_decoding(*_a, **_k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(PIL.Image, "open", no_decoding)
+    again = load("imagefolder", path=str(tmp_path / "data"), split="train", size=4, channels=1,
+                 progress=False)  # fmt: skip
+    np.testing.assert_array_equal(again.x, train.x)
+    monkeypatch.undo()
+    monkeypatch.setenv("CASCADE_DATA_CACHE", str(tmp_path / "cache"))
+    Image.new("L", (12, 12), 255).save(tmp_path / "data" / "train" / "a" / "0.png")  # changed
+    changed = load("imagefolder", path=str(tmp_path / "data"), split="train", size=4, channels=1,
+                   progress=False)  # fmt: skip
+    assert changed.x[0].min() == 255
+    test = load("imagefolder", path=str(tmp_path / "data"), split="test", size=4, channels=1,
+                progress=False)  # fmt: skip
+    assert test.x.shape == (6, 4, 4, 1)
