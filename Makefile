@@ -11,7 +11,7 @@ WORKERS ?= 1
 
 VENV_NP2 ?= .venv-numpy2
 
-.PHONY: setup serve test test-numpy2 test-fast lint format demo bench bench-quick bench-serving loadtest reliability clean
+.PHONY: setup serve test test-numpy2 test-fast lint format demo bench bench-quick bench-serving loadtest reliability deploy-check clean
 
 setup: $(VENV)/.installed
 
@@ -70,6 +70,17 @@ bench-quick: setup
 ## The gateway beside echo, direct Triton and a Triton-only cascade (about 12 min; needs wrk).
 bench-serving: setup
 	$(BIN)/python benchmarks/serving.py
+
+## deploy/ validated by the real tools: promtool (rules, rule unit tests, config; from Debian's
+## prometheus package), kubernetes-validate --strict, yamllint --strict.
+deploy-check: setup
+	@command -v promtool >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	promtool check rules deploy/prometheus/rules.yml
+	promtool test rules deploy/prometheus/rules_test.yml
+	promtool check config --syntax-only deploy/prometheus/prometheus.yml
+	$(BIN)/kubernetes-validate --strict deploy/k8s/*.yaml
+	$(BIN)/yamllint --strict deploy configs .yamllint.yml
 
 ## Fault tests under load (Triton hung, killed, slow; overload; hot swap; SIGTERM), ~3 min:
 ## figures into docs/reliability.md.

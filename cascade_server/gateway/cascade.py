@@ -153,6 +153,7 @@ class Cascade:
         self.max_teacher_calls = settings.teacher_max_in_flight
         self.readiness_interval_s = settings.readiness_interval_s
         self.teacher_ready = False
+        self._shown_threshold: tuple[float, str] | None = None
         self._watch: asyncio.Task[None] | None = None
         self.breaker = CircuitBreaker(
             settings.teacher_breaker,
@@ -289,6 +290,10 @@ class Cascade:
     def threshold(self) -> float:
         value = self.active.threshold()
         self.metrics.set_threshold(self.name, value)
+        if (value, self.active.version) != self._shown_threshold:
+            self._shown_threshold = (value, self.active.version)
+            rate = self.active.manifest.calibration.rate_for_threshold(value)
+            self.metrics.set_expected_delegation(self.name, rate)
         return value
 
     def _teacher_feeds(

@@ -117,6 +117,14 @@ class Metrics:
             registry=reg,
             multiprocess_mode="livemostrecent",
         )
+        self.expected_delegation = Gauge(
+            "cascade_expected_delegation_ratio",
+            "Delegation ratio the threshold in force is calibrated for (the configured target; "
+            "what the drift alert compares the observed ratio with)",
+            ["cascade"],
+            registry=reg,
+            multiprocess_mode="livemostrecent",
+        )
         self.latency = Histogram(
             "cascade_stage_seconds",
             "Latency per stage: preprocess, total and overhead per request; student and teacher "
@@ -283,6 +291,10 @@ class Metrics:
     @_never_raises
     def set_threshold(self, cascade: str, value: float) -> None:
         self.threshold.labels(cascade).set(value)
+
+    @_never_raises
+    def set_expected_delegation(self, cascade: str, ratio: float) -> None:
+        self.expected_delegation.labels(cascade).set(ratio)
 
     @_never_raises
     def threshold_changed(self, cascade: str) -> None:

@@ -108,3 +108,17 @@ def test_audit_log_records_old_and_new(gateway, tmp_path):
         client.put("/admin/threshold", json={"threshold": 0.5}, headers=AUTH)
     lines = (tmp_path / "state" / "digits.threshold.audit.jsonl").read_text().splitlines()
     assert [(e["old"], e["new"]) for e in map(json.loads, lines)][-1] == (0.25, 0.5)
+
+
+def test_the_calibrated_target_is_exported_for_the_drift_alert(gateway, demo):
+    calibration = Bundle.load(demo.bundle).manifest.calibration
+    with gateway() as (client, _):
+        assert metric(client, "cascade_expected_delegation_ratio", cascade="digits") == (
+            pytest.approx(0.2, abs=0.02)
+        )
+        client.put("/admin/threshold", json={"target_delegation_rate": 0.35}, headers=AUTH)
+        assert metric(client, "cascade_expected_delegation_ratio") == pytest.approx(0.35, abs=1e-6)
+        client.put("/admin/threshold", json={"threshold": 0.5}, headers=AUTH)
+        assert metric(client, "cascade_expected_delegation_ratio") == pytest.approx(
+            calibration.rate_for_threshold(0.5)
+        )
