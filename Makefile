@@ -11,7 +11,14 @@ WORKERS ?= 1
 
 VENV_NP2 ?= .venv-numpy2
 
-.PHONY: setup serve test test-numpy2 test-fast lint format demo bench bench-quick bench-serving loadtest reliability deploy-check clean
+# Debian packages the tests and checks use (redis-server, promtool), installed when missing.
+APT := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
+define apt_install
+	@command -v $(1) >/dev/null || { $(APT) update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq --no-install-recommends $(2); }
+endef
+
+.PHONY: tools setup serve test test-numpy2 test-fast lint format demo bench bench-quick bench-serving loadtest reliability deploy-check clean
 
 setup: $(VENV)/.installed
 
@@ -27,7 +34,10 @@ serve: setup
 	$(BIN)/cascade-serve --demo --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 ## Every test tier: unit, integration (in-process app), e2e (real tritonserver + uvicorn).
-test: setup
+tools:
+	$(call apt_install,redis-server,redis-server)
+
+test: setup tools
 	$(BIN)/python -m pytest
 
 ## Training under numpy 2 (the serving stack stays on numpy 1 because of nvidia-pytriton).
@@ -74,8 +84,7 @@ bench-serving: setup
 ## deploy/ validated by the real tools: promtool (rules, rule unit tests, config; from Debian's
 ## prometheus package), kubernetes-validate --strict, yamllint --strict.
 deploy-check: setup
-	@command -v promtool >/dev/null || { apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	$(call apt_install,promtool,prometheus)
 	promtool check rules deploy/prometheus/rules.yml
 	promtool test rules deploy/prometheus/rules_test.yml
 	promtool check config --syntax-only deploy/prometheus/prometheus.yml

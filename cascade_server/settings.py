@@ -38,8 +38,12 @@ class Settings(BaseSettings):
 
     # Admin API: refused entirely when no token is set.
     admin_token: SecretStr | None = None
-    # Runtime state (threshold overrides and their audit log), shared by all worker processes.
+    # Runtime control state (thresholds, student versions, their audit logs): `file` keeps it
+    # in state_dir (one host, or a ReadWriteMany volume); `redis` in Redis at redis_url, with
+    # change notification, for replicas on several hosts.
+    control_store: Literal["file", "redis"] = "file"
     state_dir: Path = Path(".cascade/state")
+    redis_url: str = "redis://127.0.0.1:6379/0"
 
     # Request limits.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)

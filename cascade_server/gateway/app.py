@@ -23,6 +23,7 @@ from .metrics import Metrics
 from .openapi import install_openapi
 from .predict import PredictEndpoints
 from .serving import Gateway
+from .stores import StateBackend, make_backend
 from .teacher import Teacher, TritonTeacher
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def build_teacher(settings: Settings, bundle: Bundle) -> Teacher:
 
 
 def load_cascades(
-    settings: Settings, metrics: Metrics, teacher_factory: TeacherFactory
+    settings: Settings, metrics: Metrics, teacher_factory: TeacherFactory, store: StateBackend
 ) -> dict[str, Cascade]:
     cascades: dict[str, Cascade] = {}
     for path in settings.bundles:
@@ -48,7 +49,9 @@ def load_cascades(
         name = bundle.manifest.name
         if name in cascades:
             raise ValueError(f"two bundles are named {name!r}: {path}")
-        cascades[name] = Cascade(bundle, settings, metrics, teacher_factory(settings, bundle))
+        cascades[name] = Cascade(
+            bundle, settings, metrics, teacher_factory(settings, bundle), store=store
+        )
     return cascades
 
 
@@ -61,11 +64,15 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
-        cascades = load_cascades(settings, metrics, teacher_factory)
+        store = make_backend(
+            settings.control_store, settings.state_dir, settings.redis_url, metrics.control_store
+        )
+        metrics.control_store(store.healthy())
+        cascades = load_cascades(settings, metrics, teacher_factory, store)
         try:
             for cascade in cascades.values():
                 await cascade.setup()
-            gateway = Gateway(settings, cascades, metrics)
+            gateway = Gateway(settings, cascades, metrics, store)
             gateway.drain.install()
             api.state.gateway = front.gateway = gateway
             log.info("serving cascades: %s", ", ".join(cascades))
@@ -74,6 +81,7 @@ def create_app(
             front.gateway = None
             for cascade in cascades.values():
                 await cascade.close()
+            store.close()
             metrics.mark_process_dead()
 
     api = FastAPI(title="cascade-server", version=__version__, lifespan=lifespan)

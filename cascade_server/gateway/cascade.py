@@ -29,6 +29,7 @@ from .breaker import CircuitBreaker, State
 from .control import ThresholdStore
 from .metrics import Metrics
 from .rollout import RolloutState, RolloutStore
+from .stores import FileBackend, StateBackend
 from .student import Student
 from .teacher import Teacher
 from .version import StudentVersion
@@ -130,16 +131,18 @@ class Cascade:
         metrics: Metrics,
         teacher: Teacher,
         student: Student | None = None,
+        store: StateBackend | None = None,
     ) -> None:
         m = bundle.manifest
         self.settings = settings
+        self.store = store or FileBackend(settings.state_dir)
         self.name = m.name
         self.modality = m.modality
         self.classes = m.classes
         self.metrics = metrics
         self.teacher = teacher
-        self.active = StudentVersion(bundle, settings, student)
-        self.rollout = RolloutStore(settings.state_dir, m.name)
+        self.active = StudentVersion(bundle, settings, self.store, student)
+        self.rollout = RolloutStore(self.store, m.name)
         self._swap_lock = asyncio.Lock()
         self.batcher: MicroBatcher[tuple[StudentVersion, Batch], Answer] = MicroBatcher(
             self._run_batch, settings.batching, name=f"{m.name}-batcher"
@@ -254,7 +257,7 @@ class Cascade:
 
     async def _swap_to(self, path: Path) -> None:
         def load() -> StudentVersion:
-            version = StudentVersion(Bundle.load(path.resolve()), self.settings)
+            version = StudentVersion(Bundle.load(path.resolve()), self.settings, self.store)
             version.check_replaces(self.active)
             version.setup()
             return version

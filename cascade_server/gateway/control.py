@@ -1,30 +1,22 @@
-"""Runtime control of the delegation threshold, shared by every worker process.
+"""Runtime control of the delegation threshold, shared by every worker process and replica.
 
-The state is one small JSON file per cascade, replaced atomically on change. Each worker checks
-the file's identity (inode, mtime, size: one stat, about a microsecond) before using the
-threshold, so a change made through any worker applies to the next request on every worker, and
-survives a restart. Changes are serialised with a file lock and appended to an audit log.
+The state lives in the control store (stores.py: a file per cascade, or Redis); every use reads
+the store's in-process view, so a change made through any worker applies to the next request
+on every worker, survives a restart, and is appended to an audit log.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import os
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from ..bundle import Calibration
+from .stores import FileBackend, StateBackend, now
 
 log = logging.getLogger(__name__)
-_RACY_NS = 100_000_000
 
 
 class ThresholdState(BaseModel):
@@ -40,49 +32,45 @@ class ThresholdState(BaseModel):
 
 
 class ThresholdStore:
+    """The threshold of one cascade for one student version: the bundle's calibrated default,
+    or what an admin set (a threshold, or a target rate resolved through this version's
+    calibration), kept in the shared state backend (stores.py)."""
+
     def __init__(
         self,
-        state_dir: Path,
+        backend: StateBackend | Path,
         cascade: str,
         *,
         default_threshold: float,
         calibration: Calibration,
         student_version: str,
     ) -> None:
+        self.backend = backend if not isinstance(backend, Path) else FileBackend(backend)
         self.cascade = cascade
-        self.path = state_dir / f"{cascade}.threshold.json"
-        self.audit_path = state_dir / f"{cascade}.threshold.audit.jsonl"
-        self._lock_path = state_dir / f"{cascade}.threshold.lock"
+        self.key = f"{cascade}.threshold"
         self.calibration = calibration
         self.student_version = student_version
         self._default = ThresholdState(
             threshold=default_threshold, source="bundle", student_version=student_version
         )
         self._state = self._default
-        self._stamp: tuple[int, int, int] | None = None
-        state_dir.mkdir(parents=True, exist_ok=True)
+        self._stamp: object = None
         self.current()
 
     def current(self) -> ThresholdState:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            if self._stamp is not None:
-                self._stamp, self._state = None, self._default
-            return self._state
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        # File timestamps tick coarsely (jiffies), so two quick writes can leave the same stamp:
-        # a file modified in the last moment is re-read regardless (git's "racy" rule).
-        if stamp != self._stamp or time.time_ns() - st.st_mtime_ns < _RACY_NS:
-            self._state = self._load()
+        stamp, raw = self.backend.read(self.key)
+        if raw is None:
+            self._stamp, self._state = None, self._default
+        elif stamp != self._stamp:
+            self._state = self._load(raw)
             self._stamp = stamp
         return self._state
 
-    def _load(self) -> ThresholdState:
+    def _load(self, raw: bytes) -> ThresholdState:
         try:
-            state = ThresholdState.model_validate_json(self.path.read_bytes())
-        except (OSError, ValueError) as exc:
-            log.error("ignoring unreadable threshold state %s: %s", self.path, exc)
+            state = ThresholdState.model_validate_json(raw)
+        except ValueError as exc:
+            log.error("ignoring unreadable threshold state %s: %s", self.key, exc)
             return self._default
         if state.target_delegation_rate is not None:
             resolved = self.calibration.threshold_for_rate(state.target_delegation_rate)
@@ -128,25 +116,25 @@ class ThresholdStore:
     def _write(
         self, new: ThresholdState, actor: str, remove: bool = False
     ) -> tuple[ThresholdState, ThresholdState]:
-        with locked(self._lock_path):
-            old = self.current()
-            if remove:
-                self.path.unlink(missing_ok=True)
-            else:
-                replace_atomically(self.path, new.model_dump_json())
-            append_audit(
-                self.audit_path,
-                {
-                    "at": new.updated_at,
-                    "by": actor,
-                    "cascade": self.cascade,
-                    "old": old.threshold,
-                    "new": new.threshold,
-                    "source": new.source,
-                    "target_delegation_rate": new.target_delegation_rate,
-                },
-            )
-            current = self.current()
+        olds: list[ThresholdState] = []
+
+        def change(raw: bytes | None) -> tuple[bytes | None, dict[str, Any]]:
+            old = self._load(raw) if raw is not None else self._default
+            olds.append(old)
+            audit = {
+                "at": new.updated_at,
+                "by": actor,
+                "cascade": self.cascade,
+                "old": old.threshold,
+                "new": new.threshold,
+                "source": new.source,
+                "target_delegation_rate": new.target_delegation_rate,
+            }
+            return (None if remove else new.model_dump_json().encode()), audit
+
+        self.backend.update(self.key, change)
+        current = self.current()
+        old = olds[0]
         log.warning(
             "cascade %s: threshold %.4f -> %.4f (%s) by %s",
             self.cascade,
@@ -156,30 +144,3 @@ class ThresholdStore:
             actor,
         )
         return old, current
-
-
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock between worker processes (and hosts sharing the directory)."""
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def replace_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def append_audit(path: Path, entry: dict[str, object]) -> None:
-    with open(path, "a") as audit:
-        audit.write(json.dumps(entry) + "\n")
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")

@@ -117,6 +117,12 @@ class Metrics:
             registry=reg,
             multiprocess_mode="livemostrecent",
         )
+        self.control_store_up = Gauge(
+            "cascade_control_store_up",
+            "The runtime control store (file or Redis) is reachable (0: last values in force)",
+            registry=reg,
+            multiprocess_mode="livemin",
+        )
         self.expected_delegation = Gauge(
             "cascade_expected_delegation_ratio",
             "Delegation ratio the threshold in force is calibrated for (the configured target; "
@@ -291,6 +297,10 @@ class Metrics:
     @_never_raises
     def set_threshold(self, cascade: str, value: float) -> None:
         self.threshold.labels(cascade).set(value)
+
+    @_never_raises
+    def control_store(self, up: bool) -> None:
+        self.control_store_up.set(1 if up else 0)
 
     @_never_raises
     def set_expected_delegation(self, cascade: str, ratio: float) -> None:

@@ -1,6 +1,6 @@
-"""Which student version each cascade serves, shared by every worker and kept across restarts:
-one small JSON file per cascade in the state directory, replaced atomically under a lock, with
-an audit log. Workers read it in the background (cascade.py's watch loop), not per request."""
+"""Which student version each cascade serves, shared by every worker and replica and kept across
+restarts, in the control store (stores.py) with an audit log. Workers read it in the background
+(cascade.py's watch loop), not per request."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .control import append_audit, locked, now, replace_atomically
+from .stores import FileBackend, StateBackend, now
 
 log = logging.getLogger(__name__)
 
@@ -23,20 +23,19 @@ class RolloutState(BaseModel):
 
 
 class RolloutStore:
-    def __init__(self, state_dir: Path, cascade: str) -> None:
+    def __init__(self, backend: StateBackend | Path, cascade: str) -> None:
+        self.backend = backend if not isinstance(backend, Path) else FileBackend(backend)
         self.cascade = cascade
-        self.path = state_dir / f"{cascade}.student.json"
-        self.audit_path = state_dir / f"{cascade}.student.audit.jsonl"
-        self._lock_path = state_dir / f"{cascade}.student.lock"
-        state_dir.mkdir(parents=True, exist_ok=True)
+        self.key = f"{cascade}.student"
 
     def read(self) -> RolloutState | None:
-        try:
-            return RolloutState.model_validate_json(self.path.read_bytes())
-        except FileNotFoundError:
+        _, raw = self.backend.read(self.key)
+        if raw is None:
             return None
-        except (OSError, ValueError) as exc:
-            log.error("ignoring unreadable rollout state %s: %s", self.path, exc)
+        try:
+            return RolloutState.model_validate_json(raw)
+        except ValueError as exc:
+            log.error("ignoring unreadable rollout state %s: %s", self.key, exc)
             return None
 
     def write(self, bundle: Path, previous: Path, version: str, actor: str) -> RolloutState:
@@ -47,7 +46,11 @@ class RolloutStore:
             updated_at=now(),
             updated_by=actor,
         )
-        with locked(self._lock_path):
-            replace_atomically(self.path, state.model_dump_json())
-            append_audit(self.audit_path, {"cascade": self.cascade, **state.model_dump()})
+        self.backend.update(
+            self.key,
+            lambda _: (
+                state.model_dump_json().encode(),
+                {"cascade": self.cascade, **state.model_dump()},
+            ),
+        )
         return state

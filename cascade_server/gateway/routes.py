@@ -43,8 +43,10 @@ async def readyz(
     detail = {name: c.readiness() for name, c in gateway.cascades.items()}
     needed = ("student", "teacher") if teacher == "required" else ("student",)
     ready = all(parts[k] for parts in detail.values() for k in needed)
+    # Reported, not required: with the store down the last known values stay in force.
+    store = {"kind": gateway.store.name, "up": gateway.store.healthy()} if gateway.store else None
     return Response(
-        orjson.dumps({"ready": ready, "cascades": detail}),
+        orjson.dumps({"ready": ready, "cascades": detail, "control_store": store}),
         200 if ready else 503,
         media_type="application/json",
     )

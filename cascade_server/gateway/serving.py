@@ -7,10 +7,18 @@ from ..settings import Settings
 from .cascade import Cascade
 from .drain import Drain
 from .metrics import UNROUTED, Metrics
+from .stores import StateBackend
 
 
 class Gateway:
-    def __init__(self, settings: Settings, cascades: dict[str, Cascade], metrics: Metrics):
+    def __init__(
+        self,
+        settings: Settings,
+        cascades: dict[str, Cascade],
+        metrics: Metrics,
+        store: StateBackend | None = None,
+    ) -> None:
+        self.store = store
         self.settings = settings
         self.cascades = cascades
         self.metrics = metrics

@@ -14,13 +14,20 @@ from ..errors import InvalidInput
 from ..preprocess import Batch, ImagePreprocessor, Preprocessor, TextPreprocessor
 from ..settings import Settings
 from .control import ThresholdStore
+from .stores import StateBackend
 from .student import OnnxStudent, Student
 
 log = logging.getLogger(__name__)
 
 
 class StudentVersion:
-    def __init__(self, bundle: Bundle, settings: Settings, student: Student | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        settings: Settings,
+        store: StateBackend,
+        student: Student | None = None,
+    ) -> None:
         m = bundle.manifest
         self.bundle = bundle
         self.manifest = m
@@ -41,7 +48,7 @@ class StudentVersion:
             threads=settings.student_threads,
         )
         self.thresholds = ThresholdStore(
-            settings.state_dir,
+            store,
             m.name,
             default_threshold=m.default_threshold,
             calibration=m.calibration,

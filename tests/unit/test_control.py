@@ -59,12 +59,14 @@ def test_every_change_is_audited(tmp_path):
     s = store(tmp_path)
     s.set(threshold=0.3, actor="alice")
     s.set(threshold=0.4, actor="bob")
-    lines = [json.loads(x) for x in s.audit_path.read_text().splitlines()]
+    lines = [
+        json.loads(x) for x in (tmp_path / "toy.threshold.audit.jsonl").read_text().splitlines()
+    ]
     assert [(x["by"], x["old"], x["new"]) for x in lines][1:] == [("bob", 0.3, 0.4)]
     assert lines[0]["by"] == "alice" and lines[0]["new"] == 0.3
 
 
 def test_an_unreadable_state_file_falls_back_to_the_default(tmp_path):
     s = store(tmp_path)
-    s.path.write_text("{not json")
+    (tmp_path / "toy.threshold.json").write_text("{not json")
     assert s.current().source == "bundle"
