@@ -52,6 +52,12 @@ class Forbidden(CascadeError):
     status, code = 403, "forbidden"
 
 
+class ServiceUnavailable(CascadeError):
+    """A dependency the request needs is down (the control store, for an admin change)."""
+
+    status, code = 503, "unavailable"
+
+
 class TeacherUnavailable(Exception):
     """The teacher could not answer in time. Never reaches the client: the gateway degrades to
     the student's answer. `kind` is the metrics label: timeout | unavailable | error."""

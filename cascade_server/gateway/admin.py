@@ -27,6 +27,7 @@ router = APIRouter(
             404: "no such cascade",
             413: "body over the limit",
             422: "invalid update, or the cascade is ambiguous (name it)",
+            503: "the control store is unreachable: nothing was changed",
         },
     ),
 )

@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..errors import ServiceUnavailable
+
 log = logging.getLogger(__name__)
 _RACY_NS = 100_000_000
 CHANNEL = "cascade:control"
@@ -189,16 +191,21 @@ class RedisBackend:
                 self._cache[key] = (self._generation, value)
 
     def update(self, key: str, change: Update) -> bytes | None:
-        current = self._get(key)
-        new, audit = change(current)
-        pipe = self._client.pipeline()
-        if new is None:
-            pipe.delete(self.prefix + key)
-        else:
-            pipe.set(self.prefix + key, new)
-        pipe.rpush(f"{self.prefix}{key}:audit", json.dumps(audit))
-        pipe.publish(CHANNEL, key)
-        pipe.execute()
+        try:
+            current = self._get(key)
+            new, audit = change(current)
+            pipe = self._client.pipeline()
+            if new is None:
+                pipe.delete(self.prefix + key)
+            else:
+                pipe.set(self.prefix + key, new)
+            pipe.rpush(f"{self.prefix}{key}:audit", json.dumps(audit))
+            pipe.publish(CHANNEL, key)
+            pipe.execute()
+        except (self._redis.RedisError, OSError) as exc:
+            raise ServiceUnavailable(
+                f"the control store ({self.url}) is unreachable; nothing was changed: {exc}"
+            ) from None
         self._store(key, new)
         return new
 

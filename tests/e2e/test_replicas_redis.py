@@ -54,6 +54,8 @@ def test_two_replicas_share_runtime_control_through_redis(demo, triton, tmp_path
                     assert r.status_code == 200 and r.json()["threshold"] == 0.11
                 assert cb.get("/readyz").status_code == 200
                 assert "cascade_control_store_up 0.0" in cb.get("/metrics").text
+                r = cb.put("/admin/threshold", json={"threshold": 0.9}, headers=AUTH)
+                assert r.status_code == 503 and "nothing was changed" in r.text
 
                 redis.start()
                 wait_until(lambda: ca.get("/readyz").json()["control_store"]["up"], 10,

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from cascade_server.errors import ServiceUnavailable
 from cascade_server.gateway.control import ThresholdStore
 from cascade_server.gateway.stores import RedisBackend
 
@@ -67,8 +68,8 @@ def test_redis_down_keeps_the_last_value_and_changes_after_restart_propagate(red
         redis_server.kill()
         wait_for(lambda: not b_backend.healthy(), 5)
         assert b.current().threshold == 0.33  # the last known value, no network needed
-        with pytest.raises(Exception):  # noqa: B017 - an admin write fails loudly while down
-            a.set(threshold=0.5, actor="alice")
+        with pytest.raises(ServiceUnavailable, match="nothing was changed"):
+            a.set(threshold=0.5, actor="alice")  # an admin change fails loudly: 503
         redis_server.start()  # same port, same data directory
         wait_for(lambda: a_backend.healthy() and b_backend.healthy(), 10)
         a.set(threshold=0.55, actor="carol")
