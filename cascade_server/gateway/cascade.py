@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import TEXT_INPUTS, Bundle, Manifest
+from ..bundle import Bundle, Manifest
 from ..errors import InvalidInput, TeacherUnavailable
 from ..policy import NonFiniteLogits, class_probabilities, decide, softmax
 from ..preprocess import Batch, Preprocessor
@@ -299,14 +299,6 @@ class Cascade:
             self.metrics.set_expected_delegation(self.name, rate)
         return value
 
-    def _teacher_feeds(
-        self, manifest: Manifest, tensors: dict[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        ref = manifest.teacher
-        if self.modality == "image":
-            return {ref.input_name: tensors["input"]}
-        return {name: tensors[key] for name, key in zip(ref.text_inputs, TEXT_INPUTS, strict=True)}
-
     async def predict(self, items: list[Any]) -> Predictions:
         """Answers every input, in order, on the version active when the request started. Bad
         input raises before any model runs."""
@@ -393,7 +385,7 @@ class Cascade:
         waiting = np.zeros(len(jobs), dtype=bool)
         waiting[np.searchsorted(starts, delegated, side="right") - 1] = True
         _resolve(jobs, answer, lambda j: not waiting[j])
-        feeds = self._teacher_feeds(m, batch.take(delegated))
+        feeds = version.teacher_feeds(batch.take(delegated))
         task = asyncio.get_running_loop().create_task(
             self._delegate(jobs, answer, feeds, delegated, waiting)
         )

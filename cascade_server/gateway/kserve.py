@@ -20,12 +20,12 @@ from starlette.responses import Response
 
 from .. import __version__
 from ..errors import BadRequest, InvalidInput, PayloadTooLarge
-from .parsing import decode_base64
+from .parsing import decode_base64, json_object
 from .schemas import ProtocolError, documented_errors
+from .serving import gateway_of
 
 if TYPE_CHECKING:
     from .cascade import Cascade, Predictions
-    from .serving import Gateway
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ["binary_tensor_data"]
@@ -64,13 +64,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
         if not 0 < n <= len(body):
             raise BadRequest(f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes")
         json_part, binary = body[:n], body[n:]
-    try:
-        header = orjson.loads(json_part)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"inference header is not valid JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise InvalidInput("inference request must be a JSON object")
-    return header, binary
+    return json_object(json_part, "inference header is not valid JSON", "inference request"), binary
 
 
 def _deserialize_bytes(raw: bytes, count: int) -> list[bytes]:
@@ -249,10 +243,6 @@ def _json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(orjson.dumps(body), status, media_type="application/json")
 
 
-def _gateway(request: Request) -> Gateway | None:
-    return getattr(request.app.state, "gateway", None)
-
-
 @router.get("")
 async def server_metadata() -> Response:
     """Server metadata (name, version, protocol extensions)."""
@@ -267,7 +257,7 @@ async def server_live() -> Response:
 @router.get("/health/ready")
 async def server_ready(request: Request) -> Response:
     """Ready when every student is loaded (a teacher outage answers degraded, not 503)."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     ready = gateway is not None and all(c.student.ready for c in gateway.cascades.values())
     return _json({"ready": ready}, 200 if ready else 503)
 
@@ -275,7 +265,7 @@ async def server_ready(request: Request) -> Response:
 @router.get("/models/{name}")
 async def model_meta(request: Request, name: str) -> Response:
     """A cascade's inputs and outputs as OIP tensor metadata."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     if gateway is None or name not in gateway.cascades:
         return Response(error_body(f"no model {name!r}"), 404, media_type="application/json")
     return _json(model_metadata(gateway.cascades[name]))
@@ -283,7 +273,7 @@ async def model_meta(request: Request, name: str) -> Response:
 
 @router.get("/models/{name}/ready")
 async def model_ready(request: Request, name: str) -> Response:
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     if gateway is None or name not in gateway.cascades:
         return Response(error_body(f"no model {name!r}"), 404, media_type="application/json")
     ready = gateway.cascades[name].student.ready

@@ -171,15 +171,22 @@ def _fast_shape(payload: dict[str, Any]) -> bool:
     return isinstance(value, str)
 
 
+def json_object(raw: bytes, invalid: str, what: str) -> dict[str, Any]:
+    """`raw` parsed as a JSON object: 400 `invalid: <reason>` when it is not JSON, 422 when it
+    is JSON but not an object."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"{invalid}: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    return value
+
+
 def parse_json(raw: bytes, head: RequestHead, settings: Settings) -> ParsedRequest:
     if not raw:
         raise BadRequest('request body is empty; send JSON like {"image": "<base64>"}')
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON (or not UTF-8): {exc}") from None
-    if not isinstance(payload, dict):
-        raise InvalidInput("body must be a JSON object")
+    payload = json_object(raw, "body is not valid JSON (or not UTF-8)", "body")
     if not _fast_shape(payload):
         try:
             payload = PredictRequest.model_validate(payload).model_dump(exclude_none=True)
@@ -263,16 +270,28 @@ BODY_PARSERS: dict[str, BodyParser] = {
 ACCEPTED = "application/json, multipart/form-data, image/* or text/plain"
 
 
+def check_declared_length(head: RequestHead, settings: Settings) -> None:
+    """A body declared larger than the limit is refused before a byte of it is read."""
+    if head.content_length is not None and head.content_length > settings.max_body_bytes:
+        raise PayloadTooLarge(body_limit_message(settings.max_body_bytes))
+
+
+async def read_request_body(receive: Receive, head: RequestHead, settings: Settings) -> bytes:
+    """The whole body within the size limit (declared and streamed) and the time limit."""
+    check_declared_length(head, settings)
+    receive = limited_receive(receive, settings.max_body_bytes)
+    return await read_body(receive, settings.body_timeout_s)
+
+
 async def parse_request(
     scope: Scope, receive: Receive, head: RequestHead, settings: Settings
 ) -> ParsedRequest:
     """The request's inputs, their modality, the cascade named, top_k, and whether it was a
     batch. Every input is checked here or in the cascade's preprocessor before any model runs."""
-    if head.content_length is not None and head.content_length > settings.max_body_bytes:
-        raise PayloadTooLarge(body_limit_message(settings.max_body_bytes))
-    receive = limited_receive(receive, settings.max_body_bytes)
     if head.content_type == "multipart/form-data":
-        return await parse_multipart(scope, receive, head, settings)
+        check_declared_length(head, settings)
+        limited = limited_receive(receive, settings.max_body_bytes)
+        return await parse_multipart(scope, limited, head, settings)
     parser = BODY_PARSERS.get(head.content_type)
     if parser is None and head.content_type.startswith("image/"):
         parser = parse_image
@@ -280,4 +299,4 @@ async def parse_request(
         raise UnsupportedMediaType(
             f"content type {head.content_type!r} is not accepted: send {ACCEPTED}"
         )
-    return parser(await read_body(receive, settings.body_timeout_s), head, settings)
+    return parser(await read_request_body(receive, head, settings), head, settings)

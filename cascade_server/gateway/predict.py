@@ -14,13 +14,13 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import CascadeError, PayloadTooLarge, UnknownCascade
-from .http_errors import JSON, error_response
+from .http_errors import JSON
 from .http_errors import error_body as http_error_body
 from .kserve import HEADER_LENGTH, encode_response, error_body, parse_infer, split_body
 from .parsing import (
@@ -28,11 +28,11 @@ from .parsing import (
     body_limit_message,
     limited_receive,
     parse_request,
-    read_body,
+    read_request_body,
 )
 
 if TYPE_CHECKING:
-    from .cascade import Cascade
+    from .cascade import Cascade, Predictions
     from .serving import Gateway
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ class PredictEndpoints:
         path = scope["path"]
         if path == "/predict":
             if scope["method"] != "POST":
-                await self._refuse(scope, receive, send, 405, "method_not_allowed", "use POST")
+                allow = [(b"allow", b"POST")]
+                await self._error(send, 405, "method_not_allowed", "use POST", False, allow)
                 return
 
             async def predict(gateway: Gateway, chosen: list[Cascade], started: float) -> Answered:
@@ -106,17 +107,10 @@ class PredictEndpoints:
         # Other routes: the declared size is checked up front, the streamed one as it comes.
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
-                await error_response(
-                    413, PayloadTooLarge.code, body_limit_message(self.max_body_bytes)
-                )(scope, receive, send)
+                message = body_limit_message(self.max_body_bytes)
+                await self._error(send, 413, PayloadTooLarge.code, message, False)
                 return
         await self.api(scope, limited_receive(receive, self.max_body_bytes), send)
-
-    async def _refuse(
-        self, scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str
-    ) -> None:
-        headers = {"Allow": "POST"} if status == 405 else None
-        await error_response(status, code, message, headers)(scope, receive, send)
 
     async def _serve(
         self,
@@ -189,13 +183,8 @@ class PredictEndpoints:
         parsed = await parse_request(scope, receive, head, settings)
         cascade = gateway.resolve(parsed.cascade, parsed.modality)
         chosen.append(cascade)
-        predictions = await cascade.predict(parsed.items)
-        total = time.perf_counter() - started
+        predictions, total = await _answer(gateway, cascade, parsed.items, started)
         outputs = predictions.outputs(parsed.top_k or settings.default_top_k, total)
-        a = predictions.answer
-        gateway.metrics.request_done(
-            cascade.name, predictions.preprocess_s, total, a.student_s + a.teacher_s
-        )
         body = orjson.dumps({"outputs": outputs} if parsed.batched else outputs[0])
         return 200, body, self._headers
 
@@ -214,12 +203,7 @@ class PredictEndpoints:
         chosen.append(cascade)
         if version is not None and version != cascade.versions["student"]:
             raise UnknownCascade(f"model {name!r} has no version {version!r}")
-        head = RequestHead.from_scope(scope)
-        if head.content_length is not None and head.content_length > settings.max_body_bytes:
-            raise PayloadTooLarge(body_limit_message(settings.max_body_bytes))
-        body = await read_body(
-            limited_receive(receive, settings.max_body_bytes), settings.body_timeout_s
-        )
+        body = await read_request_body(receive, RequestHead.from_scope(scope), settings)
         header_length = next(
             (v.decode("latin-1") for k, v in scope["headers"] if k == HEADER_LENGTH.encode()),
             None,
@@ -227,15 +211,23 @@ class PredictEndpoints:
         request = parse_infer(
             *split_body(body, header_length), cascade.modality, settings.max_batch
         )
-        predictions = await cascade.predict(request.items)
-        total = time.perf_counter() - started
-        a = predictions.answer
-        gateway.metrics.request_done(
-            cascade.name, predictions.preprocess_s, total, a.student_s + a.teacher_s
-        )
+        predictions, _ = await _answer(gateway, cascade, request.items, started)
         payload, json_length = encode_response(request, predictions, predictions.version.version)
         headers = list(self._headers)
         if json_length is not None:
             headers[0] = (b"content-type", b"application/octet-stream")
             headers.append((HEADER_LENGTH.encode(), str(json_length).encode()))
         return 200, payload, headers
+
+
+async def _answer(
+    gateway: Gateway, cascade: Cascade, items: list[Any], started: float
+) -> tuple[Predictions, float]:
+    """Runs the cascade on a request's inputs and records the request's latencies."""
+    predictions = await cascade.predict(items)
+    total = time.perf_counter() - started
+    a = predictions.answer
+    gateway.metrics.request_done(
+        cascade.name, predictions.preprocess_s, total, a.student_s + a.teacher_s
+    )
+    return predictions, total

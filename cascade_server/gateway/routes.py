@@ -8,13 +8,9 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from .serving import Gateway
+from .serving import gateway_of
 
 router = APIRouter()
-
-
-def _gateway(request: Request) -> Gateway | None:
-    return getattr(request.app.state, "gateway", None)
 
 
 @router.get("/healthz")
@@ -34,7 +30,7 @@ async def readyz(
     seen by a background check: this route never waits on the network). `?teacher=optional`
     only requires the students: for a load balancer that should keep routing (degraded answers)
     while the teacher is down, and for start-up probes."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     if gateway is None:
         return Response(orjson.dumps({"ready": False}), 503, media_type="application/json")
     if gateway.drain.draining:
@@ -55,7 +51,7 @@ async def readyz(
 @router.get("/cascades")
 async def cascades(request: Request) -> dict[str, Any]:
     """The cascades served, with their classes and current thresholds."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     return {
         "cascades": [
             {
@@ -80,7 +76,7 @@ async def cascades(request: Request) -> dict[str, Any]:
 )
 async def metrics(request: Request) -> Response:
     """Prometheus metrics, aggregated over every worker process."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     if gateway is None:
         return Response(b"", 503)
     for cascade in gateway.cascades.values():

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from starlette.requests import Request
+
 from ..errors import InvalidInput, UnknownCascade
 from ..settings import Settings
 from .cascade import Cascade
 from .drain import Drain
 from .metrics import UNROUTED, Metrics
 from .stores import StateBackend
+
+
+def gateway_of(request: Request) -> Gateway | None:
+    """The app's Gateway, or None while the lifespan has not set it up (starting, stopped)."""
+    return getattr(request.app.state, "gateway", None)
 
 
 class Gateway:

@@ -85,12 +85,14 @@ class FileBackend:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
-        self._seen: dict[str, tuple[tuple[int, int, int], bytes | None, int]] = {}
+        self._seen: dict[str, tuple[tuple[int, int, int], bytes]] = {}
 
     def _path(self, key: str, suffix: str = ".json") -> Path:
         return self.state_dir / f"{key}{suffix}"
 
     def read(self, key: str) -> tuple[object, bytes | None]:
+        """One stat per call; the file is read only when its identity changed. The value is
+        its own stamp: a few hundred bytes compared, and equal contents are not re-parsed."""
         path = self._path(key)
         try:
             st = os.stat(path)
@@ -100,18 +102,12 @@ class FileBackend:
         seen = self._seen.get(key)
         # File timestamps tick coarsely (jiffies), so two quick writes can leave the same stamp:
         # a file modified in the last moment is re-read regardless (git's "racy" rule).
-        racy = time.time_ns() - st.st_mtime_ns < _RACY_NS
-        if seen is None or seen[0] != stamp or racy:
+        if seen is None or seen[0] != stamp or time.time_ns() - st.st_mtime_ns < _RACY_NS:
             try:
-                value = path.read_bytes()
+                seen = self._seen[key] = (stamp, path.read_bytes())
             except FileNotFoundError:
                 return None, None
-            generation = (seen[2] + 1) if seen else 0
-            if seen is not None and seen[0] == stamp and seen[1] == value:
-                generation = seen[2]
-            self._seen[key] = (stamp, value, generation)
-            seen = self._seen[key]
-        return (seen[0], seen[2]), seen[1]
+        return seen[1], seen[1]
 
     def update(self, key: str, change: Update) -> bytes | None:
         path = self._path(key)

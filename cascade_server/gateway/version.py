@@ -9,7 +9,7 @@ import logging
 
 import numpy as np
 
-from ..bundle import Bundle, TextPreprocess
+from ..bundle import TEXT_INPUTS, Bundle, TextPreprocess
 from ..errors import InvalidInput
 from ..preprocess import Batch, ImagePreprocessor, Preprocessor, TextPreprocessor
 from ..settings import Settings
@@ -82,6 +82,13 @@ class StudentVersion:
         if self.manifest.modality == "image":
             return {self.manifest.student_input: batch.tensors["input"]}
         return batch.tensors
+
+    def teacher_feeds(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Canonical tensors -> the teacher's inputs by their Triton names."""
+        ref = self.manifest.teacher
+        if self.manifest.modality == "image":
+            return {ref.input_name: tensors["input"]}
+        return {name: tensors[key] for name, key in zip(ref.text_inputs, TEXT_INPUTS, strict=True)}
 
     def threshold(self) -> float:
         value: float = self.thresholds.current().threshold
