@@ -32,6 +32,7 @@ def test_generated_requests_get_documented_answers(demo, text_demo, triton, tmp_
         cmd = [str(st), "run", f"{gw.url}/openapi.json", "--max-examples", "25", "--seed", "1",
                "--header", f"Authorization: Bearer {TOKEN}", "--checks", "all", "--exclude-checks",
                "positive_data_acceptance", "--request-timeout", "10"]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        # In the test's own directory: schemathesis keeps a cache where it runs.
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-6000:]
     assert "generated" in done.stdout
