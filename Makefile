@@ -11,14 +11,15 @@ WORKERS ?= 1
 
 VENV_NP2 ?= .venv-numpy2
 
-# Debian packages the tests and checks use (redis-server, promtool), installed when missing.
+# Debian packages the tests and checks use (redis-server, prometheus + promtool, docker-compose),
+# installed when missing.
 APT := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 define apt_install
 	@command -v $(1) >/dev/null || { $(APT) update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq --no-install-recommends $(2); }
 endef
 
-.PHONY: tools setup serve test test-numpy2 test-fast lint format demo bench bench-quick bench-serving loadtest reliability deploy-check clean
+.PHONY: tools setup serve test test-numpy2 test-fast lint format demo bench bench-quick bench-serving loadtest reliability deploy-check clean locks k8s-manifests
 
 setup: $(VENV)/.installed
 
@@ -36,6 +37,7 @@ serve: setup
 ## Every test tier: unit, integration (in-process app), e2e (real tritonserver + uvicorn).
 tools:
 	$(call apt_install,redis-server,redis-server)
+	$(call apt_install,prometheus,prometheus)
 
 test: setup tools
 	$(BIN)/python -m pytest
@@ -81,15 +83,39 @@ bench-quick: setup
 bench-serving: setup
 	$(BIN)/python benchmarks/serving.py
 
-## deploy/ validated by the real tools: promtool (rules, rule unit tests, config; from Debian's
-## prometheus package), kubernetes-validate --strict, yamllint --strict.
+## deploy/ validated by the real tools: promtool (rules, rule unit tests, config; Debian's
+## prometheus package), helm lint + helm template | kubernetes-validate --strict (Helm's Go SDK
+## from PyPI), the plain manifests up to date with the chart, docker-compose config (Debian's;
+## any warning fails), hadolint (PyPI), yamllint --strict.
+CHART := deploy/helm/cascade
+K8S_VERSION ?= 1.30.0
 deploy-check: setup
 	$(call apt_install,promtool,prometheus)
+	$(call apt_install,docker-compose,docker-compose)
 	promtool check rules deploy/prometheus/rules.yml
 	promtool test rules deploy/prometheus/rules_test.yml
 	promtool check config --syntax-only deploy/prometheus/prometheus.yml
-	$(BIN)/kubernetes-validate --strict deploy/k8s/*.yaml
-	$(BIN)/yamllint --strict deploy configs .yamllint.yml
+	$(BIN)/python deploy/chart.py lint $(CHART)
+	$(BIN)/python deploy/chart.py lint $(CHART) -f $(CHART)/ci/external-redis-values.yaml
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	$(BIN)/python deploy/chart.py template $(CHART) > $$tmp/default.yaml; \
+	$(BIN)/python deploy/chart.py template $(CHART) -f $(CHART)/ci/external-redis-values.yaml > $$tmp/external.yaml; \
+	$(BIN)/python deploy/chart.py template $(CHART) -f deploy/k8s/values.yaml > $$tmp/plain.yaml; \
+	for f in $$tmp/*.yaml; do $(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) $$f; done; \
+	tail -n +3 deploy/k8s/cascade.yaml | diff -u - $$tmp/plain.yaml || \
+		{ echo "deploy/k8s/cascade.yaml is stale: run make k8s-manifests"; exit 1; }; \
+	echo "chart renders validated against Kubernetes $(K8S_VERSION); plain manifests current"
+	@out=$$(CASCADE_ADMIN_TOKEN=check docker-compose -f deploy/docker-compose.yml config -q 2>&1); \
+	if [ -n "$$out" ]; then echo "$$out"; echo "docker-compose config: warnings"; exit 1; fi; \
+	echo "docker-compose config: clean"
+	$(BIN)/hadolint deploy/gateway.Dockerfile
+	$(BIN)/yamllint --strict deploy configs .yamllint.yml .hadolint.yaml
+
+## deploy/k8s/cascade.yaml: the chart rendered for clusters without Helm (values in deploy/k8s).
+k8s-manifests: setup
+	{ echo "# Rendered from deploy/helm/cascade with deploy/k8s/values.yaml by make k8s-manifests:"; \
+	  echo "# edit the chart, not this file."; \
+	  $(BIN)/python deploy/chart.py template $(CHART) -f deploy/k8s/values.yaml; } > deploy/k8s/cascade.yaml
 
 ## Fault tests under load (Triton hung, killed, slow; overload; hot swap; SIGTERM), ~3 min:
 ## figures into docs/reliability.md.
@@ -111,3 +137,11 @@ loadtest: setup
 
 clean:
 	rm -rf .cascade bundles model_repository/*/[0-9]*
+
+## The gateway image's lock files (hashed; what deploy/gateway.Dockerfile installs): rerun after
+## a dependency change in pyproject.toml.
+LOCK = $(BIN)/uv pip compile pyproject.toml --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --no-header
+locks: setup
+	$(LOCK) --extra cpu -o deploy/requirements/gateway-cpu.txt
+	$(LOCK) --extra gpu -c deploy/requirements/gpu-constraints.txt -o deploy/requirements/gateway-gpu.txt

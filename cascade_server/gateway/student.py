@@ -50,6 +50,40 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def open_session(path: Path, threads: int, device: str) -> Any:
+    """An ONNX Runtime session on `device`. `auto` uses a GPU when one is usable and falls back to
+    the CPU otherwise (a GPU image on a CPU node still serves); `cuda` fails instead."""
+    import onnxruntime as ort
+
+    providers = providers_for(device)
+    if providers[0] == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
+        # onnxruntime-gpu[cuda,cudnn] ships CUDA and cuDNN as pip packages: load them from there,
+        # so the image needs no CUDA base (the driver comes from the node).
+        try:
+            ort.preload_dlls()
+        except Exception as e:  # a CUDA base image provides them instead
+            log.info("CUDA libraries not preloaded from pip packages: %s", e)
+    try:
+        session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    except Exception as e:
+        if device != "auto" or providers == ["CPUExecutionProvider"]:
+            raise
+        log.warning("no usable GPU for the student (%s): running it on the CPU", e)
+        session = ort.InferenceSession(
+            str(path), session_options(threads), providers=["CPUExecutionProvider"]
+        )
+    active = session.get_providers()[0]
+    if device == "cuda" and active != "CUDAExecutionProvider":
+        # ORT itself falls back to the CPU with only a warning when the CUDA provider fails.
+        raise RuntimeError(
+            f"CASCADE_STUDENT_DEVICE=cuda but the student session runs on {active}: no usable "
+            "GPU (driver, CUDA or cuDNN missing); use auto to allow the CPU"
+        )
+    if device == "auto" and active != providers[0]:
+        log.warning("no usable GPU for the student: running it on %s", active)
+    return session
+
+
 class OnnxStudent:
     def __init__(self, path: Path, output_name: str, *, device: str, threads: int) -> None:
         self.path = path
@@ -60,12 +94,7 @@ class OnnxStudent:
         self.input_names: set[str] = set()
 
     def setup(self) -> None:
-        import onnxruntime as ort
-
-        providers = providers_for(self.device)
-        self._session = ort.InferenceSession(
-            str(self.path), session_options(self.threads), providers=providers
-        )
+        self._session = open_session(self.path, self.threads, self.device)
         self.input_names = {i.name for i in self._session.get_inputs()}
         log.info("student %s loaded on %s", self.path, self._session.get_providers()[0])
 
