@@ -78,3 +78,20 @@ def test_redis_down_keeps_the_last_value_and_changes_after_restart_propagate(red
     finally:
         a_backend.close()
         b_backend.close()
+
+
+def test_a_password_protected_redis_by_url(tmp_path):
+    """What the Helm chart deploys: Redis with requirepass, the password in the URL."""
+    server = RedisServer(tmp_path / "redis-auth", password="pw-from-a-secret").start()
+    good_backend, good = stores(server.url)
+    bad_backend, _ = stores(server.url.replace("pw-from-a-secret", "wrong"))
+    try:
+        wait_for(good_backend.healthy, 3)
+        good.set(threshold=0.37, actor="ops")
+        assert good.current().threshold == 0.37
+        time.sleep(0.5)
+        assert not bad_backend.healthy()
+    finally:
+        good_backend.close()
+        bad_backend.close()
+        server.kill()
