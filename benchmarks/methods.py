@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 from cascade_server.train.config import ExperimentConfig
-from cascade_server.train.evaluate import plot
 from cascade_server.train.methods import METHODS
-from cascade_server.train.pipeline import (
+from cascade_server.train.stages import (
+    Pair,
     calibrate,
     distill,
     evaluate,
+    plot,
     prepare,
     start_run,
     train_teacher,
@@ -197,10 +198,12 @@ def main() -> None:
         prep = prepare(config(args, method), run)
         start_run(run, prep.config, prep)
         t0 = time.perf_counter()
-        distill(prep, run, teacher if METHODS.get(method).needs_teacher else None, progress=False)
+        needs_teacher = METHODS.get(method).needs_teacher
+        student = distill(prep, run, teacher if needs_teacher else None, progress=False)
         seconds = time.perf_counter() - t0
-        calibrate(prep, run)
-        ev = evaluate(prep, run)
+        pair = Pair(student, teacher)  # in memory: nothing reloaded from the run directory
+        calibrate(prep, run, pair=pair)
+        ev = evaluate(prep, run, pair=pair)
         curves[method] = ev
         s = ev["summary"]
         rows.append({"method": method, "seconds": round(seconds, 1), **s})

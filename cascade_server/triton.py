@@ -22,11 +22,12 @@ import urllib.request
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-def read_model_config(path: Path):
+def read_model_config(path: Path) -> Any:
     """config.pbtxt -> Triton ModelConfig protobuf (tritonclient ships the schema)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
@@ -34,7 +35,7 @@ def read_model_config(path: Path):
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
-def write_model_config(config, path: Path) -> None:
+def write_model_config(config: Any, path: Path) -> None:
     from google.protobuf import text_format
 
     path.write_text(text_format.MessageToString(config))
@@ -126,7 +127,7 @@ def _die_with_parent() -> None:
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -223,7 +224,7 @@ class TritonServer:
     def is_ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as r:
-                return r.status == 200
+                return bool(r.status == 200)
         except (urllib.error.URLError, OSError):
             return False
 
@@ -271,5 +272,5 @@ class TritonServer:
     def __enter__(self) -> TritonServer:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -17,6 +17,7 @@ from PIL import Image
 class Demo:
     repository: Path  # Triton model repository (production config + model.onnx)
     bundle: Path  # student bundle directory
+    run: Path  # the run directory (training artefacts: teacher.pt, student.pt, records)
     images: np.ndarray  # uint8 (N, 8, 8, 1): all of scikit-learn's digits
     labels: np.ndarray
 
@@ -29,17 +30,19 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     root = tmp_path_factory.mktemp("demo")
-    bundle = build_demo(root / "model_repository", root / "bundles", progress=False)
+    run = root / "run"
+    bundle = build_demo(root / "model_repository", root / "bundles", progress=False, run_dir=run)
     data = DATASETS.get("digits")()
-    return Demo(root / "model_repository", bundle.path, data.x, data.y)
+    return Demo(root / "model_repository", bundle.path, run, data.x, data.y)
 
 
 @pytest.fixture(scope="session")
 def cd3_bundle(demo, tmp_path_factory):
     """A CD-III student distilled from the demo's teacher (imported from its checkpoint)."""
+    from cascade_server.bundle import Bundle
     from cascade_server.train.config import ExperimentConfig
     from cascade_server.train.demo import DEMO_CONFIG
-    from cascade_server.train.pipeline import export, prepare, run_all
+    from cascade_server.train.stages import run_all
 
     root = tmp_path_factory.mktemp("cd3")
     raw = DEMO_CONFIG.model_dump()
@@ -47,7 +50,7 @@ def cd3_bundle(demo, tmp_path_factory):
         name="digits-cd3",
         teacher={
             **raw["teacher"],
-            "checkpoint": demo.repository / "digits_teacher" / "1" / "teacher.pt",
+            "checkpoint": demo.run / "teacher.pt",
         },
         student={"arch": "mlp", "params": {"hidden": [32]}},
         method={"name": "cd3", "params": {"in_domain": [0, 1, 2, 3, 4]}},
@@ -55,8 +58,9 @@ def cd3_bundle(demo, tmp_path_factory):
         export={**raw["export"], "name": "digitscd3"},
     )
     config = ExperimentConfig.model_validate(raw)
-    run_all(config, root / "run", progress=False)
-    return export(prepare(config), root / "run", bundles=root / "bundles", repository=root / "repo")
+    bundles = root / "bundles"
+    run_all(config, root / "run", progress=False, bundles=bundles, repository=root / "repo")
+    return Bundle.load(bundles / "digitscd3")
 
 
 @dataclass(frozen=True)

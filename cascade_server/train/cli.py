@@ -7,265 +7,288 @@ Under `torchrun` training uses DistributedDataParallel.
 
 from __future__ import annotations
 
-import argparse
+import enum
 import json
 import logging
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from .config import dump_config
-from .methods import METHODS
+import typer
+from pydantic import ValidationError
+
+from .config import ExperimentConfig, MethodConfig, dump_config, load_config, override
+from .methods import METHODS, describe_methods
+
+app = typer.Typer(
+    name="cascade-train",
+    help=__doc__,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+Method = enum.Enum("Method", {name: name for name in METHODS.names()}, type=str)  # type: ignore[misc]
 
 
-def _experiment_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
-    p.add_argument("config", type=Path, help="experiment YAML (configs/...)")
-    p.add_argument("--run-dir", type=Path, help="run directory (default: runs/<name>)")
-    p.add_argument(
+class Device(enum.StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+ConfigArg = Annotated[
+    Path, typer.Argument(help="experiment YAML (configs/...)", exists=True, dir_okay=False)
+]
+RunArg = Annotated[
+    Path, typer.Argument(help="a run directory made by `teacher` or `run`", file_okay=False)
+]
+RunDirOpt = Annotated[Path | None, typer.Option(help="run directory (default: runs/<name>)")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
         "--set",
-        action="append",
-        default=[],
         metavar="SECTION.KEY=VALUE",
         help="override a config value, e.g. --set fit.epochs=5 (repeatable)",
-    )
-    p.add_argument("--device", choices=["cpu", "cuda"], help="override the config's device")
+    ),
+]
+DeviceOpt = Annotated[Device | None, typer.Option(help="override the config's device")]
+BundlesOpt = Annotated[Path, typer.Option(help="where the cascade bundle goes")]
+RepositoryOpt = Annotated[Path, typer.Option(help="Triton model repository for the teacher")]
 
 
-def _run_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", type=Path, help="a run directory made by `teacher` or `run`")
+@dataclass(frozen=True)
+class Options:
+    progress: bool
 
 
-def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--bundles",
-        type=Path,
-        default=Path("bundles"),
-        help="where the cascade bundle goes (default: %(default)s)",
-    )
-    p.add_argument(
-        "--repository",
-        type=Path,
-        default=Path("model_repository"),
-        help="Triton model repository for the teacher (default: %(default)s)",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cascade-train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser(
-        "run",
-        help="every stage of one experiment: teacher, distill, calibrate, "
-        "evaluate (and export with --export)",
-    )
-    _experiment_args(p)
-    p.add_argument("--export", action="store_true", help="also export bundle + Triton entry")
-    _export_args(p)
-
-    p = sub.add_parser("teacher", help="train the teacher, or import a checkpoint / ONNX file")
-    _experiment_args(p)
-    p.add_argument(
-        "--checkpoint",
-        type=Path,
-        help="import a state-dict checkpoint of the config's teacher architecture",
-    )
-    p.add_argument("--onnx", type=Path, help="import an ONNX classifier as the teacher")
-
-    p = sub.add_parser(
-        "distill",
-        help="train a student from the run's teacher",
-        epilog="methods and their parameters:\n" + _methods_text(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _run_arg(p)
-    p.add_argument("--method", choices=METHODS.names(), help="override the config's method")
-    p.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a method parameter (YAML value), e.g. --param temperature=2",
-    )
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-
-    p = sub.add_parser("calibrate", help="threshold table on the held-out split")
-    _run_arg(p)
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--target-rate", type=float, help="target delegation rate (0..1)")
-    group.add_argument("--target-accuracy", type=float, help="target cascade accuracy (0..1)")
-
-    p = sub.add_parser("evaluate", help="accuracy-vs-delegation curves (JSON + PNG), summaries")
-    p.add_argument("runs", type=Path, nargs="+", help="run directories to compare on one plot")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path("evaluation"),
-        help="directory for curves.json and curves.png (default: %(default)s)",
-    )
-
-    p = sub.add_parser("export", help="cascade bundle + the teacher's Triton model entry")
-    _run_arg(p)
-    _export_args(p)
-
-    sub.add_parser("methods", help="list the distillation methods and their parameters")
-
-    p = sub.add_parser(
-        "demo", help="train, calibrate and export the demo cascades (digits images, intents texts)"
-    )
-    _export_args(p)
-    p.add_argument("--force", action="store_true", help="rebuild even if it exists")
-    return parser
-
-
-def _methods_text() -> str:
-    from .methods import describe_methods
-
-    return describe_methods()
-
-
-def _load(args) -> tuple:
-    from .config import load_config
-
-    config = load_config(args.config, args.set)
-    if args.device:
-        config = config.model_copy(update={"device": args.device})
-    return config, args.run_dir or Path("runs") / config.name
-
-
-def _from_run(run: Path, overrides: list[str] = ()):
-    from .config import load_config
-
-    if not (run / "config.yaml").is_file():
-        raise SystemExit(f"{run} is not a run directory (no config.yaml)")
-    return load_config(run / "config.yaml", overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@app.callback()
+def common(
+    ctx: typer.Context,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bars")] = False,
+) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .engine import shutdown_distributed
-
-    try:
-        return _command(args)
-    finally:
-        shutdown_distributed()  # under torchrun: leave the process group cleanly
-
-
-def _command(args: argparse.Namespace) -> int:
     # The ONNX exporter narrates every optimisation pass.
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    progress = not args.no_progress
+    ctx.obj = Options(progress=not no_progress)
 
-    if args.command == "methods":
-        print(_methods_text())
-        return 0
-    if args.command == "demo":
-        from .demo import build_demos
 
-        for bundle in build_demos(
-            args.repository, args.bundles, progress=progress, force=args.force
-        ):
-            print(f"bundle: {bundle.path}  threshold: {bundle.manifest.default_threshold:.4f}")
-        return 0
+def _experiment(
+    config: Path, run_dir: Path | None, sets: list[str] | None, device: Device | None
+) -> tuple[ExperimentConfig, Path]:
+    cfg = load_config(config, sets or [])
+    if device is not None:
+        cfg = cfg.model_copy(update={"device": device.value})
+    return cfg, run_dir or Path("runs") / cfg.name
 
-    from . import pipeline
-    from .engine import distributed, init_distributed
 
-    if args.command in ("run", "teacher"):
-        config, run_dir = _load(args)
-        if args.command == "teacher" and (args.checkpoint or args.onnx):
-            config = config.model_copy(
-                update={
-                    "teacher": config.teacher.model_copy(
-                        update={"checkpoint": args.checkpoint, "onnx": args.onnx}
-                    )
-                }
-            )
-        init_distributed(config.device)
-        if args.command == "run":
-            ev = pipeline.run_all(
-                config,
-                run_dir,
-                progress=progress,
-                bundles=args.bundles if args.export else None,
-                repository=args.repository if args.export else None,
-            )
-            if distributed()[0] == 0:
-                print(json.dumps(ev["summary"], indent=2))
-            return 0
-        prep = pipeline.prepare(config, run_dir)
-        if distributed()[0] == 0:
-            pipeline.start_run(run_dir, config, prep)
-        pipeline.train_teacher(prep, run_dir, progress=progress)
-        return 0
+def _from_run(run: Path, sets: list[str] | None = None) -> ExperimentConfig:
+    if not (run / "config.yaml").is_file():
+        raise typer.BadParameter(f"{run} is not a run directory (no config.yaml)")
+    return load_config(run / "config.yaml", sets or [])
 
-    if args.command == "distill":
-        overrides = list(args.set)
-        if args.method:
-            overrides.append(f"method.name={args.method}")
-            overrides.append("method.params={}")
-        overrides += [f"method.params.{p}" for p in args.param]
-        config = _from_run(args.run, overrides)
-        init_distributed(config.device)
-        prep = pipeline.prepare(config, args.run)
-        if distributed()[0] == 0:
-            (args.run / "config.yaml").write_text(dump_config(config))
-        from .teachers import load_teacher
 
-        teacher = (
-            load_teacher(args.run, config.device)
-            if METHODS.get(config.method.name).needs_teacher
-            else None
-        )
-        pipeline.distill(prep, args.run, teacher, progress=progress)
-        return 0
+def _is_rank0() -> bool:
+    from .engine import distributed
 
-    if args.command == "calibrate":
-        config = _from_run(args.run)
-        cal = pipeline.calibrate(
-            pipeline.prepare(config, args.run),
-            args.run,
-            target_delegation_rate=args.target_rate,
-            target_accuracy=args.target_accuracy,
-        )
-        print(
-            f"threshold {cal.threshold:.4f} -> delegation {cal.target_delegation_rate:.3f} "
-            f"on {cal.split} (n={cal.n})"
-        )
-        return 0
+    return distributed()[0] == 0
 
-    if args.command == "evaluate":
-        from .evaluate import plot
 
-        curves = {}
-        for run in args.runs:
-            config = _from_run(run)
-            curves[f"{run.name} ({config.method.name})"] = pipeline.evaluate(
-                pipeline.prepare(config, run), run
-            )
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "curves.json").write_text(json.dumps(curves, indent=2))
-        plot(curves, args.out / "curves.png")
-        for name, ev in curves.items():
-            print(name, json.dumps(ev["summary"]))
-        return 0
+@app.command()
+def run(
+    ctx: typer.Context,
+    config: ConfigArg,
+    run_dir: RunDirOpt = None,
+    sets: SetOpt = None,
+    device: DeviceOpt = None,
+    export: Annotated[bool, typer.Option(help="also export bundle + Triton entry")] = False,
+    bundles: BundlesOpt = Path("bundles"),
+    repository: RepositoryOpt = Path("model_repository"),
+) -> None:
+    """Every stage of one experiment: teacher, distill, calibrate, evaluate (export with
+    --export), the trained models passed on in memory."""
+    from .engine import init_distributed
+    from .stages import run_all
 
-    if args.command == "export":
-        config = _from_run(args.run)
-        bundle = pipeline.export(
-            pipeline.prepare(config, args.run),
-            args.run,
-            bundles=args.bundles,
-            repository=args.repository,
-        )
+    cfg, directory = _experiment(config, run_dir, sets, device)
+    init_distributed(cfg.device)
+    evaluation = run_all(
+        cfg,
+        directory,
+        progress=ctx.obj.progress,
+        bundles=bundles if export else None,
+        repository=repository if export else None,
+    )
+    if _is_rank0():
+        print(json.dumps(evaluation["summary"], indent=2))
+
+
+@app.command()
+def teacher(
+    ctx: typer.Context,
+    config: ConfigArg,
+    run_dir: RunDirOpt = None,
+    sets: SetOpt = None,
+    device: DeviceOpt = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="import a state-dict checkpoint of the config's teacher architecture"),
+    ] = None,
+    onnx: Annotated[
+        Path | None, typer.Option(help="import an ONNX classifier as the teacher")
+    ] = None,
+) -> None:
+    """Train the teacher, or import a checkpoint or an ONNX file."""
+    from .engine import init_distributed
+    from .stages import prepare, start_run, train_teacher
+
+    cfg, directory = _experiment(config, run_dir, sets, device)
+    if checkpoint or onnx:
+        imported = cfg.teacher.model_copy(update={"checkpoint": checkpoint, "onnx": onnx})
+        cfg = cfg.model_copy(update={"teacher": imported})
+    init_distributed(cfg.device)
+    prep = prepare(cfg, directory)
+    if _is_rank0():
+        start_run(directory, cfg, prep)
+    train_teacher(prep, directory, progress=ctx.obj.progress)
+
+
+# \b keeps click from rewrapping the table.
+@app.command(epilog="methods and their parameters:\n\n\b\n" + describe_methods())
+def distill(
+    ctx: typer.Context,
+    run: RunArg,
+    method: Annotated[Method | None, typer.Option(help="override the config's method")] = None,
+    params: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param", metavar="KEY=VALUE", help="a method parameter, e.g. --param temperature=2"
+        ),
+    ] = None,
+    sets: SetOpt = None,
+) -> None:
+    """Train a student from the run's teacher."""
+    from .engine import init_distributed
+    from .stages import distill as distill_stage
+    from .stages import prepare
+    from .teachers import load_teacher
+
+    cfg = _from_run(run, sets)
+    if method is not None:  # another method: its own parameters, not the old one's
+        cfg = cfg.model_copy(update={"method": MethodConfig(name=method.value)})
+    cfg = override(cfg, [f"method.params.{p}" for p in params or []])
+    init_distributed(cfg.device)
+    prep = prepare(cfg, run)
+    if _is_rank0():
+        (run / "config.yaml").write_text(dump_config(cfg))
+    needs_teacher = METHODS.get(cfg.method.name).needs_teacher
+    distill_stage(
+        prep, run, load_teacher(run, cfg.device) if needs_teacher else None,
+        progress=ctx.obj.progress,
+    )  # fmt: skip
+
+
+@app.command()
+def calibrate(
+    run: RunArg,
+    target_rate: Annotated[
+        float | None, typer.Option(min=0, max=1, help="target delegation rate (0..1)")
+    ] = None,
+    target_accuracy: Annotated[
+        float | None, typer.Option(min=0, max=1, help="target cascade accuracy (0..1)")
+    ] = None,
+) -> None:
+    """The threshold table on the held-out split, and the threshold for a target."""
+    from .stages import calibrate as calibrate_stage
+    from .stages import prepare
+
+    if target_rate is not None and target_accuracy is not None:
+        raise typer.BadParameter("give --target-rate or --target-accuracy, not both")
+    cfg = _from_run(run)
+    cal = calibrate_stage(
+        prepare(cfg, run), run, target_delegation_rate=target_rate, target_accuracy=target_accuracy
+    )
+    print(
+        f"threshold {cal.threshold:.4f} -> delegation {cal.target_delegation_rate:.3f} "
+        f"on {cal.split} (n={cal.n})"
+    )
+
+
+@app.command()
+def evaluate(
+    runs: Annotated[list[Path], typer.Argument(help="run directories to compare on one plot")],
+    out: Annotated[Path, typer.Option(help="directory for curves.json and curves.png")] = Path(
+        "evaluation"
+    ),
+) -> None:
+    """Accuracy-vs-delegation curves (JSON + PNG) and summaries."""
+    from .stages import evaluate as evaluate_stage
+    from .stages import plot, prepare
+
+    curves = {}
+    for run in runs:
+        cfg = _from_run(run)
+        curves[f"{run.name} ({cfg.method.name})"] = evaluate_stage(prepare(cfg, run), run)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "curves.json").write_text(json.dumps(curves, indent=2))
+    plot(curves, out / "curves.png")
+    for name, ev in curves.items():
+        print(name, json.dumps(ev["summary"]))
+
+
+@app.command()
+def export(
+    run: RunArg,
+    bundles: BundlesOpt = Path("bundles"),
+    repository: RepositoryOpt = Path("model_repository"),
+) -> None:
+    """The cascade bundle and the teacher's Triton model entry."""
+    from .stages import export as export_stage
+    from .stages import prepare
+
+    cfg = _from_run(run)
+    bundle = export_stage(prepare(cfg, run), run, bundles=bundles, repository=repository)
+    print(f"bundle: {bundle.path}  threshold: {bundle.manifest.default_threshold:.4f}")
+
+
+@app.command()
+def methods() -> None:
+    """List the distillation methods and their parameters."""
+    print(describe_methods())
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    bundles: BundlesOpt = Path("bundles"),
+    repository: RepositoryOpt = Path("model_repository"),
+    force: Annotated[bool, typer.Option(help="rebuild even if it exists")] = False,
+) -> None:
+    """Train, calibrate and export the demo cascades (digits images, intents texts)."""
+    from .demo import build_demos
+
+    for bundle in build_demos(repository, bundles, progress=ctx.obj.progress, force=force):
         print(f"bundle: {bundle.path}  threshold: {bundle.manifest.default_threshold:.4f}")
-        return 0
-    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script. Usage errors and bad configurations exit 2 with one clear line."""
+    from .engine import shutdown_distributed
+
+    command = typer.main.get_command(app)
+    try:
+        # Standalone: usage errors print the usage and exit 2 through SystemExit.
+        command.main(args=argv, prog_name="cascade-train")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except (ValueError, ValidationError, FileNotFoundError) as e:
+        print(f"cascade-train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()  # under torchrun: leave the process group cleanly
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
-"""One experiment = one YAML file, loaded with yaml.safe_load into this typed config. CLI
-`--set section.key=value` overrides run-specific values."""
+"""One experiment = one YAML file, loaded with yaml.safe_load into this typed config. A file may
+`extends: base.yaml` (a path relative to it): its sections are merged over the base's, key by
+key, except `params` mappings, which replace the base's whole (their keys belong to one
+architecture or method). CLI `--set section.key=value` overrides (OmegaConf's dotlist syntax)
+come last."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from omegaconf import OmegaConf
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -120,24 +125,50 @@ class ExperimentConfig(_Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
 
 
-def load_config(path: Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: an experiment is a YAML mapping")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set takes section.key=value, got {item!r}")
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
-    return ExperimentConfig.model_validate(raw)
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: an experiment is a YAML mapping")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in seen:
+        raise ValueError(f"{path}: `extends` loops back to {base_path}")
+    return merge(_read(base_path, (*seen, path.resolve())), raw)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on `base`, section by section; `params` mappings are replaced, not merged."""
+    out = dict(base)
+    for key, value in over.items():
+        if key != "params" and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _overridden(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    if not overrides:
+        return raw
+    bad = [item for item in overrides if "=" not in item or item.startswith("=")]
+    if bad:
+        raise ValueError(f"--set takes section.key=value, got {bad[0]!r}")
+    merged = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides)))
+    out = OmegaConf.to_container(merged)
+    assert isinstance(out, dict)
+    return {str(k): v for k, v in out.items()}
+
+
+def load_config(path: Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    raw = _read(Path(path)) if path is not None else {}
+    return ExperimentConfig.model_validate(_overridden(raw, overrides))
+
+
+def override(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    """`config` with `section.key=value` overrides applied (validated again)."""
+    return ExperimentConfig.model_validate(_overridden(config.model_dump(mode="json"), overrides))
 
 
 def dump_config(config: ExperimentConfig) -> str:

@@ -181,8 +181,8 @@ def imagefolder(
     from tqdm.auto import tqdm
 
     def decode(file: Path) -> np.ndarray:
-        with Image.open(file) as img:
-            img = img.convert("L" if channels == 1 else "RGB").resize((size, size))
+        with Image.open(file) as opened:
+            img = opened.convert("L" if channels == 1 else "RGB").resize((size, size))
             arr = np.asarray(img, dtype=np.uint8)
         return arr[..., None] if arr.ndim == 2 else arr
 

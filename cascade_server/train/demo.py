@@ -85,7 +85,7 @@ def build_demo(
     name: str = DEMO_NAME,
 ) -> Bundle:
     """One demo cascade (`digits` or `intents`), reused when it exists."""
-    from .pipeline import export, prepare, run_all
+    from .stages import run_all
 
     config = DEMOS[name][0]
     teacher_dir, bundle_dir = demo_paths(repository, bundles, name)
@@ -95,8 +95,9 @@ def build_demo(
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         run = run_dir or Path(tmp)
-        summary = run_all(config, run, progress=progress)["summary"]
-        bundle = export(prepare(config, run), run, bundles=bundles, repository=repository)
+        evaluation = run_all(config, run, progress=progress, bundles=bundles, repository=repository)
+    summary = evaluation["summary"]
+    bundle = Bundle.load(bundle_dir)
     log.info(
         "demo %s built in %.1fs: test accuracy teacher %.3f, student %.3f, cascade %.3f at 20%% "
         "delegation",

@@ -12,10 +12,10 @@ from torch import nn
 
 def device_of(model: nn.Module) -> torch.device:
     """Where the model's parameters (or buffers) live; CPU for a model that has none."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for parameter in model.parameters():
+        return parameter.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .device import chunked, to_device
+from .device import to_device
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class Trainer:
         self.channels_last = cuda and config.channels_last and self.images
         self.model = model.to(self.device)
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.trained = self.model
         if self.world > 1:
             self.trained = nn.parallel.DistributedDataParallel(self.model)
@@ -290,13 +290,3 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 512, device: str = "cpu"):
-    model.to(device).eval()
-    return chunked(model, x, device, batch_size)
-
-
-def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
-    return float((logits.argmax(1) == y).mean())

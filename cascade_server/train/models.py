@@ -17,6 +17,8 @@ ARCHITECTURES: Registry = Registry("architecture")
 
 
 class Classifier(nn.Module):
+    head: nn.Linear
+
     def __init__(self, body: nn.Module, head: nn.Linear) -> None:
         super().__init__()
         self.body = body
@@ -204,6 +206,8 @@ class TextBody(nn.Module):
 
 
 class TextClassifier(Classifier):
+    body: TextBody
+
     def features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.body(x, mask)
 

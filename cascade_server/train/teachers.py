@@ -3,7 +3,6 @@ penultimate features), or any ONNX classifier (logits through ONNX Runtime)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +10,8 @@ import torch
 
 from .device import chunked, to_device
 from .models import Classifier, build
-
-TEACHER_WEIGHTS = "teacher.pt"
-TEACHER_META = "teacher.json"
-TEACHER_ONNX = "teacher.onnx"
+from .records import RunDir, TeacherMeta
+from .weights import load_weights, save_weights
 
 
 class TorchTeacher:
@@ -72,6 +69,10 @@ class OnnxTeacher:
         ]
         return np.concatenate(out).astype(np.float32)
 
+    def text_inputs(self) -> tuple[str, str] | None:
+        """The (ids, mask) input names of a text teacher; None for an image teacher."""
+        return (self.input_names[0], self.input_names[1]) if len(self.input_names) == 2 else None
+
     def torch_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Online queries (KD+ on interpolated inputs) go through ONNX Runtime too."""
         return torch.from_numpy(self.logits(x.detach().cpu().numpy())).to(x.device)
@@ -81,33 +82,33 @@ class OnnxTeacher:
 
 
 def save_torch_teacher(run_dir: Path, teacher: TorchTeacher, in_shape, num_classes: int) -> None:
-    from .export import save_weights
-
+    run = RunDir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(teacher.model, run_dir / TEACHER_WEIGHTS)
-    meta = {
-        "arch": teacher.arch,
-        "kwargs": teacher.kwargs,
-        "in_shape": list(in_shape),
-        "num_classes": num_classes,
-    }
-    (run_dir / TEACHER_META).write_text(json.dumps(meta, indent=2))
+    save_weights(teacher.model, run / RunDir.TEACHER_WEIGHTS)
+    run.write_teacher_meta(
+        TeacherMeta(
+            arch=teacher.arch,
+            kwargs=teacher.kwargs,
+            in_shape=tuple(in_shape),
+            num_classes=num_classes,
+        )
+    )
 
 
 def load_teacher(run_dir: Path, device: str = "cpu") -> TorchTeacher | OnnxTeacher:
     """The teacher a run holds: teacher.onnx (imported) or teacher.pt + teacher.json."""
-    if (run_dir / TEACHER_ONNX).is_file():
-        return OnnxTeacher(run_dir / TEACHER_ONNX)
-    meta_path = run_dir / TEACHER_META
-    if not meta_path.is_file():
+    run = RunDir(run_dir)
+    if (run / RunDir.TEACHER_ONNX).is_file():
+        return OnnxTeacher(run / RunDir.TEACHER_ONNX)
+    if not (run / RunDir.TEACHER_META).is_file():
         raise FileNotFoundError(f"{run_dir} holds no teacher: run `cascade-train teacher` first")
-    meta = json.loads(meta_path.read_text())
+    meta = run.teacher_meta()
     return load_torch_teacher(
-        run_dir / TEACHER_WEIGHTS,
-        meta["arch"],
-        meta["kwargs"],
-        meta["in_shape"],
-        meta["num_classes"],
+        run / RunDir.TEACHER_WEIGHTS,
+        meta.arch,
+        meta.kwargs,
+        meta.in_shape,
+        meta.num_classes,
         device,
     )
 
@@ -116,7 +117,5 @@ def load_torch_teacher(
     path: Path, arch: str, kwargs: dict, in_shape, num_classes: int, device: str = "cpu"
 ) -> TorchTeacher:
     """A checkpoint of a registered architecture; tensors only (weights_only=True)."""
-    from .export import load_weights
-
     model = build(arch, in_shape, num_classes, **kwargs)
     return TorchTeacher(load_weights(model, path), arch, kwargs, device)

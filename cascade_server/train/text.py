@@ -3,12 +3,15 @@ and saved as tokenizer.json in the bundle, where the gateway loads it with the s
 
 from __future__ import annotations
 
+from typing import Any
+
 SPECIALS = ["[PAD]", "[UNK]"]  # [PAD] must be id 0: models treat id 0 as padding
 
 
 def train_tokenizer(texts, vocab_size: int, model: str = "wordpiece", lowercase: bool = True):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+    trainer: Any
     if model == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         trainer = trainers.WordPieceTrainer(
@@ -22,7 +25,7 @@ def train_tokenizer(texts, vocab_size: int, model: str = "wordpiece", lowercase:
         )
     else:
         raise ValueError(f"tokenizer model must be wordpiece or bpe, not {model!r}")
-    steps = [normalizers.NFD()]
+    steps: list[Any] = [normalizers.NFD()]
     if lowercase:
         steps.append(normalizers.Lowercase())
     steps.append(normalizers.StripAccents())

@@ -8,8 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from cascade_server.bundle import Bundle
 from cascade_server.policy import softmax
 from cascade_server.preprocess import normalize
-from cascade_server.train.export import load_weights
 from cascade_server.train.models import build
+from cascade_server.train.weights import load_weights
 
 from ..conftest import b64, easy_and_hard, png_bytes
 
@@ -64,7 +64,7 @@ def test_gateway_probabilities_equal_the_pytorch_students(gateway, demo):
     manifest = Bundle.load(demo.bundle).manifest
     info = manifest.training["student"]
     student = build(info["arch"], (1, 8, 8), 10, hidden=tuple(info["hidden"]))
-    load_weights(student, demo.bundle / "student.pt")
+    load_weights(student, demo.run / "student.pt")
     idx = list(range(0, 200, 10))
     with torch.no_grad():
         expected = softmax(

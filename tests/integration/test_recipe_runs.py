@@ -11,7 +11,7 @@ import pytest
 
 from cascade_server.train.config import load_config
 from cascade_server.train.methods import METHODS
-from cascade_server.train.pipeline import run_all
+from cascade_server.train.stages import run_all
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = [

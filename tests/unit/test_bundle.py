@@ -3,7 +3,7 @@ import pytest
 from pydantic import ValidationError
 
 from cascade_server.bundle import Bundle, ImagePreprocess, Manifest, TeacherRef
-from cascade_server.train.calibrate import calibrate
+from cascade_server.train.stages import calibrate_logits as calibrate
 
 
 def make_calibration(seed=0, target=0.2):

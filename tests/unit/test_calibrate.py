@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from cascade_server.policy import softmax, top2_margin
-from cascade_server.train.calibrate import calibrate
+from cascade_server.train.records import OutputPolicy
+from cascade_server.train.stages import calibrate_logits as calibrate
 
 
 def test_table_is_monotone_and_hits_the_target_rate():
@@ -43,7 +44,7 @@ def test_class_based_delegation_sets_a_floor_on_the_rate():
         y,
         target_delegation_rate=0.1,
         cost_student=0.1,
-        in_domain_outputs=in_domain,
+        policy=OutputPolicy(in_domain_outputs=in_domain),
     )
     forced = (~in_domain[s.argmax(1)]).mean()
     assert cal.table[0].delegation_rate == pytest.approx(forced)
@@ -67,7 +68,7 @@ def test_threshold_for_a_target_accuracy():
 
 
 def test_stage_calibration_passes_the_same_share_at_each_stage():
-    from cascade_server.train.calibrate import calibrate_stages
+    from cascade_server.train.stages import calibrate_stages
 
     rng = np.random.default_rng(4)
     stages = [rng.normal(size=(2000, 10)) * (k + 1) for k in range(3)]

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from cascade_server.bundle import CalibrationRow
-from cascade_server.train.evaluate import evaluate, plot, summarize
+from cascade_server.train.stages import evaluate_logits as evaluate
+from cascade_server.train.stages import plot, summarize
 
 
 def rows(points):

@@ -37,7 +37,7 @@ def test_pad_is_id_zero_and_normalisation_is_recorded(tokenizer_file):
 
 
 def test_gateway_ids_equal_the_trainers_including_unicode_and_long_texts(tokenizer_file, tmp_path):
-    from cascade_server.train.pipeline import prepare
+    from cascade_server.train.stages import prepare
 
     # The trainer's path: prepare() on a jsonl dataset, with the tokenizer of a run directory.
     rows = "".join(

@@ -93,7 +93,7 @@ def test_kdplus_on_text_needs_a_pytorch_teacher(data):
 def test_text_models_export_and_run_in_onnx_runtime(arch, tmp_path):
     import onnxruntime as ort
 
-    from cascade_server.train.export import export_onnx
+    from cascade_server.train.to_onnx import export_onnx
 
     model = build(arch, (VOCAB, LENGTH), N_CLASSES)
     path = export_onnx(model, (VOCAB, LENGTH), tmp_path / "m.onnx", modality="text")

@@ -16,8 +16,8 @@ def test_training_imports_with_fastapi_blocked():
                 return None
 
         sys.meta_path.insert(0, Block())
-        import cascade_server.train.cli, cascade_server.train.pipeline
-        import cascade_server.train.evaluate
+        import cascade_server.train.cli, cascade_server.train.stages
+        import cascade_server.train.methods, cascade_server.train.demo
         import cascade_server.preprocess, cascade_server.errors
         print(sorted(m for m in sys.modules if m.split(".")[0] in ("fastapi", "starlette")))
     """)

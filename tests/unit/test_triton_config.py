@@ -4,7 +4,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from cascade_server.train.export import teacher_config
+from cascade_server.train.stages import teacher_config
 from cascade_server.triton import python_backend_repository, read_model_config
 
 REPO = Path(__file__).resolve().parents[2] / "model_repository"

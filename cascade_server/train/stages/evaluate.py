@@ -1,5 +1,6 @@
-"""Accuracy-vs-delegation curves of student+teacher pairs, their summary numbers
-(METHODS.md section 5), and a plot comparing several students."""
+"""Evaluation: accuracy-vs-delegation curves of a student+teacher pair on the test split, their
+summary numbers (METHODS.md section 5), a plot comparing several students, and the `evaluate`
+stage that writes them into the run directory."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import CalibrationRow
-from .calibrate import cascade_rows, student_predictions
+from ...bundle import CalibrationRow
+from ..records import OutputPolicy, RunDir
+from .calibrate import PLAIN, cascade_rows
+from .distill import Pair, pair_logits
+from .prepare import Prepared
 
 # numpy 2 renamed trapz to trapezoid (and removed trapz in 2.4); numpy 1 has only trapz.
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz
@@ -38,24 +42,20 @@ def summarize(rows: list[CalibrationRow], student_acc: float, teacher_acc: float
         # Area under accuracy vs delegation rate, over [first rate, 1].
         "auc": float(_trapezoid(accs, rates)),
         "gap_recovered": {
-            f"{q:.1f}": (acc_at(q) - student_acc) / gap
-            if gap > 0 and acc_at(q) is not None
-            else None
-            for q in (0.1, 0.2, 0.3)
+            f"{q:.1f}": None if acc is None or gap <= 0 else (acc - student_acc) / gap
+            for q, acc in ((q, acc_at(q)) for q in (0.1, 0.2, 0.3))
         },
         "min_delegation_rate": float(rates.min()),
     }
 
 
-def evaluate(
+def evaluate_logits(
     student_logits: np.ndarray,
     teacher_logits: np.ndarray,
     labels: np.ndarray,
     *,
     cost_student: float,
-    output_classes=None,
-    abstain_output=None,
-    in_domain_outputs=None,
+    policy: OutputPolicy = PLAIN,
     steps: int = 100,
 ) -> dict:
     rows = cascade_rows(
@@ -64,15 +64,9 @@ def evaluate(
         labels,
         cost_student=cost_student,
         steps=steps,
-        output_classes=output_classes,
-        abstain_output=abstain_output,
-        in_domain_outputs=in_domain_outputs,
+        policy=policy,
     )
-    s_acc = float(
-        (
-            student_predictions(student_logits, teacher_logits.shape[1], output_classes) == labels
-        ).mean()
-    )
+    s_acc = float((policy.predictions(student_logits, teacher_logits.shape[1]) == labels).mean())
     t_acc = float((teacher_logits.argmax(1) == labels).mean())
     return {"rows": [r.model_dump() for r in rows], "summary": summarize(rows, s_acc, t_acc)}
 
@@ -104,3 +98,23 @@ def plot(curves: dict[str, dict], path: Path, title: str = "") -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def evaluate(prep: Prepared, run_dir: Path, *, pair: Pair | None = None) -> dict:
+    """The stage: evaluation.json (curve rows + summary) on the test split."""
+    run = RunDir(run_dir)
+    logits = pair_logits(prep, run, "test", pair)
+    result = evaluate_logits(
+        logits.student,
+        logits.teacher,
+        prep.y["test"],
+        cost_student=run.record().cost_ratio(),
+        policy=logits.policy,
+    )
+    if logits.stages is not None:  # anytime accuracy after each member
+        result["summary"]["stage_accuracy"] = [
+            float((s.argmax(1) == prep.y["test"]).mean()) for s in logits.stages
+        ]
+    run.write_json(RunDir.EVALUATION, result)
+    run.update_record(evaluation=result["summary"])
+    return result

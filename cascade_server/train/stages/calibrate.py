@@ -1,20 +1,22 @@
-"""The threshold table: threshold -> delegation rate -> cascade accuracy -> expected cost,
-measured on a held-out split with the gateway's own decision function (policy.decide)."""
+"""Calibration: the threshold table (threshold -> delegation rate -> cascade accuracy ->
+expected cost) measured on the held-out split with the gateway's own decision function, the
+threshold for a target delegation rate or accuracy, per-stage thresholds for anytime students;
+and the `calibrate` stage that writes them into the run directory."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
-from ..bundle import Calibration, CalibrationRow, StudentStage
-from ..policy import class_probabilities, decide
+from ...bundle import Calibration, CalibrationRow, StudentStage
+from ...policy import decide
+from ..records import CalibrationSummary, OutputPolicy, RunDir
+from .distill import Pair, pair_logits
+from .prepare import Prepared
 
-
-def student_predictions(
-    student_logits: np.ndarray, num_classes: int, output_classes=None
-) -> np.ndarray:
-    """Class ids the student answers with (abstain outputs never win)."""
-    probs = decide(student_logits, 0.0).probs
-    return class_probabilities(probs, output_classes, num_classes).argmax(1)
+PLAIN = OutputPolicy()
 
 
 def cascade_rows(
@@ -25,18 +27,13 @@ def cascade_rows(
     cost_student: float,
     cost_teacher: float = 1.0,
     steps: int = 100,
-    output_classes=None,
-    abstain_output: int | None = None,
-    in_domain_outputs=None,
+    policy: OutputPolicy = PLAIN,
 ) -> list[CalibrationRow]:
     """One row per quantile of the student's margins, rates strictly increasing."""
-    policy = {"abstain_output": abstain_output, "in_domain_outputs": in_domain_outputs}
-    base = decide(student_logits, 0.0, **policy)
+    base = policy.decide(student_logits, 0.0)
     forced = base.delegate  # class-based delegation and non-finite rows: at any threshold
     margins = base.margins
-    student_ok = (
-        student_predictions(student_logits, teacher_logits.shape[1], output_classes) == labels
-    )
+    student_ok = policy.predictions(student_logits, teacher_logits.shape[1]) == labels
     teacher_ok = teacher_logits.argmax(1) == labels
     free = margins[~forced] if (~forced).any() else np.array([0.0])
     rows = []
@@ -61,7 +58,7 @@ def cascade_rows(
     return out
 
 
-def calibrate(
+def calibrate_logits(
     student_logits: np.ndarray,
     teacher_logits: np.ndarray,
     labels: np.ndarray,
@@ -72,9 +69,7 @@ def calibrate(
     cost_teacher: float = 1.0,
     split: str = "val",
     steps: int = 100,
-    output_classes=None,
-    abstain_output: int | None = None,
-    in_domain_outputs=None,
+    policy: OutputPolicy = PLAIN,
 ) -> Calibration:
     """The table, and the threshold for a target delegation rate or a target accuracy."""
     if target_delegation_rate is not None and not 0.0 <= target_delegation_rate <= 1.0:
@@ -86,14 +81,10 @@ def calibrate(
         cost_student=cost_student,
         cost_teacher=cost_teacher,
         steps=steps,
-        output_classes=output_classes,
-        abstain_output=abstain_output,
-        in_domain_outputs=in_domain_outputs,
+        policy=policy,
     )
     n_classes = teacher_logits.shape[1]
-    student_acc = float(
-        (student_predictions(student_logits, n_classes, output_classes) == labels).mean()
-    )
+    student_acc = float((policy.predictions(student_logits, n_classes) == labels).mean())
     calibration = Calibration(
         split=split,
         n=len(labels),
@@ -111,6 +102,8 @@ def calibrate(
         return calibration.model_copy(
             update={"threshold": threshold, "target_delegation_rate": rate}
         )
+    if target_delegation_rate is None:
+        raise ValueError("give a target delegation rate or a target accuracy")
     threshold = calibration.threshold_for_rate(target_delegation_rate)
     return calibration.model_copy(update={"threshold": threshold})
 
@@ -136,3 +129,54 @@ def calibrate_stages(
         stages.append(StudentStage(output=name, threshold=rho, pass_rate=share))
         reaching = moving_on
     return stages
+
+
+def calibrate(
+    prep: Prepared,
+    run_dir: Path,
+    *,
+    target_delegation_rate: float | None = None,
+    target_accuracy: float | None = None,
+    pair: Pair | None = None,
+) -> Calibration:
+    """The stage: calibration.json and stages.json on the validation split. The config's target
+    unless one is given. `pair`: the trained student and teacher in memory (`run`), else
+    loaded from the run directory."""
+    cfg = prep.config.calibration
+    if target_delegation_rate is None and target_accuracy is None:
+        target_delegation_rate, target_accuracy = cfg.target_delegation_rate, cfg.target_accuracy
+    run = RunDir(run_dir)
+    logits = pair_logits(prep, run, "val", pair)
+    calibration = calibrate_logits(
+        logits.student,
+        logits.teacher,
+        prep.y["val"],
+        target_delegation_rate=target_delegation_rate if target_accuracy is None else None,
+        target_accuracy=target_accuracy,
+        cost_student=run.record().cost_ratio(),
+        split="val",
+        policy=logits.policy,
+    )
+    stages: list[StudentStage] = []
+    if logits.stages is not None:
+        names = [f"stage_{k + 1}" for k in range(len(logits.stages))]
+        stages = calibrate_stages(logits.stages, calibration.target_delegation_rate, names)
+    (run / RunDir.CALIBRATION).write_text(calibration.model_dump_json(indent=2))
+    run.write_json(RunDir.STAGES, [s.model_dump() for s in stages])
+    run.update_record(
+        calibration=CalibrationSummary(
+            threshold=calibration.threshold,
+            target_delegation_rate=calibration.target_delegation_rate,
+            val_student_accuracy=calibration.student_accuracy,
+            val_teacher_accuracy=calibration.teacher_accuracy,
+            stages=[s.model_dump() for s in stages],
+        )
+    )
+    return calibration
+
+
+def load_calibration(run: RunDir) -> tuple[Calibration, list[StudentStage]]:
+    calibration = Calibration.model_validate_json((run / RunDir.CALIBRATION).read_text())
+    path = run / RunDir.STAGES
+    stages = [StudentStage(**s) for s in json.loads(path.read_text())] if path.is_file() else []
+    return calibration, stages
