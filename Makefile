@@ -46,7 +46,8 @@ test: setup tools
 NUMPY2_TESTS = tests/unit/test_losses.py tests/unit/test_methods.py tests/unit/test_engine.py \
 	tests/unit/test_evaluate.py tests/unit/test_calibrate.py tests/unit/test_data.py \
 	tests/unit/test_recipe.py tests/unit/test_device.py tests/unit/test_models.py \
-	tests/unit/test_train_without_web_stack.py tests/unit/test_numpy_version.py
+	tests/unit/test_train_without_web_stack.py tests/unit/test_numpy_version.py \
+	tests/unit/test_records.py tests/unit/test_config.py
 $(VENV_NP2)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_NP2)
 	$(VENV_NP2)/bin/python -m pip install --quiet --upgrade pip

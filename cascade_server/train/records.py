@@ -173,8 +173,8 @@ class RunDir:
 
     def update_record(self, **sections: Any) -> Record:
         """Sets top-level entries (records or plain values) and rewrites record.json."""
-        record = self.record().model_copy(update=sections)
-        record = Record.model_validate(record.model_dump())  # validates what was set
+        given = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in sections.items()}
+        record = Record.model_validate({**self.record().model_dump(), **given})
         self.path.mkdir(parents=True, exist_ok=True)
         (self / self.RECORD).write_text(record.model_dump_json(indent=2, exclude_none=True) + "\n")
         return record
