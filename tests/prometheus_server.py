@@ -4,7 +4,6 @@ port, scraping given targets every second and evaluating the project's own rules
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,13 +12,9 @@ from typing import Any
 import httpx2
 import yaml
 
+from cascade_server.triton import free_port
+
 RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "rules.yml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrometheusServer:
@@ -30,7 +25,7 @@ class PrometheusServer:
         self.binary = binary
         self.workdir = workdir
         self.targets = targets  # job -> host:port
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen | None = None
 
     @property

@@ -9,11 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cascade_server.triton import free_port
 
 
 class RedisServer:
@@ -23,7 +19,7 @@ class RedisServer:
             raise RuntimeError("redis-server is missing: apt-get install redis-server")
         self.binary = binary
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = free_port()
         self.password = password
         self.process: subprocess.Popen | None = None
 
