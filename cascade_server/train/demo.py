@@ -1,4 +1,4 @@
-"""The demo cascades, built through the same pipeline as every experiment, seconds on a CPU,
+"""The demo cascades, built through the same stages as every experiment, seconds on a CPU,
 no download; `cascade-serve --demo` builds them when they are missing:
 - digits (`configs/digits/kd.yaml`): a CNN teacher and a tiny MLP student (KD) on
   scikit-learn's bundled 8x8 digits;

@@ -1,4 +1,4 @@
-"""Every tensor on the model's device: the one helper the engine, pipeline, methods and teachers
+"""Every tensor on the model's device: the one helper the engine, stages, methods and teachers
 use to move inputs, so that a model on CUDA never meets a CPU batch (and back to numpy)."""
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ penultimate features), or any ONNX classifier (logits through ONNX Runtime)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from .device import chunked, to_device
 from .models import Classifier, build
 from .records import RunDir, TeacherMeta
 from .weights import load_weights, save_weights
+
+log = logging.getLogger(__name__)
 
 
 class TorchTeacher:
@@ -44,14 +47,23 @@ class OnnxTeacher:
     kind = "onnx"
     feature_dim = None
 
-    def __init__(self, path: Path, threads: int = 0) -> None:
+    def __init__(self, path: Path, threads: int = 0, device: str = "cpu") -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            # On the run's GPU when this onnxruntime has CUDA (onnxruntime-gpu); the CPU
+            # package (what the train extra installs) answers on the CPU, said once here.
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            else:
+                log.warning("ONNX teacher on the CPU: this onnxruntime has no CUDA provider")
         self.path = path
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.providers = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_name = self.input_names[0]
         self.output_name = self.session.get_outputs()[0].name
@@ -99,7 +111,7 @@ def load_teacher(run_dir: Path, device: str = "cpu") -> TorchTeacher | OnnxTeach
     """The teacher a run holds: teacher.onnx (imported) or teacher.pt + teacher.json."""
     run = RunDir(run_dir)
     if (run / RunDir.TEACHER_ONNX).is_file():
-        return OnnxTeacher(run / RunDir.TEACHER_ONNX)
+        return OnnxTeacher(run / RunDir.TEACHER_ONNX, device=device)
     if not (run / RunDir.TEACHER_META).is_file():
         raise FileNotFoundError(f"{run_dir} holds no teacher: run `cascade-train teacher` first")
     meta = run.teacher_meta()

@@ -34,3 +34,37 @@ def test_count_macs_runs_where_the_model_is():
     model = build("cnn", (1, 8, 8), 10, width=8)
     on_cpu = count_macs(model, (1, 8, 8))
     assert count_macs(model.to("meta"), (1, 8, 8)) == on_cpu > 0
+
+
+def test_an_onnx_teacher_follows_the_run_device_where_onnxruntime_can(
+    tmp_path, monkeypatch, caplog
+):
+    """device=cuda: the CUDA provider first when this onnxruntime has one (onnxruntime-gpu), else
+    the CPU with a warning; device=cpu never asks for CUDA."""
+    import onnxruntime as ort
+
+    from cascade_server.train.teachers import OnnxTeacher
+    from cascade_server.train.to_onnx import export_onnx
+
+    path = export_onnx(build("mlp", (1, 4, 4), 3, hidden=(4,)), (1, 4, 4), tmp_path / "t.onnx")
+    assert OnnxTeacher(path, device="cpu").providers == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with caplog.at_level("WARNING"):
+            teacher = OnnxTeacher(path, device="cuda")
+        assert teacher.providers == ["CPUExecutionProvider"]
+        assert "no CUDA provider" in caplog.text
+    asked = []
+    real = ort.InferenceSession
+
+    def session(p, opts, providers):
+        asked.append(list(providers))
+        return real(p, opts, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    OnnxTeacher(path, device="cuda")
+    assert asked == [["CUDAExecutionProvider", "CPUExecutionProvider"]]
+    x = np.zeros((2, 1, 4, 4), np.float32)
+    assert OnnxTeacher(path, device="cuda").logits(x).shape == (2, 3)

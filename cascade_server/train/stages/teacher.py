@@ -32,7 +32,7 @@ def train_teacher(
         if rank == 0:
             shutil.copyfile(cfg.onnx, run / RunDir.TEACHER_ONNX)
         copied = run / RunDir.TEACHER_ONNX
-        teacher = OnnxTeacher(copied if copied.exists() else cfg.onnx)
+        teacher = OnnxTeacher(copied if copied.exists() else cfg.onnx, device=prep.config.device)
     elif cfg.checkpoint is not None:
         teacher = load_torch_teacher(
             cfg.checkpoint,
