@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cascade_server.train.config import ExperimentConfig
 from cascade_server.train.methods import METHODS
+from cascade_server.train.records import RunDir
 from cascade_server.train.stages import (
     Pair,
     calibrate,
@@ -35,12 +36,12 @@ from cascade_server.train.stages import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_FILES = (
-    "teacher.pt",
-    "teacher.json",
-    "teacher_logits.npz",
-    "record.json",
-    "tokenizer.json",
-    "tokenizer.key",
+    RunDir.TEACHER_WEIGHTS,
+    RunDir.TEACHER_META,
+    RunDir.TEACHER_LOGITS,
+    RunDir.RECORD,
+    "tokenizer.json",  # TextPreprocess.tokenizer_file
+    RunDir.TOKENIZER_KEY,
 )
 
 
@@ -258,16 +259,17 @@ def collect(args) -> tuple[dict, list[dict], dict]:
     curves, rows = {}, []
     for method in args.methods:
         run = args.runs / method
-        if not (run / "evaluation.json").is_file():
+        if not (run / RunDir.EVALUATION).is_file():
             continue
-        ev = json.loads((run / "evaluation.json").read_text())
-        record = json.loads((run / "record.json").read_text())
+        ev = json.loads((run / RunDir.EVALUATION).read_text())
+        record = RunDir(run).record()
         curves[method] = ev
-        rows.append({"method": method, "seconds": record["student"]["seconds"], **ev["summary"]})
-    teacher = json.loads((args.runs / "teacher" / "record.json").read_text())["teacher"]
+        seconds = record.student.seconds if record.student else None
+        rows.append({"method": method, "seconds": seconds, **ev["summary"]})
+    teacher = RunDir(args.runs / "teacher").record().teacher
     meta = {
         "settings": {k: str(v) for k, v in vars(args).items()},
-        "teacher_seconds": teacher["seconds"],
+        "teacher_seconds": teacher.seconds if teacher else None,
         "total_seconds": "n/a (collected)",
         "n_test": "see runs",
         "n_train": "see runs",

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from .config import ExperimentConfig, MethodConfig, dump_config, load_config, override
 from .methods import METHODS, describe_methods
+from .records import RunDir
 
 app = typer.Typer(
     name="cascade-train",
@@ -85,9 +86,9 @@ def _experiment(
 
 
 def _from_run(run: Path, sets: list[str] | None = None) -> ExperimentConfig:
-    if not (run / "config.yaml").is_file():
+    if not (run / RunDir.CONFIG).is_file():
         raise typer.BadParameter(f"{run} is not a run directory (no config.yaml)")
-    return load_config(run / "config.yaml", sets or [])
+    return load_config(run / RunDir.CONFIG, sets or [])
 
 
 def _is_rank0() -> bool:
@@ -182,7 +183,7 @@ def distill(
     init_distributed(cfg.device)
     prep = prepare(cfg, run)
     if _is_rank0():
-        (run / "config.yaml").write_text(dump_config(cfg))
+        (run / RunDir.CONFIG).write_text(dump_config(cfg))
     needs_teacher = METHODS.get(cfg.method.name).needs_teacher
     distill_stage(
         prep, run, load_teacher(run, cfg.device) if needs_teacher else None,

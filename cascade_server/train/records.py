@@ -163,6 +163,7 @@ class RunDir:
     CALIBRATION = "calibration.json"
     STAGES = "stages.json"
     EVALUATION = "evaluation.json"
+    TOKENIZER_KEY = "tokenizer.key"  # beside the bundle's tokenizer.json: what it was trained on
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name

@@ -74,7 +74,7 @@ def test_prometheus_reads_delegation_latency_and_triton_queue(demo, triton, tmp_
                 raise AssertionError(f"Prometheus counts {counted()}") from None
             # Targets up; the project's rules loaded and evaluated by a real server.
             up = prom.query("up")
-            assert up == {(("instance", k), ("job", j)): 1.0 for j, k in prom_targets(prom)}
+            assert up == {(("instance", k), ("job", j)): 1.0 for j, k in prom.targets.items()}
             groups = {g["name"]: g for g in prom.api("rules")["groups"]}
             assert {"cascade-recording", "cascade-alerts"} <= set(groups)
             for group in groups.values():
@@ -145,7 +145,3 @@ def test_prometheus_reads_delegation_latency_and_triton_queue(demo, triton, tmp_
                         assert result, f"{panel['title']}: {target['expr']} has no data"
         finally:
             prom.stop()
-
-
-def prom_targets(prom: PrometheusServer) -> list[tuple[str, str]]:
-    return [(job, target) for job, target in prom.targets.items()]

@@ -109,7 +109,7 @@ def _prepare_text(config: ExperimentConfig, data: TextData, run_dir: Path | None
     )
     key = json.dumps([fp, t.model_dump(mode="json")], sort_keys=True)
     saved = run_dir / spec.tokenizer_file if run_dir is not None else None
-    key_file = run_dir / "tokenizer.key" if run_dir is not None else None
+    key_file = run_dir / RunDir.TOKENIZER_KEY if run_dir is not None else None
     if (
         saved is not None
         and key_file is not None

@@ -3,6 +3,7 @@ its logits on every split, cached in the run directory."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import time
@@ -108,4 +109,16 @@ def teacher_logits(
 
 
 def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    # Every stage asks for the teacher's logits: hash a (possibly large) teacher file once per
+    # version of it, not once per stage.
+    stat = path.stat()
+    return _digest_of(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_of(path: Path, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
