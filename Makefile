@@ -11,8 +11,8 @@ WORKERS ?= 1
 
 VENV_NP2 ?= .venv-numpy2
 
-# Debian packages the tests and checks use (redis-server, prometheus + promtool, docker-compose),
-# installed when missing.
+# Debian packages the tests and checks use (redis-server, prometheus + promtool, docker-compose,
+# chromium for the /docs page), installed when missing.
 APT := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 define apt_install
 	@command -v $(1) >/dev/null || { $(APT) update -qq && \
@@ -38,6 +38,7 @@ serve: setup
 tools:
 	$(call apt_install,redis-server,redis-server)
 	$(call apt_install,prometheus,prometheus)
+	$(call apt_install,chromium,chromium)
 
 test: setup tools
 	$(BIN)/python -m pytest

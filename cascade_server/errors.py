@@ -58,6 +58,17 @@ class ServiceUnavailable(CascadeError):
     status, code = 503, "unavailable"
 
 
+class Overloaded(CascadeError):
+    """Refused for load, with when to retry (`Retry-After`): an explicit refusal the client can
+    act on, not a queue that grows."""
+
+    status, code = 503, "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class TeacherUnavailable(Exception):
     """The teacher could not answer in time. Never reaches the client: the gateway degrades to
     the student's answer. `kind` is the metrics label: timeout | unavailable | error."""

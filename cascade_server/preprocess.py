@@ -8,8 +8,10 @@ tokenisation path, used by the trainer and the gateway with the bundle's tokeniz
 from __future__ import annotations
 
 import io
+import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -56,55 +58,111 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
+_POSSIBLE_BOMB = re.compile(r"\((\d+) pixels\)")
+_SOS = b"\xff\xda"  # JPEG start-of-scan marker
+
+
+@dataclass
+class Plan:
+    """A request's inputs, checked (every size limit and format answered before any pixel is
+    decoded) and ready to turn into a Batch. `inline`: cheap enough to run on the event loop;
+    otherwise the caller runs `run` on a worker thread (Pillow and tokenizers release the GIL)."""
+
+    run: Callable[[], Batch]
+    inline: bool
+
+
 class ImagePreprocessor:
-    """Decodes uploads of any size, mode and common format into the manifest's geometry."""
+    """Decodes uploads of any size, mode and common format into the manifest's geometry.
+
+    The decode work of one request is bounded before it starts: pixels per image and per
+    request, and (JPEG) the number of scans, since a progressive JPEG's cost is pixels times
+    scans (a 178 KB file with 2,000 scans of 4096x4096 costs seconds). A request holding more
+    than `inline_pixels` pixels or `inline_bytes` encoded bytes is decoded off the event loop.
+    """
 
     modality = "image"
 
     def __init__(
-        self, spec: ImagePreprocess, max_pixels: int, max_request_pixels: int | None = None
+        self,
+        spec: ImagePreprocess,
+        max_pixels: int,
+        max_request_pixels: int | None = None,
+        *,
+        max_jpeg_scans: int = 64,
+        inline_pixels: int = 256 * 256,
+        inline_bytes: int = 64 * 1024,
     ) -> None:
         self.spec = spec
         self.max_pixels = max_pixels
         # Decoded pixels allowed across one request's images (a batch of large images costs
         # seconds of CPU even when each is under the per-image limit).
         self.max_request_pixels = max_request_pixels or max_pixels
+        self.max_jpeg_scans = max_jpeg_scans
+        self.inline_pixels = inline_pixels
+        self.inline_bytes = inline_bytes
         self._resample = _RESAMPLE[spec.resample]
 
-    def decode(self, data: bytes, budget: list[int] | None = None) -> np.ndarray:
-        """One encoded image -> uint8 (H, W, C) at the manifest's size. `budget`: the request's
-        remaining pixel allowance, spent here (a one-element list)."""
+    def open(self, data: bytes, budget: list[int] | None = None) -> Image.Image:
+        """One encoded image's header, checked against every limit; no pixel decoded yet.
+        `budget`: the request's remaining pixel allowance, spent here (a one-element list)."""
         if not data:
             raise InvalidInput("image is empty")
         try:
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            width, height = img.size
-            if width * height > self.max_pixels:
-                raise PayloadTooLarge(
-                    f"image is {width}x{height} = {width * height} pixels; "
-                    f"the limit is {self.max_pixels}"
-                )
-            if budget is not None:
-                budget[0] -= width * height
-                if budget[0] < 0:
-                    raise PayloadTooLarge(
-                        f"the request's images hold more than {self.max_request_pixels} "
-                        "pixels in all; send fewer or smaller images"
-                    )
-            img.load()
-            # Mode conversion and resizing stay inside: a file Pillow opened can still fail
-            # there (odd modes, truncated data), and that is the client's bad input too.
-            return self._to_array(img)
-        except PayloadTooLarge:
-            raise
         except UnidentifiedImageError:
             raise InvalidInput(
                 f"bytes are not a supported image ({', '.join(ALLOWED_FORMATS)})"
             ) from None
         except Image.DecompressionBombError as exc:
+            # Pillow's own (much larger) limit answered first: quote ours, not Pillow's.
+            found = _POSSIBLE_BOMB.search(str(exc))
+            size = f"{found.group(1)} pixels" if found else "more pixels than Pillow allows"
+            raise PayloadTooLarge(
+                f"image holds {size}; the limit (CASCADE_MAX_IMAGE_PIXELS) is {self.max_pixels}"
+            ) from None
+        except Exception as exc:  # any other failure of a decoder on untrusted bytes
+            raise InvalidInput(f"image could not be decoded: {exc}") from None
+        width, height = img.size
+        if width * height > self.max_pixels:
+            raise PayloadTooLarge(
+                f"image is {width}x{height} = {width * height} pixels; "
+                f"the limit (CASCADE_MAX_IMAGE_PIXELS) is {self.max_pixels}"
+            )
+        if budget is not None:
+            budget[0] -= width * height
+            if budget[0] < 0:
+                raise PayloadTooLarge(
+                    f"the request's images hold more than {self.max_request_pixels} "
+                    "pixels in all (CASCADE_MAX_REQUEST_PIXELS); send fewer or smaller images"
+                )
+        if img.format == "JPEG":
+            # Counts start-of-scan markers anywhere in the file (an embedded EXIF thumbnail's
+            # too): an upper bound on the scans, found without decoding.
+            scans = data.count(_SOS)
+            if scans > self.max_jpeg_scans:
+                raise PayloadTooLarge(
+                    f"JPEG has {scans} scans; the limit (CASCADE_MAX_JPEG_SCANS) is "
+                    f"{self.max_jpeg_scans}"
+                )
+        return img
+
+    def load(self, img: Image.Image) -> np.ndarray:
+        """An opened image -> uint8 (H, W, C) at the manifest's size."""
+        try:
+            img.load()
+            # Mode conversion and resizing stay inside: a file Pillow opened can still fail
+            # there (odd modes, truncated data), and that is the client's bad input too.
+            return self._to_array(img)
+        except Image.DecompressionBombError as exc:
             raise PayloadTooLarge(str(exc)) from None
         except Exception as exc:  # any other failure of a decoder on untrusted bytes
             raise InvalidInput(f"image could not be decoded: {exc}") from None
+
+    def decode(self, data: bytes, budget: list[int] | None = None) -> np.ndarray:
+        """One encoded image -> uint8 (H, W, C) at the manifest's size."""
+        with _quiet_pillow():
+            return self.load(self.open(data, budget))
 
     def _to_array(self, img: Image.Image) -> np.ndarray:
         img = _upright(img)
@@ -130,30 +188,51 @@ class ImagePreprocessor:
             return Image.fromarray((arr / hi * 255).clip(0, 255).astype(np.uint8), "L")
         return img
 
-    def __call__(self, blobs: list[bytes]) -> np.ndarray:
-        """Encoded images -> float32 NCHW batch. Raises on the first bad one, naming it."""
-        arrays = []
-        with warnings.catch_warnings():
-            # Pillow warns before it raises on huge images (our own limit answers first) and
-            # on corrupt metadata such as a broken EXIF block (ignored: the pixels are fine).
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            budget = [self.max_request_pixels]
-            for i, blob in enumerate(blobs):
-                with _naming(i, len(blobs)):
-                    arrays.append(self.decode(blob, budget))
-        return normalize(np.stack(arrays), self.spec)
-
-    def prepare(self, items: list) -> Batch:
+    def plan(self, items: list) -> Plan:
+        """Checks every image's header and the request's limits now; decoding is `run`."""
         if not all(isinstance(x, bytes) for x in items):
             raise InvalidInput("this cascade takes images")
-        return Batch({"input": self(items)}, None)
+        budget = [self.max_request_pixels]
+        opened = []
+        with _quiet_pillow():
+            for i, blob in enumerate(items):
+                with _naming(i, len(items)):
+                    opened.append(self.open(blob, budget))
+        pixels = self.max_request_pixels - budget[0]
+        size = sum(len(x) for x in items)
+
+        def run() -> Batch:
+            arrays = []
+            with _quiet_pillow():
+                for i, img in enumerate(opened):
+                    with _naming(i, len(opened)):
+                        arrays.append(self.load(img))
+            return Batch({"input": normalize(np.stack(arrays), self.spec)}, None)
+
+        return Plan(run, inline=pixels <= self.inline_pixels and size <= self.inline_bytes)
+
+    def __call__(self, blobs: list[bytes]) -> np.ndarray:
+        """Encoded images -> float32 NCHW batch. Raises on the first bad one, naming it."""
+        return self.prepare(blobs).tensors["input"]
+
+    def prepare(self, items: list) -> Batch:
+        return self.plan(items).run()
 
     def sample(self) -> bytes:
         """A valid input, for warming up the codecs and the student."""
         buf = io.BytesIO()
         Image.new("L", (self.spec.width, self.spec.height)).save(buf, "PNG")
         return buf.getvalue()
+
+
+@contextmanager
+def _quiet_pillow() -> Iterator[None]:
+    """Pillow warns before it raises on huge images (our own limit answers first) and on
+    corrupt metadata such as a broken EXIF block (ignored: the pixels are fine)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        yield
 
 
 @dataclass
@@ -188,6 +267,7 @@ class Preprocessor(Protocol):
 
     modality: str
 
+    def plan(self, items: list) -> Plan: ...
     def prepare(self, items: list) -> Batch: ...
     def sample(self) -> bytes | str: ...
 
@@ -273,6 +353,12 @@ class TextPreprocessor:
                 "tokens: digits, symbols, emoji or another script?)"
             )
         return Batch(dict(zip(TEXT_INPUTS, (ids, mask), strict=True)), truncated)
+
+    def plan(self, items: list) -> Plan:
+        """Texts are tokenised at once, inline: bounded by CASCADE_MAX_TEXT_CHARS and the
+        batch limit, and cheaper than a thread hop."""
+        batch = self.prepare(items)
+        return Plan(lambda: batch, inline=True)
 
     def sample(self) -> str:
         return "warm up"

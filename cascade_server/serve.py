@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from .settings import Settings
 
     settings = Settings()  # fail here, once, rather than in every worker
-    for path in settings.bundles:
-        Bundle.load(path)
+    names = [Bundle.load(path).manifest.name for path in settings.bundles]
 
     # uvicorn handles SIGTERM itself (drain, graceful shutdown), then restores this handler and
     # raises the signal again: exit through `finally`, so a bundled Triton stops after the
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info(
                 "bundled tritonserver ready: grpc %s (log: %s)", triton.grpc_url, triton.log_path
             )
-        _banner(args, env)
+        _banner(args, env, names)
         import uvicorn
 
         uvicorn.run(
@@ -164,7 +163,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def _banner(args: argparse.Namespace, env) -> None:
+def _banner(args: argparse.Namespace, env, cascades: list[str]) -> None:
     base = f"http://{args.host}:{args.port}"
     lines = [
         f"cascade gateway on {base}  ({args.workers} worker(s); teacher at "
@@ -178,9 +177,12 @@ def _banner(args: argparse.Namespace, env) -> None:
     token = env.get("CASCADE_ADMIN_TOKEN")
     if args.demo and token:
         lines.append(f"  admin token (demo): {token}")
-        lines.append(
-            f"  admin:    curl -s {base}/admin/threshold -H 'authorization: Bearer {token}'"
-        )
+        # With several cascades the admin API needs the name (422 otherwise).
+        for name in cascades:
+            lines.append(
+                f"  admin:    curl -s '{base}/admin/threshold?cascade={name}' "
+                f"-H 'authorization: Bearer {token}'"
+            )
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 

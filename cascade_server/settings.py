@@ -1,15 +1,34 @@
-"""The one settings class. Every knob is a `CASCADE_*` environment variable."""
+"""The one settings class. Every knob is a `CASCADE_*` environment variable.
+
+The variables stay flat (`CASCADE_TEACHER_TIMEOUT_S`, `CASCADE_MAX_BODY_BYTES`: the names the
+README, the Helm chart and deployments use); the components never see this class, only the
+small models of `cascade_server.config` that the properties below compose. Nothing here imports
+the gateway.
+"""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .gateway.batcher import BatchingConfig
-from .gateway.breaker import BreakerConfig
+from .config.batching import BatchingConfig
+from .config.breaker import BreakerConfig
+from .config.cascade import CascadeConfig
+from .config.control import ControlConfig
+from .config.limits import BodyLimits, DecodeLimits
+from .config.student import StudentConfig
+from .config.teacher import TeacherConfig
+from .config.tracing import TracingConfig
+
+
+def _knob(model: type[BaseModel], name: str) -> Any:
+    """The component's own definition of a knob (type constraints, default), under the flat
+    `CASCADE_*` name it has always had: defined once, where the component is."""
+    return copy.deepcopy(model.model_fields[name])
 
 
 class Settings(BaseSettings):
@@ -22,51 +41,46 @@ class Settings(BaseSettings):
         default_factory=lambda: [Path("bundles/digits"), Path("bundles/intents")]
     )
 
-    # Teacher: Triton's gRPC endpoint and how long one delegated call may take.
-    triton_url: str = "127.0.0.1:8001"
-    teacher_timeout_s: float = Field(default=1.0, gt=0)
-    # gRPC otherwise backs off up to 2 minutes between reconnects after Triton went away.
-    teacher_reconnect_backoff_ms: int = Field(default=1000, ge=100)
-    readiness_timeout_s: float = Field(default=1.0, gt=0)
-    # How often teacher readiness is checked in the background (probes read the cached result).
-    readiness_interval_s: float = Field(default=2.0, gt=0)
-    # Teacher calls in flight per cascade and worker; past it delegated items are answered
-    # degraded at once (a bounded wait for the teacher, not a queue that grows).
-    teacher_max_in_flight: int = Field(default=32, ge=1)
-    # Circuit breaker on the teacher: CASCADE_TEACHER_BREAKER__FAILURES, __OPEN_S, __PROBES.
+    # The teacher (config/teacher.py): CASCADE_TRITON_URL, CASCADE_TEACHER_TIMEOUT_S, ...
+    triton_url: str = _knob(TeacherConfig, "url")
+    teacher_timeout_s: float = _knob(TeacherConfig, "timeout_s")
+    teacher_reconnect_backoff_ms: int = _knob(TeacherConfig, "reconnect_backoff_ms")
+    readiness_timeout_s: float = _knob(TeacherConfig, "readiness_timeout_s")
+    teacher_max_in_flight: int = _knob(TeacherConfig, "max_in_flight")
+    # CASCADE_TEACHER_BREAKER__FAILURES, __OPEN_S, __PROBES.
     teacher_breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    readiness_interval_s: float = _knob(CascadeConfig, "watch_interval_s")
 
     # Admin API: refused entirely when no token is set.
     admin_token: SecretStr | None = None
-    # Runtime control state (thresholds, student versions, their audit logs): `file` keeps it
-    # in state_dir (one host, or a ReadWriteMany volume); `redis` in Redis at redis_url, with
-    # change notification, for replicas on several hosts.
-    control_store: Literal["file", "redis"] = "file"
-    state_dir: Path = Path(".cascade/state")
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Runtime control state (config/control.py): CASCADE_CONTROL_STORE, CASCADE_STATE_DIR, ...
+    control_store: Literal["file", "redis"] = _knob(ControlConfig, "kind")
+    state_dir: Path = _knob(ControlConfig, "state_dir")
+    redis_url: str = _knob(ControlConfig, "redis_url")
+    control_timeout_s: float = _knob(ControlConfig, "timeout_s")
+    control_audit_max_entries: int = _knob(ControlConfig, "audit_max_entries")
+    control_health_interval_s: float = _knob(ControlConfig, "health_interval_s")
+    control_resync_s: float = _knob(ControlConfig, "resync_s")
 
-    # Request limits.
-    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
-    # The whole request body must arrive within this (408 otherwise).
-    body_timeout_s: float = Field(default=10.0, gt=0)
-    max_image_pixels: int = Field(default=4096 * 4096, gt=0)
-    # Pixels across all images of one request.
-    max_request_pixels: int = Field(default=2 * 4096 * 4096, gt=0)
-    # A request whose encoded images exceed this many bytes is decoded on a thread (Pillow
-    # releases the GIL), so that it does not stall the event loop and its probes; small ones
-    # are decoded inline, cheaper than a thread hop.
-    decode_inline_bytes: int = Field(default=64 * 1024, ge=0)
-    decode_threads: int = Field(default=2, ge=1)
-    max_batch: int = Field(default=64, gt=0)
+    # Request limits (config/limits.py).
+    max_body_bytes: int = _knob(BodyLimits, "max_body_bytes")
+    body_timeout_s: float = _knob(BodyLimits, "body_timeout_s")
+    max_batch: int = _knob(BodyLimits, "max_batch")
+    default_top_k: int = _knob(BodyLimits, "default_top_k")
+    max_image_pixels: int = _knob(DecodeLimits, "max_image_pixels")
+    max_request_pixels: int = _knob(DecodeLimits, "max_request_pixels")
+    max_jpeg_scans: int = _knob(DecodeLimits, "max_jpeg_scans")
+    decode_inline_bytes: int = _knob(DecodeLimits, "decode_inline_bytes")
+    decode_inline_pixels: int = _knob(DecodeLimits, "decode_inline_pixels")
+    decode_threads: int = _knob(DecodeLimits, "decode_threads")
+    max_text_chars: int = _knob(DecodeLimits, "max_text_chars")
     # Requests being handled per worker; past it new ones get 503 with Retry-After at once.
     max_in_flight: int = Field(default=512, gt=0)
     retry_after_s: int = Field(default=1, ge=1)
-    max_text_chars: int = Field(default=10_000, gt=0)
-    default_top_k: int = Field(default=5, gt=0)
 
-    # Student: ONNX Runtime. One intra-op thread suits a tiny model on a loaded event loop.
-    student_device: Literal["cpu", "cuda", "auto"] = "cpu"
-    student_threads: int = Field(default=1, gt=0)
+    # The student (config/student.py).
+    student_device: Literal["cpu", "cuda", "auto"] = _knob(StudentConfig, "device")
+    student_threads: int = _knob(StudentConfig, "threads")
 
     # Cross-request micro-batching of the student (and of the delegated items sent to the
     # teacher): CASCADE_BATCHING__MAX_ITEMS, CASCADE_BATCHING__MAX_WAIT_S.
@@ -76,9 +90,14 @@ class Settings(BaseSettings):
     # server stops accepting and drains (0: stop at once, as on Ctrl-C).
     drain_s: float = Field(default=0.0, ge=0, le=300)
 
+    # OpenTelemetry traces: CASCADE_TRACING__ENDPOINT (OTLP), __SAMPLE_RATIO, ...
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+
     # Adds an `x-cascade-worker` header (the worker's pid): for tests and debugging.
     expose_worker_id: bool = False
     log_level: str = "info"
+    # `text` (one line per record) or `json` (one object per line, for log shippers).
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("bundles", mode="before")
     @classmethod
@@ -91,3 +110,50 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    # What each component takes.
+    @property
+    def body_limits(self) -> BodyLimits:
+        return BodyLimits(
+            max_body_bytes=self.max_body_bytes,
+            body_timeout_s=self.body_timeout_s,
+            max_batch=self.max_batch,
+            default_top_k=self.default_top_k,
+        )
+
+    @property
+    def control(self) -> ControlConfig:
+        return ControlConfig(
+            kind=self.control_store,
+            state_dir=self.state_dir,
+            redis_url=self.redis_url,
+            timeout_s=self.control_timeout_s,
+            audit_max_entries=self.control_audit_max_entries,
+            health_interval_s=self.control_health_interval_s,
+            resync_s=self.control_resync_s,
+        )
+
+    @property
+    def cascade(self) -> CascadeConfig:
+        return CascadeConfig(
+            batching=self.batching,
+            decode=DecodeLimits(
+                max_image_pixels=self.max_image_pixels,
+                max_request_pixels=self.max_request_pixels,
+                max_jpeg_scans=self.max_jpeg_scans,
+                decode_inline_bytes=self.decode_inline_bytes,
+                decode_inline_pixels=self.decode_inline_pixels,
+                decode_threads=self.decode_threads,
+                max_text_chars=self.max_text_chars,
+            ),
+            student=StudentConfig(device=self.student_device, threads=self.student_threads),
+            teacher=TeacherConfig(
+                url=self.triton_url,
+                timeout_s=self.teacher_timeout_s,
+                reconnect_backoff_ms=self.teacher_reconnect_backoff_ms,
+                readiness_timeout_s=self.readiness_timeout_s,
+                max_in_flight=self.teacher_max_in_flight,
+                breaker=self.teacher_breaker,
+            ),
+            watch_interval_s=self.readiness_interval_s,
+        )

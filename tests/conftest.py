@@ -116,6 +116,19 @@ def png_bytes(array: np.ndarray, mode: str = "L", fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
+def huge_png_header(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A PNG whose header claims width x height pixels (no pixel data follows)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 

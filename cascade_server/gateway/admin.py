@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import Forbidden, InvalidInput, Unauthorized, format_validation_errors
+from .parsing import one_value
 from .schemas import ErrorResponse, documented_errors
 
 if TYPE_CHECKING:
@@ -91,9 +91,7 @@ async def get_threshold(request: Request, _: Admin, cascade: str | None = None) 
 
 
 def _one_cascade(in_body: str | None, in_query: str | None) -> str | None:
-    if in_body and in_query and in_body != in_query:
-        raise InvalidInput(f"?cascade={in_query} and body cascade {in_body!r} differ")
-    return in_body or in_query
+    return one_value("cascade", in_body, in_query)
 
 
 def _documented_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -121,7 +119,7 @@ async def put_threshold(
     checked: an unauthenticated caller learns nothing about what a valid body is."""
     update = await _read_body(request, ThresholdUpdate)
     target = request.app.state.gateway.resolve(_one_cascade(update.cascade, cascade))
-    old, _ = target.thresholds.set(
+    old, _ = await target.thresholds.set(
         threshold=update.threshold,
         target_delegation_rate=update.target_delegation_rate,
         actor=actor,
@@ -135,7 +133,7 @@ async def put_threshold(
 async def reset_threshold(request: Request, actor: Admin, cascade: str | None = None) -> dict:
     """Back to the student bundle's calibrated default."""
     target = request.app.state.gateway.resolve(cascade)
-    old, _ = target.thresholds.reset(actor=actor)
+    old, _ = await target.thresholds.reset(actor=actor)
     target.metrics.threshold_changed(target.name)
     target.threshold()
     return {**_describe(target), "previous_threshold": old.threshold}
@@ -148,7 +146,7 @@ class StudentUpdate(BaseModel):
 
 
 def _student(cascade: Cascade) -> dict[str, Any]:
-    state = cascade.rollout.read()
+    state = cascade.students.rollout.read()
     return {
         "cascade": cascade.name,
         "version": cascade.active.version,
@@ -156,6 +154,8 @@ def _student(cascade: Cascade) -> dict[str, Any]:
         "previous": state.previous if state else None,
         "updated_at": state.updated_at if state else None,
         "updated_by": state.updated_by if state else None,
+        # Set when the version recorded in the control store cannot be served here.
+        "rollout_error": cascade.students.follow_error,
     }
 
 
@@ -170,11 +170,12 @@ async def put_student(request: Request, actor: Admin, cascade: str | None = None
     """Hot swap: load the bundle beside the served version, warm it, flip to it between two
     requests, and retire the old version once its in-flight requests are answered. Every worker
     follows within CASCADE_READINESS_INTERVAL_S; the choice survives restarts. The threshold
-    follows the new calibration when a target delegation rate is set."""
+    follows the new calibration when a target delegation rate is set. The bundle already
+    served changes nothing (`changed: false`; the rollback target stays)."""
     update = await _read_body(request, StudentUpdate)
     target = request.app.state.gateway.resolve(_one_cascade(update.cascade, cascade))
-    await target.swap(Path(update.bundle), actor)
-    return {**_student(target), "threshold": target.threshold()}
+    _, changed = await target.swap(update.bundle, actor)
+    return {**_student(target), "threshold": target.threshold(), "changed": changed}
 
 
 @router.post("/student/rollback")

@@ -7,6 +7,7 @@ hands the cascades to both.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,12 +19,13 @@ from ..bundle import Bundle
 from ..settings import Settings
 from . import admin, kserve, routes
 from .cascade import Cascade
+from .docs import install_docs
 from .http_errors import install_handlers
 from .metrics import Metrics
 from .openapi import install_openapi
 from .predict import PredictEndpoints
 from .serving import Gateway
-from .stores import StateBackend, make_backend
+from .stores import ControlStore, make_backend
 from .teacher import Teacher, TritonTeacher
 
 log = logging.getLogger(__name__)
@@ -31,26 +33,33 @@ TeacherFactory = Callable[[Settings, Bundle], Teacher]
 
 
 def build_teacher(settings: Settings, bundle: Bundle) -> Teacher:
+    config = settings.cascade.teacher
     return TritonTeacher(
-        settings.triton_url,
+        config.url,
         bundle.manifest.teacher,
-        timeout_s=settings.teacher_timeout_s,
-        readiness_timeout_s=settings.readiness_timeout_s,
-        reconnect_backoff_ms=settings.teacher_reconnect_backoff_ms,
+        timeout_s=config.timeout_s,
+        readiness_timeout_s=config.readiness_timeout_s,
+        reconnect_backoff_ms=config.reconnect_backoff_ms,
     )
 
 
 def load_cascades(
-    settings: Settings, metrics: Metrics, teacher_factory: TeacherFactory, store: StateBackend
+    settings: Settings, metrics: Metrics, teacher_factory: TeacherFactory, store: ControlStore
 ) -> dict[str, Cascade]:
     cascades: dict[str, Cascade] = {}
+    config = settings.cascade
     for path in settings.bundles:
         bundle = Bundle.load(path.resolve())  # the path the rollout state records
         name = bundle.manifest.name
         if name in cascades:
             raise ValueError(f"two bundles are named {name!r}: {path}")
         cascades[name] = Cascade(
-            bundle, settings, metrics, teacher_factory(settings, bundle), store=store
+            bundle,
+            config,
+            metrics,
+            teacher_factory(settings, bundle),
+            store,
+            retry_after_s=settings.retry_after_s,
         )
     return cascades
 
@@ -64,12 +73,16 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
-        store = make_backend(
-            settings.control_store, settings.state_dir, settings.redis_url, metrics.control_store
-        )
+        control = settings.control
+        # The backend's first contact (Redis) waits on the network: off the event loop.
+        backend = await asyncio.to_thread(make_backend, control, metrics.control_store)
+        store = ControlStore(backend, control.timeout_s)
         metrics.control_store(store.healthy())
-        cascades = load_cascades(settings, metrics, teacher_factory, store)
+        cascades: dict[str, Cascade] = {}
         try:
+            cascades = await asyncio.to_thread(
+                load_cascades, settings, metrics, teacher_factory, store
+            )
             for cascade in cascades.values():
                 await cascade.setup()
             gateway = Gateway(settings, cascades, metrics, store)
@@ -90,6 +103,7 @@ def create_app(
     api.include_router(admin.router)
     api.include_router(kserve.router)
     install_openapi(api)
+    install_docs(api)
     front = PredictEndpoints(
         api,
         max_body_bytes=settings.max_body_bytes,

@@ -17,23 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from ..config.batching import BatchingConfig
 
+__all__ = ["BatchingConfig", "Job", "MicroBatcher"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-class BatchingConfig(BaseModel):
-    """Knobs of the micro-batcher (validated: a batch holds at least one item)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    # Items (not requests) at which the collector stops adding requests to a batch. A single
-    # request larger than this runs alone; it is never split.
-    max_items: int = Field(default=64, ge=1, le=4096)
-    # How long the first request of a batch may wait for others. 0: no delay (greedy).
-    max_wait_s: float = Field(default=0.0, ge=0.0, le=0.1)
 
 
 @dataclass(eq=False)
@@ -41,6 +31,7 @@ class Job(Generic[T, R]):
     payload: T
     size: int
     future: asyncio.Future[R] = field(repr=False)
+    queued_at: float = 0.0  # loop time of submit: the batch's wait is measured from here
 
 
 class MicroBatcher(Generic[T, R]):
@@ -58,14 +49,36 @@ class MicroBatcher(Generic[T, R]):
         self._queued_items = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._collect(), name=f"{self.name}-collector"
-            )
+            self._closed = False
+            self._spawn()
+
+    def _spawn(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._collect(), name=f"{self.name}-collector"
+        )
+        self._task.add_done_callback(self._collector_ended)
+
+    def _collector_ended(self, task: asyncio.Task[None]) -> None:
+        """Supervision: a collector that dies (a bug, not a bad batch: those are answered and
+        it lives on) fails what is queued, which would otherwise wait forever, and restarts."""
+        if self._closed or task is not self._task:
+            return
+        error = None if task.cancelled() else task.exception()
+        log.error("%s: collector died (%r); restarting it", self.name, error)
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(RuntimeError(f"{self.name}: collector died"))
+        self._queued_items = 0
+        self._wake.clear()
+        self._spawn()
 
     async def close(self) -> None:
+        self._closed = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -81,7 +94,8 @@ class MicroBatcher(Generic[T, R]):
     async def submit(self, payload: T, size: int) -> R:
         if self._task is None:
             raise RuntimeError(f"{self.name} used before start()")
-        job: Job[T, R] = Job(payload, size, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        job: Job[T, R] = Job(payload, size, loop.create_future(), loop.time())
         self._queue.append(job)
         self._queued_items += size
         if not self._wake.is_set():

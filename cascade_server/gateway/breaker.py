@@ -1,10 +1,14 @@
 """A circuit breaker for the teacher: after consecutive failures it opens and delegated items are
-answered degraded at once, instead of each waiting for the teacher's deadline; after `open_s` it
-lets a few probe calls through (half-open) and closes on the first success.
+answered by the student at once, instead of each waiting for the teacher's deadline; after
+`open_s` it lets a few probe calls through (half-open) and closes on the first success.
 
 One small class rather than a library: the maintained breakers (pybreaker, aiobreaker) wrap the
-call itself, while here the decision (delegate or degrade) is taken per micro-batch before any
-call, and the outcome comes back later from a background task.
+call itself, while here the decision (call the teacher or not) is taken per micro-batch before
+any call, and the outcome comes back later from a background task. So every call that `allow`
+lets through holds a `Ticket` and reports on it exactly once (success, failure, or release when
+it ends without an outcome, e.g. cancelled), and a ticket from before the circuit last opened
+counts for nothing: a late success of a call started while the teacher was still healthy must
+not close a circuit its failures opened since.
 """
 
 from __future__ import annotations
@@ -12,27 +16,30 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import IntEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from ..config.breaker import BreakerConfig
 
 log = logging.getLogger(__name__)
 
-
-class BreakerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    # Consecutive failed teacher calls (timeouts, unavailable, errors) that open the circuit.
-    failures: int = Field(default=5, ge=1, le=1000)
-    # How long it stays open before letting probes through.
-    open_s: float = Field(default=2.0, gt=0, le=600)
-    # Calls let through while half-open; the first success closes, a failure reopens.
-    probes: int = Field(default=1, ge=1, le=100)
+__all__ = ["BreakerConfig", "CircuitBreaker", "State", "Ticket"]
 
 
 class State(IntEnum):
     CLOSED = 0
     HALF_OPEN = 1
     OPEN = 2
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One call let through. `epoch`: how many times the circuit had opened when it was issued;
+    `probe`: a half-open probe, whose slot comes back when it reports."""
+
+    epoch: int
+    probe: bool
+    done: bool = False
 
 
 class CircuitBreaker:
@@ -49,36 +56,55 @@ class CircuitBreaker:
         self.state = State.CLOSED
         self._failures = 0
         self._opened_at = 0.0
-        self._probes = 0
+        self._epoch = 0
+        self._probes = 0  # probes out now (half-open)
         self._on_change = on_change
         self._clock = clock
 
-    def allow(self) -> bool:
-        """May a teacher call be made now? (In half-open, counts the call as a probe.)"""
-        if self.state is State.CLOSED:
-            return True
+    def allow(self) -> Ticket | None:
+        """A ticket when a teacher call may be made now, else None."""
         if self.state is State.OPEN:
             if self._clock() - self._opened_at < self.config.open_s:
-                return False
+                return None
             self._move(State.HALF_OPEN)
             self._probes = 0
+        if self.state is State.CLOSED:
+            return Ticket(self._epoch, probe=False)
         if self._probes < self.config.probes:
             self._probes += 1
-            return True
-        return False
+            return Ticket(self._epoch, probe=True)
+        return None
 
-    def success(self) -> None:
+    def success(self, ticket: Ticket) -> None:
+        if not self._settle(ticket):
+            return
         self._failures = 0
         if self.state is not State.CLOSED:
             self._move(State.CLOSED)
 
-    def failure(self) -> None:
+    def failure(self, ticket: Ticket) -> None:
+        if not self._settle(ticket):
+            return
         self._failures += 1
         if self.state is State.HALF_OPEN or (
             self.state is State.CLOSED and self._failures >= self.config.failures
         ):
             self._opened_at = self._clock()
+            self._epoch += 1
             self._move(State.OPEN)
+
+    def release(self, ticket: Ticket) -> None:
+        """The call ended with no outcome (cancelled): its probe slot comes back."""
+        self._settle(ticket)
+
+    def _settle(self, ticket: Ticket) -> bool:
+        """Marks the ticket used; True when its outcome still counts."""
+        if ticket.done:
+            return False
+        ticket.done = True
+        if ticket.probe and self.state is State.HALF_OPEN and ticket.epoch == self._epoch:
+            self._probes = max(self._probes - 1, 0)
+        return ticket.epoch == self._epoch and self.state is not State.OPEN
 
     def _move(self, new: State) -> None:
         old, self.state = self.state, new

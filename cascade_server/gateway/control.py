@@ -8,13 +8,12 @@ on every worker, survives a restart, and is appended to an audit log.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from ..bundle import Calibration
-from .stores import FileBackend, StateBackend, now
+from .stores import ControlStore, now
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +37,14 @@ class ThresholdStore:
 
     def __init__(
         self,
-        backend: StateBackend | Path,
+        store: ControlStore,
         cascade: str,
         *,
         default_threshold: float,
         calibration: Calibration,
         student_version: str,
     ) -> None:
-        self.backend = backend if not isinstance(backend, Path) else FileBackend(backend)
+        self.store = store
         self.cascade = cascade
         self.key = f"{cascade}.threshold"
         self.calibration = calibration
@@ -58,7 +57,7 @@ class ThresholdStore:
         self.current()
 
     def current(self) -> ThresholdState:
-        stamp, raw = self.backend.read(self.key)
+        stamp, raw = self.store.read(self.key)
         if raw is None:
             self._stamp, self._state = None, self._default
         elif stamp != self._stamp:
@@ -85,7 +84,7 @@ class ThresholdStore:
             )
         return state
 
-    def set(
+    async def set(
         self,
         *,
         threshold: float | None = None,
@@ -106,21 +105,21 @@ class ThresholdStore:
             updated_at=now(),
             updated_by=actor,
         )
-        return self._write(new, actor)
+        return await self._write(new, actor)
 
-    def reset(self, *, actor: str) -> tuple[ThresholdState, ThresholdState]:
+    async def reset(self, *, actor: str) -> tuple[ThresholdState, ThresholdState]:
         """Back to the bundle's calibrated default."""
         new = self._default.model_copy(update={"updated_at": now(), "updated_by": actor})
-        return self._write(new, actor, remove=True)
+        return await self._write(new, actor, remove=True)
 
-    def _write(
+    async def _write(
         self, new: ThresholdState, actor: str, remove: bool = False
     ) -> tuple[ThresholdState, ThresholdState]:
         olds: list[ThresholdState] = []
 
         def change(raw: bytes | None) -> tuple[bytes | None, dict[str, Any]]:
             old = self._load(raw) if raw is not None else self._default
-            olds.append(old)
+            olds[:] = [old]  # compare-and-set may call this again: the last call counts
             audit = {
                 "at": new.updated_at,
                 "by": actor,
@@ -132,7 +131,7 @@ class ThresholdStore:
             }
             return (None if remove else new.model_dump_json().encode()), audit
 
-        self.backend.update(self.key, change)
+        await self.store.update(self.key, change)
         current = self.current()
         old = olds[0]
         log.warning(

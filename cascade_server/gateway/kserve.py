@@ -20,12 +20,14 @@ from starlette.responses import Response
 
 from .. import __version__
 from ..errors import BadRequest, InvalidInput, PayloadTooLarge
+from .outcomes import ANSWERED_BY, NAMES
 from .parsing import decode_base64, json_object
 from .schemas import ProtocolError, documented_errors
 from .serving import gateway_of
 
 if TYPE_CHECKING:
-    from .cascade import Cascade, Predictions
+    from .answers import Predictions
+    from .cascade import Cascade
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ["binary_tensor_data"]
@@ -36,11 +38,14 @@ OUTPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "probability": ("FP32", ()),
     "margin": ("FP32", ()),
     "answered_by": ("BYTES", ()),
+    "outcome": ("BYTES", ()),
     "delegated": ("BOOL", ()),
     "degraded": ("BOOL", ()),
     "probabilities": ("FP32", ("classes",)),
 }
 _NUMPY = {"INT64": "<i8", "FP32": "<f4", "BOOL": "?"}
+_ANSWERED_BY = np.array([x.encode() for x in ANSWERED_BY], dtype=object)
+_OUTCOMES = np.array([x.encode() for x in NAMES], dtype=object)
 
 
 @dataclass
@@ -69,20 +74,63 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
 
 def _deserialize_bytes(raw: bytes, count: int) -> list[bytes]:
     """The binary tensor extension's BYTES layout: each element as a 4-byte little-endian
-    length, then its bytes."""
+    length, then its bytes; exactly `count` of them, nothing after."""
     out, pos = [], 0
-    while pos < len(raw):
+    for i in range(count):
         if pos + 4 > len(raw):
-            raise InvalidInput("binary BYTES tensor is truncated")
+            raise InvalidInput(
+                f"binary BYTES tensor is truncated: it ends before element {i} of the {count} "
+                "its shape says"
+            )
         (size,) = struct.unpack_from("<I", raw, pos)
         pos += 4
         if pos + size > len(raw):
-            raise InvalidInput("binary BYTES tensor is truncated")
+            raise InvalidInput(
+                f"binary BYTES tensor is truncated: element {i} declares {size} bytes, "
+                f"{len(raw) - pos} remain"
+            )
         out.append(raw[pos : pos + size])
         pos += size
-    if len(out) != count:
-        raise InvalidInput(f"binary BYTES tensor holds {len(out)} elements; shape says {count}")
+    if pos != len(raw):
+        raise InvalidInput(
+            f"binary BYTES tensor has {len(raw) - pos} bytes after the {count} elements its "
+            "shape says"
+        )
     return out
+
+
+def _parameters(value: object, where: str) -> dict[str, Any]:
+    """A `parameters` object (absent = empty); anything else is the client's error, not ours."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where} must be a JSON object")
+    return value
+
+
+def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    """A boolean parameter: JSON true or false only (the string "false" is not false)."""
+    value = params.get(key, default)
+    if type(value) is not bool:
+        raise InvalidInput(f"{where}.{key} must be true or false, got {value!r}")
+    return value
+
+
+def _flatten(data: object, shape: list[int]) -> list[Any]:
+    """Tensor data as the protocol allows it: flat in row-major order, or nested exactly as
+    the shape says ([N, 1] as [[a], [b]]); nested rows of another length are refused."""
+    if not isinstance(data, list):
+        raise InvalidInput("input data must be a list of strings")
+    if data and isinstance(data[0], list):
+        if len(shape) != 2 or len(data) != shape[0]:
+            raise InvalidInput(f"input data is nested as {len(data)} rows; shape says {shape}")
+        flat = []
+        for row in data:
+            if not isinstance(row, list) or len(row) != shape[1]:
+                raise InvalidInput(f"input data rows must hold {shape[1]} element(s) each")
+            flat.extend(row)
+        return flat
+    return data
 
 
 def parse_infer(
@@ -107,7 +155,7 @@ def parse_infer(
         raise InvalidInput("input holds no element: send at least one")
     if count > max_batch:
         raise PayloadTooLarge(f"batch of {count} inputs; the limit is {max_batch}")
-    params = tensor.get("parameters") or {}
+    params = _parameters(tensor.get("parameters"), "inputs[0].parameters")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if type(size) is not int or size != len(binary):
@@ -119,30 +167,37 @@ def parse_infer(
             except UnicodeDecodeError:
                 raise InvalidInput("texts must be UTF-8") from None
     else:
-        data = tensor.get("data")
-        if isinstance(data, list) and data and isinstance(data[0], list):
-            data = [x for row in data for x in (row if isinstance(row, list) else [row])]
-        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+        if binary:
+            raise InvalidInput(
+                f"the body has {len(binary)} bytes of binary data after the JSON header, but "
+                "the input declares no binary_data_size"
+            )
+        if "data" in tensor and tensor["data"] is not None:
+            data = _flatten(tensor["data"], shape)
+        else:
+            raise InvalidInput("input has neither data nor binary_data_size")
+        if not all(isinstance(x, str) for x in data):
             raise InvalidInput("input data must be a list of strings")
         if len(data) != count:
             raise InvalidInput(f"input data holds {len(data)} elements; shape says {count}")
         elements = data
         if modality == "image":
             elements = [decode_base64(x, f"inputs[0].data[{i}]") for i, x in enumerate(data)]
-    request_params = header.get("parameters") or {}
-    binary_default = bool(request_params.get("binary_data_output", False))
+    request_params = _parameters(header.get("parameters"), "parameters")
+    binary_default = _flag(request_params, "binary_data_output", False, "parameters")
     outputs = None
     if header.get("outputs") is not None:
         asked = header["outputs"]
         if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
             raise InvalidInput("outputs must be a list of objects")
         outputs = []
-        for o in asked:
+        for i, o in enumerate(asked):
             name = o.get("name")
-            if name not in OUTPUTS:
+            if not isinstance(name, str) or name not in OUTPUTS:
                 raise InvalidInput(f"unknown output {name!r}; outputs: {', '.join(OUTPUTS)}")
-            binary_out = (o.get("parameters") or {}).get("binary_data", binary_default)
-            outputs.append((name, bool(binary_out)))
+            where = f"outputs[{i}].parameters"
+            out_params = _parameters(o.get("parameters"), where)
+            outputs.append((name, _flag(out_params, "binary_data", binary_default, where)))
     request_id = header.get("id")
     return InferRequest(
         request_id if isinstance(request_id, str) else None, elements, outputs, binary_default
@@ -150,7 +205,7 @@ def parse_infer(
 
 
 def _tensors(predictions: Predictions) -> dict[str, np.ndarray]:
-    a, classes = predictions.answer, predictions.cascade.classes
+    a, classes = predictions.answer, predictions.classes
     top = a.probs.argmax(axis=1)
     rows = np.arange(len(top))
     return {
@@ -158,9 +213,8 @@ def _tensors(predictions: Predictions) -> dict[str, np.ndarray]:
         "class_id": top.astype(np.int64),
         "probability": a.probs[rows, top].astype(np.float32),
         "margin": a.margins.astype(np.float32),
-        "answered_by": np.array(
-            [b"teacher" if t else b"student" for t in a.by_teacher], dtype=object
-        ),
+        "answered_by": _ANSWERED_BY[a.outcome],
+        "outcome": _OUTCOMES[a.outcome],
         "delegated": a.delegated.astype(bool),
         "degraded": a.degraded.astype(bool),
         "probabilities": a.probs.astype(np.float32),
@@ -191,7 +245,7 @@ def encode_response(
             entry["data"] = array.ravel().tolist()
         described.append(entry)
     head: dict[str, Any] = {
-        "model_name": predictions.cascade.name,
+        "model_name": predictions.cascade,
         "model_version": model_version,
         "outputs": described,
     }

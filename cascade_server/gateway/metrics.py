@@ -29,12 +29,15 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from .outcomes import DELEGATED, NAMES, counts
+
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("student", "teacher", "degraded")  # answered; "rejected" (4xx), "failed" (5xx)
-# Why delegated items were degraded: the call failed (timeout, unavailable, error) or was not
-# made (circuit_open: the breaker is open; overloaded: too many teacher calls in flight).
-TEACHER_FAILURES = ("timeout", "unavailable", "error", "circuit_open", "overloaded")
+# HTTP prediction calls: answered (ok), refused (rejected: 4xx), failed (5xx), or shed at the
+# door (503 + Retry-After: too many in flight, or the accuracy floor under load).
+STATUSES = ("ok", "rejected", "failed", "shed")
+# Why a teacher call failed (its items are answered degraded).
+TEACHER_FAILURES = ("timeout", "unavailable", "error")
 UNROUTED = "none"  # the cascade label of a request refused before a cascade was chosen
 _LATENCY_BUCKETS = (
     0.0001,
@@ -98,8 +101,15 @@ class Metrics:
         reg = self._registry
         self.requests = Counter(
             "cascade_requests",
-            "Answered predictions by cascade and who answered (items, not HTTP calls); "
-            "refused (rejected) and failed requests (HTTP calls)",
+            "Prediction HTTP calls by status: ok, rejected (4xx), failed (5xx), shed (503)",
+            ["cascade", "status"],
+            registry=reg,
+        )
+        self.answered_items = Counter(
+            "cascade_items",
+            "Answered items (inputs; a batch request holds several) by outcome: who answered "
+            "and why (confident, delegated, forced_teacher, forced_student, teacher_failed, "
+            "circuit_open, teacher_busy, deadline)",
             ["cascade", "outcome"],
             registry=reg,
         )
@@ -133,16 +143,16 @@ class Metrics:
         )
         self.latency = Histogram(
             "cascade_stage_seconds",
-            "Latency per stage: preprocess, total and overhead per request; student and teacher "
-            "per model call (one call serves a micro-batch of requests)",
+            "Latency per stage: preprocess, queue (waiting for a batch to start), total and "
+            "overhead per request; student and teacher per model call (one call serves a "
+            "micro-batch of requests)",
             ["cascade", "stage"],
             buckets=_LATENCY_BUCKETS,
             registry=reg,
         )
         self.teacher_errors = Counter(
             "cascade_teacher_errors",
-            "Teacher calls failed (timeout, unavailable, error) or not made (circuit_open, "
-            "overloaded), by kind",
+            "Teacher calls failed, by kind (timeout, unavailable, error)",
             ["cascade", "kind"],
             registry=reg,
         )
@@ -166,11 +176,6 @@ class Metrics:
             registry=reg,
             multiprocess_mode="livemax",
         )
-        self.shed = Counter(
-            "cascade_shed_requests",
-            "Requests refused with 503 because the worker had too many in flight",
-            registry=reg,
-        )
         self.in_flight = Gauge(
             "cascade_in_flight_requests",
             "Requests being handled now",
@@ -191,10 +196,10 @@ class Metrics:
             registry=reg,
         )
         if reg is not None:
-            reg.register(_DelegationRatio(self.requests.collect))
-        # Per-request observations waiting for the next flush: (cascade, preprocess, total,
-        # overhead) seconds; and the in-flight count the gauge shows after it.
-        self._pending: list[tuple[str, float, float, float]] = []
+            reg.register(_DelegationRatio(self.answered_items.collect))
+        # Per-request observations waiting for the next flush: (cascade, preprocess, queue,
+        # total, overhead) seconds; and the in-flight count the gauge shows after it.
+        self._pending: list[tuple[str, float, float, float, float]] = []
         self._in_flight = 0
         self._shown_in_flight = 0
         self._flush_scheduled = False
@@ -220,14 +225,17 @@ class Metrics:
             return
         for cascade in {p[0] for p in pending}:
             rows = np.array([p[1:] for p in pending if p[0] == cascade], dtype=np.float64)
-            for j, stage in enumerate(("preprocess", "total", "overhead")):
+            self.requests.labels(cascade, "ok").inc(len(rows))
+            for j, stage in enumerate(("preprocess", "queue", "total", "overhead")):
                 observe_many(self.latency.labels(cascade, stage), rows[:, j])
 
     @_never_raises
     def prime(self, cascade: str) -> None:
         """Create every labelled series at 0, so dashboards and rate() see them from the start."""
-        for outcome in (*OUTCOMES, "rejected", "failed"):
-            self.requests.labels(cascade, outcome)
+        for status in STATUSES:
+            self.requests.labels(cascade, status)
+        for outcome in NAMES:
+            self.answered_items.labels(cascade, outcome)
         for kind in TEACHER_FAILURES:
             self.teacher_errors.labels(cascade, kind)
         self.threshold_changes.labels(cascade)
@@ -257,12 +265,8 @@ class Metrics:
         self.student_info.labels(cascade, new).set(1)
 
     @_never_raises
-    def shed_request(self) -> None:
-        self.shed.inc()
-
-    @_never_raises
-    def teacher_skipped(self, cascade: str, kind: str) -> None:
-        self.teacher_errors.labels(cascade, kind).inc()
+    def shed(self, cascade: str) -> None:
+        self.requests.labels(cascade, "shed").inc()
 
     @_never_raises
     def failed(self, cascade: str) -> None:
@@ -283,15 +287,22 @@ class Metrics:
             self.teacher_errors.labels(cascade, error).inc()
 
     @_never_raises
-    def outcomes(self, cascade: str, student: int, teacher: int, degraded: int) -> None:
-        for outcome, count in (("student", student), ("teacher", teacher), ("degraded", degraded)):
+    def items(self, cascade: str, outcomes: np.ndarray) -> None:
+        """Items answered, by outcome code (outcomes.py): one increment per outcome present."""
+        if len(outcomes) == 0:
+            return
+        for code, count in enumerate(counts(outcomes).tolist()):
             if count:
-                self.requests.labels(cascade, outcome).inc(count)
+                self.answered_items.labels(cascade, NAMES[code]).inc(count)
 
-    def request_done(self, cascade: str, preprocess: float, total: float, models: float) -> None:
-        """Per request: its preprocessing, its total, and the gateway's own overhead (the total
-        less preprocessing and the model calls it waited for). Buffered until the flush."""
-        self._pending.append((cascade, preprocess, total, max(total - preprocess - models, 0.0)))
+    def request_done(
+        self, cascade: str, preprocess: float, queue: float, total: float, models: float
+    ) -> None:
+        """Per answered request: its preprocessing, its wait for a batch, its total, and the
+        gateway's own overhead (the total less all of those and the model calls it waited
+        for). Buffered until the flush."""
+        overhead = max(total - preprocess - queue - models, 0.0)
+        self._pending.append((cascade, preprocess, queue, total, overhead))
         self._schedule_flush()
 
     @_never_raises
@@ -332,9 +343,12 @@ class Metrics:
 
 
 class _DelegationRatio:
-    """cascade_delegation_ratio: delegated / all predictions since start, per cascade, computed at
-    scrape time from the aggregated counters so it is right across worker processes. Windowed
-    ratios belong in PromQL (see deploy/prometheus/rules.yml)."""
+    """cascade_delegation_ratio: items the policy delegated (whoever then answered them) / all
+    items since start, per cascade, computed at scrape time from the aggregated counters so it
+    is right across worker processes. Windowed ratios belong in PromQL (see
+    deploy/prometheus/rules.yml)."""
+
+    _DELEGATED = frozenset(name for name, d in zip(NAMES, DELEGATED, strict=True) if d)
 
     def __init__(self, source: Callable[[], Iterable[Metric]]) -> None:
         self._source = source
@@ -342,19 +356,20 @@ class _DelegationRatio:
     def collect(self) -> Iterable[Metric]:
         totals: dict[str, dict[str, float]] = {}
         for family in self._source():
-            if family.name != "cascade_requests":
+            if family.name != "cascade_items":
                 continue
             for s in family.samples:
-                if s.name == "cascade_requests_total" and s.labels["cascade"] != UNROUTED:
+                if s.name == "cascade_items_total" and s.labels["cascade"] != UNROUTED:
                     by = totals.setdefault(s.labels["cascade"], {})
                     by[s.labels["outcome"]] = by.get(s.labels["outcome"], 0.0) + s.value
         ratio = GaugeMetricFamily(
             "cascade_delegation_ratio",
-            "Share of predictions delegated to the teacher (answered by it or degraded)",
+            "Share of items the policy delegated to the teacher since start (answered by it, "
+            "or kept by the student because it failed, was busy or late)",
             labels=["cascade"],
         )
         for cascade, by in sorted(totals.items()):
-            answered = sum(by.get(o, 0.0) for o in OUTCOMES)
-            delegated = by.get("teacher", 0.0) + by.get("degraded", 0.0)
+            answered = sum(by.values())
+            delegated = sum(v for k, v in by.items() if k in self._DELEGATED)
             ratio.add_metric([cascade], delegated / answered if answered else 0.0)
         yield ratio

@@ -19,6 +19,7 @@ import orjson
 from pydantic import ValidationError
 from starlette.types import Message, Receive, Scope
 
+from ..config.limits import BodyLimits
 from ..errors import (
     BadRequest,
     CascadeError,
@@ -28,7 +29,6 @@ from ..errors import (
     UnsupportedMediaType,
     format_validation_errors,
 )
-from ..settings import Settings
 from .schemas import PredictRequest
 
 Modality = Literal["image", "text"]
@@ -47,7 +47,9 @@ class RequestHead:
     def from_scope(cls, scope: Scope) -> RequestHead:
         content_type, charset, length = "application/json", None, None
         for name, value in scope["headers"]:
-            if name == b"content-type":
+            if name == b"content-encoding":
+                refuse_encoded_body(value)
+            elif name == b"content-type":
                 mime, _, params = value.decode("latin-1").partition(";")
                 content_type = mime.strip().lower()
                 for param in params.split(";"):
@@ -71,6 +73,17 @@ class ParsedRequest:
     cascade: str | None
     top_k: int | None
     batched: bool
+
+
+def refuse_encoded_body(value: bytes) -> None:
+    """A compressed body is refused by name (415) rather than parsed as if it were plain, which
+    gave a confusing 400; decoding it would need its own bound on the decompressed size, and the
+    payloads here (base64 of compressed images) gain little from it."""
+    encoding = value.decode("latin-1").strip().lower()
+    if encoding and encoding != "identity":
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed"
+        )
 
 
 def limited_receive(receive: Receive, max_bytes: int) -> Receive:
@@ -124,10 +137,11 @@ def decode_base64(value: str, where: str) -> bytes:
 
 
 def int_param(value: object, name: str) -> int | None:
+    """An integer from the query string or a form field (text), or None when absent."""
     if value is None or value == "":
         return None
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise InvalidInput(f"{name} must be an integer, got {value!r}")
+    if not isinstance(value, str):  # a file part in a form, say: never its repr
+        raise InvalidInput(f"{name} must be a plain form field holding an integer, not a file")
     try:
         parsed = int(value)
     except (TypeError, ValueError):
@@ -137,11 +151,26 @@ def int_param(value: object, name: str) -> int | None:
     return parsed
 
 
-def check_batch(n: int, settings: Settings) -> None:
+def one_value(name: str, in_body: str | None, in_query: str | None) -> str | None:
+    """A parameter given in the body and the query must agree (as on the admin API), not have
+    the body win silently."""
+    if in_body is not None and in_query is not None and in_body != in_query:
+        raise InvalidInput(f"?{name}={in_query} and the body's {name} {in_body!r} differ")
+    return in_body if in_body is not None else in_query
+
+
+def top_k_of(in_body: int | None, head: RequestHead) -> int | None:
+    in_query = int_param(head.query.get("top_k"), "top_k")
+    if in_body is not None and in_query is not None and in_body != in_query:
+        raise InvalidInput(f"?top_k={in_query} and the body's top_k {in_body} differ")
+    return in_body if in_body is not None else in_query
+
+
+def check_batch(n: int, limits: BodyLimits) -> None:
     if n == 0:
         raise InvalidInput("inputs is empty: send at least one")
-    if n > settings.max_batch:
-        raise PayloadTooLarge(f"batch of {n} inputs; the limit is {settings.max_batch}")
+    if n > limits.max_batch:
+        raise PayloadTooLarge(f"batch of {n} inputs; the limit is {limits.max_batch}")
 
 
 _TOP_LEVEL = frozenset(("image", "text", "inputs", "cascade", "top_k"))
@@ -183,7 +212,7 @@ def json_object(raw: bytes, invalid: str, what: str) -> dict[str, Any]:
     return value
 
 
-def parse_json(raw: bytes, head: RequestHead, settings: Settings) -> ParsedRequest:
+def parse_json(raw: bytes, head: RequestHead, limits: BodyLimits) -> ParsedRequest:
     if not raw:
         raise BadRequest('request body is empty; send JSON like {"image": "<base64>"}')
     payload = json_object(raw, "body is not valid JSON (or not UTF-8)", "body")
@@ -192,11 +221,11 @@ def parse_json(raw: bytes, head: RequestHead, settings: Settings) -> ParsedReque
             payload = PredictRequest.model_validate(payload).model_dump(exclude_none=True)
         except ValidationError as exc:
             raise InvalidInput(format_validation_errors(exc.errors())) from None
-    cascade = payload.get("cascade") or head.query.get("cascade")
-    top_k = payload.get("top_k") or int_param(head.query.get("top_k"), "top_k")
+    cascade = one_value("cascade", payload.get("cascade"), head.query.get("cascade"))
+    top_k = top_k_of(payload.get("top_k"), head)
     if "inputs" in payload:
         inputs = payload["inputs"]
-        check_batch(len(inputs), settings)
+        check_batch(len(inputs), limits)
         kinds = {"text" if "text" in x else "image" for x in inputs}
         if len(kinds) > 1:
             raise InvalidInput("a batch mixes images and texts; send one modality per request")
@@ -209,7 +238,7 @@ def parse_json(raw: bytes, head: RequestHead, settings: Settings) -> ParsedReque
     return ParsedRequest([decode_base64(payload["image"], "image")], "image", cascade, top_k, False)
 
 
-def parse_text(raw: bytes, head: RequestHead, settings: Settings) -> ParsedRequest:
+def parse_text(raw: bytes, head: RequestHead, limits: BodyLimits) -> ParsedRequest:
     if head.charset not in (None, "utf-8", "utf8"):
         raise UnsupportedMediaType(
             f"charset {head.charset!r} is not accepted: send text/plain in UTF-8"
@@ -221,7 +250,7 @@ def parse_text(raw: bytes, head: RequestHead, settings: Settings) -> ParsedReque
     return _one_input(text, "text", head)
 
 
-def parse_image(raw: bytes, head: RequestHead, settings: Settings) -> ParsedRequest:
+def parse_image(raw: bytes, head: RequestHead, limits: BodyLimits) -> ParsedRequest:
     return _one_input(raw, "image", head)
 
 
@@ -232,36 +261,61 @@ def _one_input(item: bytes | str, modality: Modality, head: RequestHead) -> Pars
 
 
 async def parse_multipart(
-    scope: Scope, receive: Receive, head: RequestHead, settings: Settings
+    scope: Scope, receive: Receive, head: RequestHead, limits: BodyLimits
+) -> ParsedRequest:
+    """Streams through Starlette's form parser (files spooled to disk past 1 MB), within the
+    body's time limit like every other body: a stalled upload (a content-length larger than
+    what is sent, or chunks without the last one) is cut off with 408 instead of holding its
+    request slot."""
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            return await _parse_form(scope, receive, head, limits)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {limits.body_timeout_s}s"
+        ) from None
+
+
+async def _parse_form(
+    scope: Scope, receive: Receive, head: RequestHead, limits: BodyLimits
 ) -> ParsedRequest:
     from starlette.datastructures import UploadFile
     from starlette.requests import Request
 
     try:
-        form = await Request(scope, receive).form(max_files=settings.max_batch + 1, max_fields=16)
+        form = await Request(scope, receive).form(max_files=limits.max_batch + 1, max_fields=16)
     except CascadeError:
         raise
     except Exception as exc:  # python-multipart's errors for malformed bodies
         raise BadRequest(f"malformed multipart body: {exc}") from None
     try:
-        files = [v for v in form.getlist("file") if isinstance(v, UploadFile)]
-        if not files:
+        parts = form.getlist("file")
+        if not parts:
             raise InvalidInput("multipart body has no `file` field")
-        check_batch(len(files), settings)
+        if not all(isinstance(v, UploadFile) for v in parts):
+            # A part without a filename arrives as a text field, not an upload.
+            raise InvalidInput(
+                "the `file` field must be a file upload (a part with a filename), not text"
+            )
+        files = [v for v in parts if isinstance(v, UploadFile)]
+        check_batch(len(files), limits)
         blobs = [await f.read() for f in files]
+        name = form.get("cascade")
+        if name is not None and not isinstance(name, str):
+            raise InvalidInput("cascade must be a plain form field, not a file")
+        form_top_k = int_param(form.get("top_k"), "top_k")
     finally:
         await form.close()  # spooled temporary files, on every path
-    name = form.get("cascade")
     return ParsedRequest(
         blobs,
         "image",
-        name if isinstance(name, str) else head.query.get("cascade"),
-        int_param(form.get("top_k"), "top_k") or int_param(head.query.get("top_k"), "top_k"),
+        one_value("cascade", name, head.query.get("cascade")),
+        top_k_of(form_top_k, head),
         len(files) > 1,
     )
 
 
-BodyParser = Callable[[bytes, RequestHead, Settings], ParsedRequest]
+BodyParser = Callable[[bytes, RequestHead, BodyLimits], ParsedRequest]
 # Content types whose body is read whole, then parsed; multipart streams through Starlette.
 BODY_PARSERS: dict[str, BodyParser] = {
     "application/json": parse_json,
@@ -270,28 +324,28 @@ BODY_PARSERS: dict[str, BodyParser] = {
 ACCEPTED = "application/json, multipart/form-data, image/* or text/plain"
 
 
-def check_declared_length(head: RequestHead, settings: Settings) -> None:
+def check_declared_length(head: RequestHead, limits: BodyLimits) -> None:
     """A body declared larger than the limit is refused before a byte of it is read."""
-    if head.content_length is not None and head.content_length > settings.max_body_bytes:
-        raise PayloadTooLarge(body_limit_message(settings.max_body_bytes))
+    if head.content_length is not None and head.content_length > limits.max_body_bytes:
+        raise PayloadTooLarge(body_limit_message(limits.max_body_bytes))
 
 
-async def read_request_body(receive: Receive, head: RequestHead, settings: Settings) -> bytes:
+async def read_request_body(receive: Receive, head: RequestHead, limits: BodyLimits) -> bytes:
     """The whole body within the size limit (declared and streamed) and the time limit."""
-    check_declared_length(head, settings)
-    receive = limited_receive(receive, settings.max_body_bytes)
-    return await read_body(receive, settings.body_timeout_s)
+    check_declared_length(head, limits)
+    receive = limited_receive(receive, limits.max_body_bytes)
+    return await read_body(receive, limits.body_timeout_s)
 
 
 async def parse_request(
-    scope: Scope, receive: Receive, head: RequestHead, settings: Settings
+    scope: Scope, receive: Receive, head: RequestHead, limits: BodyLimits
 ) -> ParsedRequest:
     """The request's inputs, their modality, the cascade named, top_k, and whether it was a
     batch. Every input is checked here or in the cascade's preprocessor before any model runs."""
     if head.content_type == "multipart/form-data":
-        check_declared_length(head, settings)
-        limited = limited_receive(receive, settings.max_body_bytes)
-        return await parse_multipart(scope, limited, head, settings)
+        check_declared_length(head, limits)
+        limited = limited_receive(receive, limits.max_body_bytes)
+        return await parse_multipart(scope, limited, head, limits)
     parser = BODY_PARSERS.get(head.content_type)
     if parser is None and head.content_type.startswith("image/"):
         parser = parse_image
@@ -299,4 +353,4 @@ async def parse_request(
         raise UnsupportedMediaType(
             f"content type {head.content_type!r} is not accepted: send {ACCEPTED}"
         )
-    return parser(await read_request_body(receive, head, settings), head, settings)
+    return parser(await read_request_body(receive, head, limits), head, limits)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import CascadeError, PayloadTooLarge, UnknownCascade
+from ..errors import CascadeError, Overloaded, PayloadTooLarge, UnknownCascade
 from .http_errors import JSON
 from .http_errors import error_body as http_error_body
 from .kserve import HEADER_LENGTH, encode_response, error_body, parse_infer, split_body
@@ -29,10 +29,12 @@ from .parsing import (
     limited_receive,
     parse_request,
     read_request_body,
+    refuse_encoded_body,
 )
 
 if TYPE_CHECKING:
-    from .cascade import Cascade, Predictions
+    from .answers import Predictions
+    from .cascade import Cascade
     from .serving import Gateway
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,11 @@ class PredictEndpoints:
             await self._serve(scope, receive, send, predict, protocol=False)
             return
         match = _INFER.match(path) if path.startswith("/v2/models/") else None
-        if match is not None and scope["method"] == "POST":
+        if match is not None:
+            if scope["method"] != "POST":
+                allow = [(b"allow", b"POST")]
+                await self._error(send, 405, "method_not_allowed", "use POST", True, allow)
+                return
             name, version = match.group(1), match.group(2)
 
             async def infer(gateway: Gateway, chosen: list[Cascade], started: float) -> Answered:
@@ -104,12 +110,19 @@ class PredictEndpoints:
 
             await self._serve(scope, receive, send, infer, protocol=True)
             return
-        # Other routes: the declared size is checked up front, the streamed one as it comes.
+        # Other routes: the declared size is checked up front, the streamed one as it comes;
+        # a compressed body is refused as on the prediction routes.
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
                 message = body_limit_message(self.max_body_bytes)
                 await self._error(send, 413, PayloadTooLarge.code, message, False)
                 return
+            if name == b"content-encoding":
+                try:
+                    refuse_encoded_body(value)
+                except CascadeError as exc:
+                    await self._error(send, exc.status, exc.code, exc.message, False)
+                    return
         await self.api(scope, limited_receive(receive, self.max_body_bytes), send)
 
     async def _serve(
@@ -131,7 +144,7 @@ class PredictEndpoints:
             return
         metrics = gateway.metrics
         if self.in_flight >= self.max_in_flight:
-            metrics.shed_request()
+            metrics.shed(gateway.label_for_rejection(None))
             message = (
                 f"the gateway is at its limit of {self.max_in_flight} requests in flight; "
                 f"retry after {self.retry_after_s}s"
@@ -146,6 +159,10 @@ class PredictEndpoints:
         try:
             status, body, headers = await handle(gateway, chosen, started)
             await send_body(send, status, body, headers)
+        except Overloaded as exc:
+            metrics.shed(gateway.label_for_rejection(chosen[0] if chosen else None))
+            retry = [(b"retry-after", str(exc.retry_after_s).encode())]
+            await self._error(send, exc.status, exc.code, exc.message, protocol, retry)
         except CascadeError as exc:
             metrics.rejected(gateway.label_for_rejection(chosen[0] if chosen else None))
             auth = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
@@ -178,13 +195,12 @@ class PredictEndpoints:
         chosen: list[Cascade],
         started: float,
     ) -> Answered:
-        settings = gateway.settings
         head = RequestHead.from_scope(scope)
-        parsed = await parse_request(scope, receive, head, settings)
+        parsed = await parse_request(scope, receive, head, gateway.body_limits)
         cascade = gateway.resolve(parsed.cascade, parsed.modality)
         chosen.append(cascade)
         predictions, total = await _answer(gateway, cascade, parsed.items, started)
-        outputs = predictions.outputs(parsed.top_k or settings.default_top_k, total)
+        outputs = predictions.outputs(parsed.top_k or gateway.body_limits.default_top_k, total)
         body = orjson.dumps({"outputs": outputs} if parsed.batched else outputs[0])
         return 200, body, self._headers
 
@@ -198,19 +214,17 @@ class PredictEndpoints:
         name: str,
         version: str | None,
     ) -> Answered:
-        settings = gateway.settings
         cascade = gateway.resolve(name)
         chosen.append(cascade)
         if version is not None and version != cascade.versions["student"]:
             raise UnknownCascade(f"model {name!r} has no version {version!r}")
-        body = await read_request_body(receive, RequestHead.from_scope(scope), settings)
+        limits = gateway.body_limits
+        body = await read_request_body(receive, RequestHead.from_scope(scope), limits)
         header_length = next(
             (v.decode("latin-1") for k, v in scope["headers"] if k == HEADER_LENGTH.encode()),
             None,
         )
-        request = parse_infer(
-            *split_body(body, header_length), cascade.modality, settings.max_batch
-        )
+        request = parse_infer(*split_body(body, header_length), cascade.modality, limits.max_batch)
         predictions, _ = await _answer(gateway, cascade, request.items, started)
         payload, json_length = encode_response(request, predictions, predictions.version.version)
         headers = list(self._headers)
@@ -228,6 +242,6 @@ async def _answer(
     total = time.perf_counter() - started
     a = predictions.answer
     gateway.metrics.request_done(
-        cascade.name, predictions.preprocess_s, total, a.student_s + a.teacher_s
+        cascade.name, predictions.preprocess_s, a.queue_s, total, a.student_s + a.teacher_s
     )
     return predictions, total

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from .stores import FileBackend, StateBackend, now
+from .stores import ControlStore, now
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +23,13 @@ class RolloutState(BaseModel):
 
 
 class RolloutStore:
-    def __init__(self, backend: StateBackend | Path, cascade: str) -> None:
-        self.backend = backend if not isinstance(backend, Path) else FileBackend(backend)
+    def __init__(self, store: ControlStore, cascade: str) -> None:
+        self.store = store
         self.cascade = cascade
         self.key = f"{cascade}.student"
 
     def read(self) -> RolloutState | None:
-        _, raw = self.backend.read(self.key)
+        _, raw = self.store.read(self.key)
         if raw is None:
             return None
         try:
@@ -38,15 +38,17 @@ class RolloutStore:
             log.error("ignoring unreadable rollout state %s: %s", self.key, exc)
             return None
 
-    def write(self, bundle: Path, previous: Path, version: str, actor: str) -> RolloutState:
+    async def write(
+        self, bundle: Path, previous: str | None, version: str, actor: str
+    ) -> RolloutState:
         state = RolloutState(
             bundle=str(bundle),
             version=version,
-            previous=str(previous),
+            previous=previous,
             updated_at=now(),
             updated_by=actor,
         )
-        self.backend.update(
+        await self.store.update(
             self.key,
             lambda _: (
                 state.model_dump_json().encode(),

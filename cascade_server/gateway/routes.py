@@ -36,11 +36,24 @@ async def readyz(
     if gateway.drain.draining:
         body = {"ready": False, "draining": True}
         return Response(orjson.dumps(body), 503, media_type="application/json")
-    detail = {name: c.readiness() for name, c in gateway.cascades.items()}
+    detail: dict[str, dict[str, Any]] = {
+        name: dict(c.readiness()) for name, c in gateway.cascades.items()
+    }
     needed = ("student", "teacher") if teacher == "required" else ("student",)
     ready = all(parts[k] for parts in detail.values() for k in needed)
-    # Reported, not required: with the store down the last known values stay in force.
-    store = {"kind": gateway.store.name, "up": gateway.store.healthy()} if gateway.store else None
+    for name, c in gateway.cascades.items():
+        if c.students.follow_error is not None:  # reported; the configured bundle serves
+            detail[name]["rollout_error"] = c.students.follow_error
+    store: dict[str, Any] | None = None
+    if gateway.store is not None:
+        # Down is reported, not required: the last known values stay in force. Never read
+        # (a replica started while Redis was down) is required: bundle defaults may be stale.
+        store = {
+            "kind": gateway.store.name,
+            "up": gateway.store.healthy(),
+            "synced": gateway.store.synced(),
+        }
+        ready = ready and store["synced"]
     return Response(
         orjson.dumps({"ready": ready, "cascades": detail, "control_store": store}),
         200 if ready else 503,

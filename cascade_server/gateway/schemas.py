@@ -27,7 +27,8 @@ class PredictRequest(BaseModel):
     text: str | None = Field(default=None, description="one text")
     inputs: list[InputItem] | None = Field(default=None, description="a batch, answered in order")
     cascade: str | None = Field(default=None, description="which cascade; optional if one fits")
-    top_k: Annotated[int, Field(ge=1)] | None = None
+    # Strict: `true`, "2" or 2.0 are not a count (the query string refuses them too).
+    top_k: Annotated[int, Field(ge=1, strict=True)] | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> PredictRequest:
@@ -44,6 +45,7 @@ class ClassProbability(BaseModel):
 
 class StageTimings(BaseModel):
     preprocess: float = Field(description="this request's decoding / tokenisation, ms")
+    queue: float = Field(description="waiting for its micro-batch to start, ms")
     student: float = Field(description="the student call that served this request's batch, ms")
     teacher: float = Field(description="the teacher call, 0 when nothing was delegated, ms")
     total: float = Field(description="the whole request inside the gateway, ms")
@@ -57,9 +59,15 @@ class Prediction(BaseModel):
     top_k: list[ClassProbability]
     margin: float = Field(description="the student's top-1 minus top-2 probability")
     threshold: float = Field(description="delegation threshold in force for this answer")
-    delegated: bool
+    delegated: bool = Field(description="the policy wanted the teacher for this input")
     answered_by: str = Field(description="student | teacher")
-    degraded: bool = Field(description="delegated, but the teacher failed: the student answered")
+    outcome: str = Field(
+        description="why: confident | delegated | forced_teacher | forced_student | "
+        "teacher_failed | circuit_open | teacher_busy | deadline"
+    )
+    degraded: bool = Field(
+        description="delegated, but the teacher failed or its circuit is open: the student answered"
+    )
     cascade: str
     versions: dict[str, str]
     timings_ms: StageTimings

@@ -9,7 +9,7 @@ from ..settings import Settings
 from .cascade import Cascade
 from .drain import Drain
 from .metrics import UNROUTED, Metrics
-from .stores import StateBackend
+from .stores import ControlStore
 
 
 def gateway_of(request: Request) -> Gateway | None:
@@ -23,10 +23,11 @@ class Gateway:
         settings: Settings,
         cascades: dict[str, Cascade],
         metrics: Metrics,
-        store: StateBackend | None = None,
+        store: ControlStore | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
+        self.body_limits = settings.body_limits  # built once: the hot path reads it
         self.cascades = cascades
         self.metrics = metrics
         self.drain = Drain(settings.drain_s)

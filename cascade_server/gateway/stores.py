@@ -2,20 +2,28 @@
 behind one small interface, so that every worker and every replica sees an admin change:
 
 - `file`: one JSON file per key in CASCADE_STATE_DIR, replaced atomically under a lock, with an
-  audit log beside it. One host (or a ReadWriteMany volume); zero dependencies. Readers check the
-  file's identity with one stat per use.
-- `redis`: keys in Redis, audit lists in Redis, and a pub/sub channel that announces each change;
-  every process keeps the values in memory (no network call on the request path) and a
-  background thread follows the channel. Redis down: the last known values stay in force, the
-  store reports itself down (readiness details, `cascade_control_store_up`), and it reconnects
-  and re-reads every key, so changes made meanwhile arrive.
+  audit log beside it (rotated past `audit_max_entries`). One host (or a ReadWriteMany volume);
+  zero dependencies. Readers check the file's identity with one stat per use.
+- `redis`: keys in Redis, audit lists in Redis (trimmed to `audit_max_entries`), and a pub/sub
+  channel that announces each change; every process keeps the values in memory (no network
+  call on the request path) and a background thread follows the channel, PINGs it (a silent
+  partition, where nothing errors but nothing arrives, is noticed within three intervals) and
+  re-reads every key now and then (a missed announcement heals). Updates are compare-and-set
+  (WATCH/MULTI), so two admins racing cannot lose one's change. Redis down: the last known
+  values stay in force, the store reports itself down (readiness details,
+  `cascade_control_store_up`), and it reconnects and re-reads every key. A process that has
+  never read its keys reports itself unsynced: readiness stays 503 rather than serving bundle
+  defaults that an operator may have changed.
 
 `read` is cheap and never waits on the network once a key is known; `update` (admin calls only)
-does the I/O.
+does the I/O, bounded by `timeout_s` in all, and runs off the event loop through `ControlStore`.
+Credentials in a store's URL are never shown: `redact` is used wherever a URL is logged or
+returned.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import logging
@@ -26,21 +34,51 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
+from ..config.control import ControlConfig
 from ..errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 _RACY_NS = 100_000_000
 CHANNEL = "cascade:control"
-Update = Callable[[bytes | None], tuple[bytes | None, dict[str, Any]]]
+# change(current value) -> (new value or None to delete, audit entry or None for no audit)
+Update = Callable[[bytes | None], tuple[bytes | None, dict[str, Any] | None]]
+T = TypeVar("T")
+
+
+def redact(url: str) -> str:
+    """`url` with any password (and user) replaced: safe to log and to answer with."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 @contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock between worker processes (and hosts sharing the directory)."""
+def locked(path: Path, timeout_s: float) -> Iterator[None]:
+    """An exclusive lock between worker processes (and hosts sharing the directory), waited for
+    at most `timeout_s`: a process stuck holding it must not hang every admin call."""
     with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ServiceUnavailable(
+                        f"the control store's lock {path.name} is held by another process; "
+                        f"nothing was changed (waited {timeout_s}s)"
+                    ) from None
+                time.sleep(0.005)
         try:
             yield
         finally:
@@ -54,11 +92,6 @@ def replace_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def append_audit(path: Path, entry: dict[str, Any]) -> None:
-    with open(path, "a") as audit:
-        audit.write(json.dumps(entry) + "\n")
-
-
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -67,23 +100,31 @@ class StateBackend(Protocol):
     name: str
 
     def read(self, key: str) -> tuple[object, bytes | None]:
-        """(a stamp that changes when the value does, the value or None)."""
+        """(a stamp that changes when the value does, the value or None). Never blocks on
+        the network once the key has been read."""
         ...
 
     def update(self, key: str, change: Update) -> bytes | None:
-        """Applies `change(current) -> (new value or None to delete, audit entry)`, records the
-        audit entry, tells the other processes; returns the new value."""
+        """Applies `change(current) -> (new value or None to delete, audit entry or None)`
+        atomically (compare-and-set), records the audit entry, tells the other processes;
+        returns the new value. Blocking: call it through `ControlStore`."""
         ...
 
     def healthy(self) -> bool: ...
+    def synced(self) -> bool: ...
     def close(self) -> None: ...
 
 
 class FileBackend:
     name = "file"
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(
+        self, state_dir: Path, *, timeout_s: float = 2.0, audit_max_entries: int = 10_000
+    ) -> None:
         self.state_dir = state_dir
+        self.timeout_s = timeout_s
+        # An audit file past this size is rotated to `<name>.1` (one older generation kept).
+        self.audit_max_bytes = audit_max_entries * 512
         state_dir.mkdir(parents=True, exist_ok=True)
         self._seen: dict[str, tuple[tuple[int, int, int], bytes]] = {}
 
@@ -111,20 +152,41 @@ class FileBackend:
 
     def update(self, key: str, change: Update) -> bytes | None:
         path = self._path(key)
-        with locked(self._path(key, ".lock")):
-            try:
-                current: bytes | None = path.read_bytes()
-            except FileNotFoundError:
-                current = None
-            new, audit = change(current)
-            if new is None:
-                path.unlink(missing_ok=True)
-            else:
-                replace_atomically(path, new.decode())
-            append_audit(self._path(key, ".audit.jsonl"), audit)
+        try:
+            with locked(self._path(key, ".lock"), self.timeout_s):
+                try:
+                    current: bytes | None = path.read_bytes()
+                except FileNotFoundError:
+                    current = None
+                new, audit = change(current)
+                if new is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    replace_atomically(path, new.decode())
+                if audit is not None:
+                    try:
+                        self._append_audit(self._path(key, ".audit.jsonl"), audit)
+                    except OSError as exc:  # the change is made: say so, loudly
+                        log.error("control store: %s changed, but its audit entry was "
+                                  "not written: %s (%s)", key, exc, audit)  # fmt: skip
+        except OSError as exc:  # a full disk, a read-only volume: the change did not happen
+            raise ServiceUnavailable(
+                f"the control store ({self.state_dir}) cannot be written; nothing was "
+                f"changed: {exc.strerror or exc}"
+            ) from None
         return new
 
+    def _append_audit(self, path: Path, entry: dict[str, Any]) -> None:
+        with open(path, "a") as audit:
+            audit.write(json.dumps(entry) + "\n")
+            size = audit.tell()
+        if size > self.audit_max_bytes:
+            os.replace(path, path.with_name(path.name + ".1"))
+
     def healthy(self) -> bool:
+        return True
+
+    def synced(self) -> bool:
         return True
 
     def close(self) -> None:
@@ -140,30 +202,54 @@ class RedisBackend:
         *,
         prefix: str = "cascade:",
         on_health: Callable[[bool], None] | None = None,
-        timeout_s: float = 1.0,
+        timeout_s: float = 2.0,
+        audit_max_entries: int = 10_000,
+        health_interval_s: float = 1.0,
+        resync_s: float = 30.0,
     ) -> None:
         import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
 
         self._redis = redis
-        self.url = url
+        self.url = redact(url)  # the only form of the URL this object keeps for showing
         self.prefix = prefix
+        self.audit_max_entries = audit_max_entries
+        self.health_interval_s = health_interval_s
+        self.resync_s = resync_s
+        # One attempt and one retry, each bounded by a quarter of the budget: an operation
+        # (connect + command, twice) ends within timeout_s.
+        socket_s = timeout_s / 4
         self._client: Any = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            url,
+            socket_timeout=socket_s,
+            socket_connect_timeout=socket_s,
+            retry=Retry(ExponentialBackoff(cap=socket_s / 4, base=0.01), 1),
         )
         self._cache: dict[str, tuple[int, bytes | None]] = {}
+        self._unread: set[str] = set()  # keys in use never read from Redis yet
         self._generation = 0
         self._lock = threading.Lock()
         self._on_health = on_health
         self.up = False
+        self._tried = threading.Event()  # the follower finished its first attempt
+        self._synced_once = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="control-store", daemon=True)
         self._thread.start()
+        # Start-up reads the keys with Redis's answer when it answers soon, not the defaults.
+        self._tried.wait(timeout_s)
 
     def read(self, key: str) -> tuple[object, bytes | None]:
         entry = self._cache.get(key)
-        if entry is None:  # first use of a key (start-up): one fetch, then the cache
-            self._fetch(key)
-            entry = self._cache.get(key, (0, None))
+        if entry is None:  # first use of a key (start-up): one fetch when up, then the cache
+            if self.up:
+                self._fetch(key)
+            with self._lock:
+                if key not in self._cache:
+                    self._cache[key] = (0, None)
+                    self._unread.add(key)
+            entry = self._cache[key]
         return entry
 
     def _fetch(self, key: str) -> None:
@@ -171,7 +257,6 @@ class RedisBackend:
             value = self._get(key)
         except self._redis.RedisError as exc:
             log.warning("control store %s: cannot read %s: %s", self.url, key, exc)
-            self._cache.setdefault(key, (0, None))
             return
         self._store(key, value)
 
@@ -181,32 +266,52 @@ class RedisBackend:
 
     def _store(self, key: str, value: bytes | None) -> None:
         with self._lock:
+            self._unread.discard(key)
             old = self._cache.get(key)
             if old is None or old[1] != value:
                 self._generation += 1
                 self._cache[key] = (self._generation, value)
 
     def update(self, key: str, change: Update) -> bytes | None:
+        name = self.prefix + key
         try:
-            current = self._get(key)
-            new, audit = change(current)
-            pipe = self._client.pipeline()
-            if new is None:
-                pipe.delete(self.prefix + key)
-            else:
-                pipe.set(self.prefix + key, new)
-            pipe.rpush(f"{self.prefix}{key}:audit", json.dumps(audit))
-            pipe.publish(CHANNEL, key)
-            pipe.execute()
+            with self._client.pipeline() as pipe:
+                for _ in range(16):  # compare-and-set: retried while others change the key
+                    try:
+                        pipe.watch(name)
+                        current = pipe.get(name)
+                        new, audit = change(current)
+                        pipe.multi()
+                        if new is None:
+                            pipe.delete(name)
+                        else:
+                            pipe.set(name, new)
+                        if audit is not None:
+                            pipe.rpush(f"{name}:audit", json.dumps(audit))
+                            pipe.ltrim(f"{name}:audit", -self.audit_max_entries, -1)
+                        pipe.publish(CHANNEL, key)
+                        pipe.execute()
+                        break
+                    except self._redis.WatchError:
+                        continue
+                else:
+                    raise ServiceUnavailable(
+                        f"{key} kept changing under this update; nothing was changed, retry"
+                    )
         except (self._redis.RedisError, OSError) as exc:
             raise ServiceUnavailable(
-                f"the control store ({self.url}) is unreachable; nothing was changed: {exc}"
+                f"the control store ({self.url}) is unreachable; nothing was changed: "
+                f"{type(exc).__name__}"
             ) from None
         self._store(key, new)
         return new
 
     def healthy(self) -> bool:
         return self.up
+
+    def synced(self) -> bool:
+        """Every key in use has been read from Redis at least once."""
+        return self._synced_once and not self._unread
 
     def _set_up(self, up: bool) -> None:
         if up != self.up:
@@ -217,25 +322,29 @@ class RedisBackend:
             if self._on_health is not None:
                 self._on_health(up)
 
+    def _resync(self) -> None:
+        for key in list(self._cache):
+            self._store(key, self._get(key))
+
     def _follow(self) -> None:
-        """Subscribes to change announcements; after every (re)connection, re-reads every key
-        in use, so changes made while the connection was down arrive too."""
+        """Subscribes to change announcements; after every (re)connection, and every
+        `resync_s`, re-reads every key in use, so changes made while the connection was down
+        (or an announcement lost) arrive too. A PING every `health_interval_s` that goes
+        unanswered for three intervals counts as the store being down."""
         backoff = 0.1
         while not self._stop.is_set():
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(CHANNEL)
-                for key in list(self._cache):
-                    self._store(key, self._get(key))
+                self._resync()
+                self._synced_once = True
                 self._set_up(True)
+                self._tried.set()
                 backoff = 0.1
-                while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=0.5)
-                    if message is not None and message["type"] == "message":
-                        key = message["data"].decode()
-                        self._store(key, self._get(key))
-            except (self._redis.RedisError, OSError) as exc:
+                self._listen(pubsub)
+            except (self._redis.RedisError, OSError, TimeoutError) as exc:
                 self._set_up(False)
+                self._tried.set()
                 log.debug("control store %s: %s", self.url, exc)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -245,6 +354,26 @@ class RedisBackend:
                 except Exception:  # closing a broken connection
                     pass
 
+    def _listen(self, pubsub: Any) -> None:
+        interval = self.health_interval_s
+        last_pong = next_ping = time.monotonic()
+        next_resync = last_pong + self.resync_s
+        while not self._stop.is_set():
+            message = pubsub.get_message(timeout=min(0.25, interval))
+            clock = time.monotonic()
+            if message is not None:
+                last_pong = clock  # anything from the server proves the link
+                if message["type"] == "message":
+                    self._store(message["data"].decode(), self._get(message["data"].decode()))
+            if clock >= next_ping:
+                pubsub.ping()
+                next_ping = clock + interval
+            if clock - last_pong > 3 * interval:
+                raise TimeoutError(f"no answer to PING for {clock - last_pong:.1f}s")
+            if clock >= next_resync:
+                self._resync()
+                next_resync = clock + self.resync_s
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
@@ -252,8 +381,54 @@ class RedisBackend:
 
 
 def make_backend(
-    kind: str, state_dir: Path, redis_url: str, on_health: Callable[[bool], None] | None = None
+    config: ControlConfig, on_health: Callable[[bool], None] | None = None
 ) -> StateBackend:
-    if kind == "redis":
-        return RedisBackend(redis_url, on_health=on_health)
-    return FileBackend(state_dir)
+    if config.kind == "redis":
+        return RedisBackend(
+            config.redis_url,
+            on_health=on_health,
+            timeout_s=config.timeout_s,
+            audit_max_entries=config.audit_max_entries,
+            health_interval_s=config.health_interval_s,
+            resync_s=config.resync_s,
+        )
+    return FileBackend(
+        config.state_dir, timeout_s=config.timeout_s, audit_max_entries=config.audit_max_entries
+    )
+
+
+class ControlStore:
+    """The backend as the event loop uses it: reads inline (in-process views), updates on a
+    thread within `timeout_s` so that an admin call during a store outage never stalls the
+    predictions sharing its worker."""
+
+    def __init__(self, backend: StateBackend, timeout_s: float) -> None:
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.name = backend.name
+
+    def read(self, key: str) -> tuple[object, bytes | None]:
+        return self.backend.read(key)
+
+    async def update(self, key: str, change: Update) -> bytes | None:
+        return await self.call(self.backend.update, key, change)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on a thread; 503 if it has not answered within the bound (the backend's
+        own timeouts end it soon after; the caller is told the outcome is unknown)."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args), self.timeout_s * 1.5)
+        except TimeoutError:
+            raise ServiceUnavailable(
+                f"the control store ({self.backend.name}) did not answer within "
+                f"{self.timeout_s * 1.5:.1f}s; the change may not have been applied: read it back"
+            ) from None
+
+    def healthy(self) -> bool:
+        return self.backend.healthy()
+
+    def synced(self) -> bool:
+        return self.backend.synced()
+
+    def close(self) -> None:
+        self.backend.close()

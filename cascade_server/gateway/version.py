@@ -10,11 +10,11 @@ import logging
 import numpy as np
 
 from ..bundle import TEXT_INPUTS, Bundle, TextPreprocess
+from ..config.cascade import CascadeConfig
 from ..errors import InvalidInput
 from ..preprocess import Batch, ImagePreprocessor, Preprocessor, TextPreprocessor
-from ..settings import Settings
 from .control import ThresholdStore
-from .stores import StateBackend
+from .stores import ControlStore
 from .student import OnnxStudent, Student
 
 log = logging.getLogger(__name__)
@@ -24,28 +24,34 @@ class StudentVersion:
     def __init__(
         self,
         bundle: Bundle,
-        settings: Settings,
-        store: StateBackend,
+        config: CascadeConfig,
+        store: ControlStore,
         student: Student | None = None,
     ) -> None:
         m = bundle.manifest
+        limits = config.decode
         self.bundle = bundle
         self.manifest = m
         self.version = m.version
         self.preprocessor: Preprocessor
         if isinstance(m.preprocess, TextPreprocess):
             self.preprocessor = TextPreprocessor(
-                m.preprocess, bundle.path / m.preprocess.tokenizer_file, settings.max_text_chars
+                m.preprocess, bundle.path / m.preprocess.tokenizer_file, limits.max_text_chars
             )
         else:
             self.preprocessor = ImagePreprocessor(
-                m.preprocess, settings.max_image_pixels, settings.max_request_pixels
+                m.preprocess,
+                limits.max_image_pixels,
+                limits.max_request_pixels,
+                max_jpeg_scans=limits.max_jpeg_scans,
+                inline_pixels=limits.decode_inline_pixels,
+                inline_bytes=limits.decode_inline_bytes,
             )
         self.student: Student = student or OnnxStudent(
             bundle.student_path,
             m.student_output,
-            device=settings.student_device,
-            threads=settings.student_threads,
+            device=config.student.device,
+            threads=config.student.threads,
         )
         self.thresholds = ThresholdStore(
             store,
@@ -65,10 +71,16 @@ class StudentVersion:
 
     def setup(self) -> None:
         """Loads the session and pays first-call costs (codecs, ORT's first run) before traffic
-        does; checks the model against the manifest."""
+        does; checks the model against the manifest (its inputs, its output's name and size):
+        a bundle whose model and manifest disagree fails here, never on a request."""
         self.student.setup()
         batch = self.preprocessor.prepare([self.preprocessor.sample()])
         logits = self.student.predict(self.feeds(batch))
+        if logits.ndim != 2 or logits.shape[0] != 1:
+            raise ValueError(
+                f"{self.bundle.student_path} answers shape {logits.shape} for one input; "
+                "expected (1, outputs)"
+            )
         if logits.shape[1] != self.manifest.student_outputs:
             raise ValueError(
                 f"{self.bundle.student_path} has {logits.shape[1]} outputs; the manifest says "

@@ -146,8 +146,8 @@ def test_teacher_killed_then_back(gateway, triton, demo, default_threshold):
             )
         after = scrape(gateway)
         assert (
-            value(after, "cascade_requests_total", outcome="degraded")
-            - value(before, "cascade_requests_total", outcome="degraded")
+            value(after, "cascade_items_total", outcome="teacher_failed")
+            - value(before, "cascade_items_total", outcome="teacher_failed")
             == 3
         )
         assert (
@@ -204,7 +204,7 @@ def test_text_cascade_over_real_triton(gateway, triton, text_demo):
     assert triton_count(triton, "intents_teacher") - before == 4
     assert triton_count(triton, "digits_teacher") == digits_before
     after = scrape(gateway)
-    delta = value(after, "cascade_requests_total", cascade="intents", outcome="teacher") - value(
-        metrics_before, "cascade_requests_total", cascade="intents", outcome="teacher"
+    delta = value(after, "cascade_items_total", cascade="intents", outcome="delegated") - value(
+        metrics_before, "cascade_items_total", cascade="intents", outcome="delegated"
     )
     assert delta == 4

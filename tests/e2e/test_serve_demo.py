@@ -79,6 +79,13 @@ def test_demo_serves_answers_the_readme_and_stops_cleanly(demo, text_demo, tmp_p
         def answer(fragment: str) -> dict:
             return next(body for command, body in answers.items() if fragment in command)
 
+        # The admin hints the banner prints work as printed (one per cascade served).
+        hints = re.findall(r"admin:\s+(curl .+)", output)
+        assert len(hints) == 2, output
+        for hint in hints:
+            done = subprocess.run(["bash", "-c", hint], capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0 and "error" not in json.loads(done.stdout), (hint, done)
+
         # What the README says about each example is true.
         assert answer("digit-easy.png")["answered_by"] == "student"
         assert answer("digit-hard.png")["answered_by"] == "teacher"

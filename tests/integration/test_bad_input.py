@@ -68,7 +68,7 @@ def err(r, status: int, fragment: str) -> None:
 def test_bad_input(gateway, kwargs, status, fragment):
     with gateway(max_batch=8, max_image_pixels=50_000) as (client, _):
         err(client.post("/predict", **kwargs), status, fragment)
-        assert metric(client, "cascade_requests_total", outcome="rejected") >= 1
+        assert metric(client, "cascade_requests_total", status="rejected") >= 1
 
 
 def test_query_top_k_must_be_an_integer(gateway, demo):
@@ -104,7 +104,7 @@ def test_a_bad_item_rejects_the_whole_batch_before_any_model_runs(gateway, demo)
     with gateway() as (client, teacher):
         r = client.post("/predict", json={"inputs": [{"image": good}, {"image": b64(b"junk")}]})
         err(r, 422, "inputs[1]")
-        assert metric(client, "cascade_requests_total", outcome="student") == 0
+        assert metric(client, "cascade_items_total", outcome="confident") == 0
         assert metric(client, "cascade_student_margin_count") == 0
         assert teacher.calls == []
 

@@ -97,8 +97,8 @@ def test_one_bad_request_is_refused_alone_when_requests_are_batched(demo, tmp_pa
     assert [r.status_code for r in responses] == [200, 422, 200, 422, 200]
     assert "inputs[1]" in responses[3].json()["error"]["message"]
     assert (
-        metric_in(text, "cascade_requests_total", outcome="student")
-        + metric_in(text, "cascade_requests_total", outcome="teacher")
+        metric_in(text, "cascade_items_total", outcome="confident")
+        + metric_in(text, "cascade_items_total", outcome="delegated")
         == 3
     )
-    assert metric_in(text, "cascade_requests_total", outcome="rejected") == 2
+    assert metric_in(text, "cascade_requests_total", status="rejected") == 2

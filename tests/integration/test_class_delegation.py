@@ -24,12 +24,15 @@ def test_cd3_manifest_describes_the_abstain_output(cd3_bundle):
 
 def test_gateway_delegates_when_abstain_wins(cd3_bundle, demo, tmp_path):
     teacher = FakeTeacher(answer=9)
-    settings = Settings(bundles=[cd3_bundle.path], state_dir=tmp_path)
+    settings = Settings(bundles=[cd3_bundle.path], state_dir=tmp_path, admin_token="t")
     app = create_app(settings, teacher_factory=lambda s, b: teacher)
     inside = [i for i in range(200) if demo.labels[i] < 5][:20]
     outside = [i for i in range(200) if demo.labels[i] >= 5][:20]
     with TestClient(app) as client:
-        client.app.state.gateway.cascades["digitscd3"].thresholds.set(threshold=0.0, actor="t")
+        r = client.put(
+            "/admin/threshold", json={"threshold": 0.0}, headers={"authorization": "Bearer t"}
+        )
+        assert r.status_code == 200, r.text
         outs = client.post(
             "/predict",
             json={

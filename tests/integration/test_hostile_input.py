@@ -4,10 +4,15 @@ admin calls and 38,800 schemathesis cases; each defect it found has a case here.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import threading
 
 import pytest
 from PIL import Image
+
+from cascade_server.bundle import Bundle
+from cascade_server.preprocess import ImagePreprocessor
 
 from ..conftest import b64, png_bytes
 from .conftest import AUTH
@@ -71,13 +76,41 @@ def test_batch_pixel_budget_is_413_before_decoding(gateway):
         assert teacher.calls == calls
 
 
-def test_large_uploads_are_decoded_off_the_event_loop(gateway, demo):
-    """Same answers whether a request is decoded inline or on the decode threads."""
+def _decode_threads(monkeypatch) -> list[tuple[str, bool]]:
+    """Records, for each image turned into pixels, the thread's name and whether it is the one
+    running the event loop."""
+    seen: list[tuple[str, bool]] = []
+    to_array = ImagePreprocessor._to_array
+
+    def spy(self, img):
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        seen.append((threading.current_thread().name, on_loop))
+        return to_array(self, img)
+
+    monkeypatch.setattr(ImagePreprocessor, "_to_array", spy)
+    return seen
+
+
+def test_large_uploads_are_decoded_off_the_event_loop(gateway, demo, monkeypatch):
+    """Over the inline limit (here 0 bytes), every image is decoded on the cascade's decode
+    threads, not on the event loop; small requests stay inline. Same answers either way."""
+    seen = _decode_threads(monkeypatch)
+    decode_thread = f"{Bundle.load(demo.bundle).manifest.name}-decode"
     payload = {"inputs": [{"image": b64(png_bytes(demo.images[i]))} for i in range(6)]}
     with gateway() as (client, _):
+        seen.clear()  # the startup warm-up decodes a sample too
         inline = client.post("/predict", json=payload).json()["outputs"]
+        assert len(seen) == 6 and all(on_loop for _, on_loop in seen), seen
+        assert not any(name.startswith(decode_thread) for name, _ in seen), seen
     with gateway(decode_inline_bytes=0) as (client, _):
+        seen.clear()
         threaded = client.post("/predict", json=payload).json()["outputs"]
+        assert len(seen) == 6 and not any(on_loop for _, on_loop in seen), seen
+        assert all(name.startswith(decode_thread) for name, _ in seen), seen
     assert [o["label"] for o in inline] == [o["label"] for o in threaded]
     assert [o["margin"] for o in inline] == pytest.approx([o["margin"] for o in threaded])
 
@@ -127,7 +160,7 @@ def test_refusals_before_a_cascade_is_chosen_are_counted_apart(both):
     with both() as (client, _):
         client.post("/predict", json={})  # several cascades: no cascade was chosen
         client.post("/predict", content=b"x" * 10, headers={"content-type": "application/xml"})
-        assert metric(client, "cascade_requests_total", cascade="none", outcome="rejected") == 2
+        assert metric(client, "cascade_requests_total", cascade="none", status="rejected") == 2
         text = client.get("/metrics").text
         assert 'cascade_delegation_ratio{cascade="none"}' not in text
 

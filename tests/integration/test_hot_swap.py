@@ -127,4 +127,4 @@ def test_swap_under_load_drops_nothing_and_flips_once(demo, tmp_path):
     for versions in seen:
         flips = sum(a != b for a, b in itertools.pairwise(versions))
         assert flips <= 1 and versions[-1] == "v2", versions
-    assert metric_in(text, "cascade_requests_total", outcome="failed") == 0
+    assert metric_in(text, "cascade_requests_total", status="failed") == 0

@@ -50,8 +50,11 @@ def test_circuit_opens_after_failures_then_answers_degraded_without_calling(gate
         for _ in range(5):
             body = client.post("/predict", json=hard).json()
             assert (body["answered_by"], body["degraded"]) == ("student", True)
+            assert body["outcome"] == "circuit_open"
         assert len(teacher.calls) == 3
-        assert metric(client, "cascade_teacher_errors_total", kind="circuit_open") == 5
+        assert metric(client, "cascade_items_total", outcome="circuit_open") == 5
+        assert metric(client, "cascade_items_total", outcome="teacher_failed") == 3
+        assert metric(client, "cascade_teacher_errors_total", kind="unavailable") == 3
         assert metric(client, "cascade_teacher_circuit_state", cascade="digits") == 2
         assert metric(client, "cascade_teacher_circuit_transitions_total", to="open") == 1
 
@@ -77,7 +80,8 @@ def _settings(demo, tmp_path, **overrides):
 
 def test_teacher_calls_in_flight_are_bounded(demo, tmp_path):
     """With one call allowed in flight, a second batch's delegated items do not queue behind
-    a slow teacher: they are answered degraded at once."""
+    a slow teacher: the student answers them at once, as `teacher_busy` (not degraded: the
+    teacher did not fail, the gateway's own bound chose)."""
     hard = _hard(demo, 2)
     teacher = SlowTeacher(delay_s=0.3)
 
@@ -95,9 +99,11 @@ def test_teacher_calls_in_flight_are_bounded(demo, tmp_path):
 
     first, second, waited, text = asyncio.run(main())
     assert first["answered_by"] == "teacher"
-    assert (second["answered_by"], second["degraded"]) == ("student", True)
+    assert (second["answered_by"], second["degraded"]) == ("student", False)
+    assert (second["outcome"], second["delegated"]) == ("teacher_busy", True)
     assert waited < 0.25  # not behind the 0.3 s call
-    assert metric_in(text, "cascade_teacher_errors_total", kind="overloaded") == 1
+    assert metric_in(text, "cascade_items_total", outcome="teacher_busy") == 1
+    assert metric_in(text, "cascade_teacher_errors_total") == 0
 
 
 def test_overload_is_refused_with_503_and_retry_after(demo, tmp_path):
@@ -122,7 +128,7 @@ def test_overload_is_refused_with_503_and_retry_after(demo, tmp_path):
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "overloaded"
     assert after.status_code == 200  # capacity is back once the burst is answered
-    assert metric_in(text, "cascade_shed_requests_total") == 6
+    assert metric_in(text, "cascade_requests_total", status="shed") == 6
 
 
 def test_a_teacher_answering_the_wrong_shape_degrades_not_500(gateway, demo):

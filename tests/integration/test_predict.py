@@ -21,6 +21,7 @@ FIELDS = {
     "threshold",
     "delegated",
     "answered_by",
+    "outcome",
     "degraded",
     "cascade",
     "versions",
@@ -54,7 +55,8 @@ def test_one_image_as_base64_json(gateway, demo):
     probs = [t["probability"] for t in body["top_k"]]
     assert probs == sorted(probs, reverse=True)
     assert body["margin"] == pytest.approx(probs[0] - probs[1]) or body["answered_by"] == "teacher"
-    assert set(body["timings_ms"]) == {"preprocess", "student", "teacher", "total"}
+    assert set(body["timings_ms"]) == {"preprocess", "queue", "student", "teacher", "total"}
+    assert body["outcome"] in ("confident", "delegated")
     assert body["versions"]["student"] == Bundle.load(demo.bundle).manifest.version
 
 
@@ -132,8 +134,8 @@ def test_hard_images_go_to_the_teacher_easy_ones_stay(gateway, demo):
         assert all(o["label"] == "4" for o in outs[5:])  # the teacher's answer wins
         assert all(o["margin"] < threshold for o in outs[5:])
         assert teacher.calls == [5]  # one teacher call for the delegated part of the batch
-        assert metric(client, "cascade_requests_total", outcome="teacher") == 5
-        assert metric(client, "cascade_requests_total", outcome="student") == 5
+        assert metric(client, "cascade_items_total", outcome="delegated") == 5
+        assert metric(client, "cascade_items_total", outcome="confident") == 5
         assert metric(client, "cascade_delegation_ratio", cascade="digits") == 0.5
         assert metric(client, "cascade_batch_size_count", model="teacher") == 1
 
@@ -149,7 +151,7 @@ def test_failed_teacher_degrades_to_the_students_answer(gateway, demo, kind):
         body = r.json()
         assert (body["answered_by"], body["delegated"], body["degraded"]) == ("student", True, True)
         assert metric(client, "cascade_teacher_errors_total", kind=kind) == 1
-        assert metric(client, "cascade_requests_total", outcome="degraded") == 1
+        assert metric(client, "cascade_items_total", outcome="teacher_failed") == 1
         teacher.fail = None
         body = client.post("/predict", json={"image": b64(png_bytes(demo.images[hard[0]]))}).json()
         assert (body["answered_by"], body["degraded"]) == ("teacher", False)
@@ -174,13 +176,13 @@ def test_metrics_count_stage_latency_margins_and_in_flight(gateway, demo):
             client.post("/predict", json={"image": b64(png_bytes(demo.images[i]))})
         text = client.get("/metrics").text
         assert metric(client, "cascade_student_margin_count", cascade="digits") == 3
-        for stage in ("preprocess", "student", "total", "overhead"):
+        for stage in ("preprocess", "queue", "student", "total", "overhead"):
             assert metric(client, "cascade_stage_seconds_count", stage=stage) == 3
         assert metric(client, "cascade_in_flight_requests") == 0
         assert metric(client, "cascade_threshold", cascade="digits") == pytest.approx(
             Bundle.load(demo.bundle).manifest.default_threshold
         )
-    assert 'cascade_requests_total{cascade="digits",outcome="rejected"} 0.0' in text
+    assert 'cascade_requests_total{cascade="digits",status="rejected"} 0.0' in text
 
 
 def test_health_readiness_and_cascade_listing(gateway):

@@ -1,16 +1,41 @@
+import asyncio
 import json
 
 import pytest
 
 from cascade_server.gateway.control import ThresholdStore
+from cascade_server.gateway.stores import ControlStore, FileBackend
 
 from .test_bundle import make_calibration
 
 
+class Sync:
+    """The store's async admin calls, run to completion (one event loop per call)."""
+
+    def __init__(self, thresholds: ThresholdStore) -> None:
+        self.thresholds = thresholds
+        self.calibration = thresholds.calibration
+
+    def current(self):
+        return self.thresholds.current()
+
+    def set(self, **kwargs):
+        return asyncio.run(self.thresholds.set(**kwargs))
+
+    def reset(self, **kwargs):
+        return asyncio.run(self.thresholds.reset(**kwargs))
+
+
 def store(tmp_path, version="v1"):
     cal = make_calibration()
-    return ThresholdStore(
-        tmp_path, "toy", default_threshold=cal.threshold, calibration=cal, student_version=version
+    return Sync(
+        ThresholdStore(
+            ControlStore(FileBackend(tmp_path), timeout_s=2.0),
+            "toy",
+            default_threshold=cal.threshold,
+            calibration=cal,
+            student_version=version,
+        )
     )
 
 

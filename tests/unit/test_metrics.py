@@ -44,7 +44,7 @@ def test_per_request_observations_are_written_within_one_loop_iteration():
         await asyncio.sleep(0)
         in_flight = metrics.in_flight._value.get()
         for total in (0.001, 0.002, 0.004):
-            metrics.request_done("c", 0.0005, total, 0.0002)
+            metrics.request_done("c", 0.0005, 0.0001, total, 0.0002)
         metrics.request_finished()
         metrics.request_finished()
         pending_before = metrics.latency.labels("c", "total")._sum.get()
@@ -59,11 +59,44 @@ def test_per_request_observations_are_written_within_one_loop_iteration():
     assert s['cascade_stage_seconds_count{cascade="c",stage="total"}'] == 3
     assert abs(s['cascade_stage_seconds_sum{cascade="c",stage="total"}'] - 0.007) < 1e-12
     assert s['cascade_stage_seconds_count{cascade="c",stage="overhead"}'] == 3
+    assert s['cascade_stage_seconds_count{cascade="c",stage="queue"}'] == 3
+    # overhead = total - preprocess - queue - models
+    overhead = sum(t - 0.0005 - 0.0001 - 0.0002 for t in (0.001, 0.002, 0.004))
+    assert abs(s['cascade_stage_seconds_sum{cascade="c",stage="overhead"}'] - overhead) < 1e-12
+    requests = _samples(text, "cascade_requests_total")
+    assert requests['cascade_requests_total{cascade="c",status="ok"}'] == 3
     assert _samples(text, "cascade_in_flight_requests")["cascade_in_flight_requests"] == 0
+
+
+def test_items_are_counted_by_outcome_and_requests_by_status_apart():
+    """An HTTP call and an item are different things: a batch request of 3 is 1 request and 3
+    items, in two families."""
+    from cascade_server.gateway.outcomes import Outcome
+
+    metrics = Metrics()
+    metrics.prime("c")
+    outcomes = np.array([Outcome.CONFIDENT, Outcome.DELEGATED, Outcome.TEACHER_BUSY], np.int8)
+    metrics.items("c", outcomes)
+    metrics.items("c", np.array([Outcome.TEACHER_FAILED], np.int8))
+    metrics.rejected("c")
+    text = metrics.render()[0]
+    items = _samples(text, "cascade_items_total")
+    assert items['cascade_items_total{cascade="c",outcome="confident"}'] == 1
+    assert items['cascade_items_total{cascade="c",outcome="delegated"}'] == 1
+    assert items['cascade_items_total{cascade="c",outcome="teacher_busy"}'] == 1
+    assert items['cascade_items_total{cascade="c",outcome="teacher_failed"}'] == 1
+    assert items['cascade_items_total{cascade="c",outcome="deadline"}'] == 0
+    requests = _samples(text, "cascade_requests_total")
+    assert requests['cascade_requests_total{cascade="c",status="rejected"}'] == 1
+    assert requests['cascade_requests_total{cascade="c",status="ok"}'] == 0
+    # delegated by the policy: 3 of 4 items (whoever then answered them)
+    ratio = _samples(text, "cascade_delegation_ratio")
+    assert ratio['cascade_delegation_ratio{cascade="c"}'] == 0.75
 
 
 def test_recording_never_raises(caplog):
     metrics = Metrics()
     metrics.student_batch("c", "not an array", -1)  # type: ignore[arg-type]
-    metrics.outcomes("c", -5, 0, 0)  # a counter refuses to go down: logged, not raised
+    metrics.teacher_call("c", 1, 0.1, "no such kind label")  # fine: any label string
+    metrics.set_threshold("c", "high")  # type: ignore[arg-type]  # not a number: logged
     assert "recording metrics failed" in caplog.text

@@ -78,7 +78,8 @@ def test_empty_is_invalid_input():
 
 def test_pixel_limit_is_checked_before_decoding():
     data = encode(Image.new("L", (200, 100)))
-    with pytest.raises(PayloadTooLarge, match="200x100 = 20000 pixels; the limit is 19999"):
+    limit = r"200x100 = 20000 pixels; the limit \(CASCADE_MAX_IMAGE_PIXELS\) is 19999"
+    with pytest.raises(PayloadTooLarge, match=limit):
         ImagePreprocessor(GREY, 19_999)([data])
     assert ImagePreprocessor(GREY, 20_000)([data]).shape == (1, 1, 8, 8)
 
@@ -87,3 +88,60 @@ def test_batch_error_names_the_bad_item():
     good = encode(Image.new("L", (8, 8)))
     with pytest.raises(InvalidInput, match=r"inputs\[1\]"):
         ImagePreprocessor(GREY, 10**6)([good, b"junk", good])
+
+
+def progressive_jpeg(size=(64, 64), scans_file=None) -> bytes:
+    """A progressive JPEG (Pillow's encoder writes a handful of scans)."""
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (*size, 3), dtype=np.uint8))
+    return encode(img, "JPEG", progressive=True, quality=90)
+
+
+def with_repeated_scans(data: bytes, extra: int) -> bytes:
+    """The scan-bomb shape: the last scan of a progressive JPEG repeated `extra` times (a
+    decoder runs every one, costing pixels x scans)."""
+    last = data.rindex(b"\xff\xda")
+    end = data.rindex(b"\xff\xd9")
+    return data[:end] + data[last:end] * extra + data[end:]
+
+
+def test_a_progressive_jpeg_with_too_many_scans_is_refused_before_decoding(monkeypatch):
+    pre = ImagePreprocessor(RGB, 10**6, max_jpeg_scans=64)
+    normal = progressive_jpeg()
+    scans = normal.count(b"\xff\xda")
+    assert 1 < scans <= 64  # a real encoder's progressive JPEG passes
+    assert pre([normal]).shape == (1, 3, 4, 6)
+    bomb = with_repeated_scans(normal, 200)
+    loads = []
+    monkeypatch.setattr(pre, "load", lambda img: loads.append(img))
+    with pytest.raises(PayloadTooLarge, match=r"JPEG has \d+ scans; the limit \(CASCADE_MAX_JPEG"):
+        pre.plan([bomb])
+    assert loads == []  # refused from the header, no pixel decoded
+
+
+def test_the_scan_limit_is_the_operators():
+    bomb = with_repeated_scans(progressive_jpeg(), 100)
+    assert ImagePreprocessor(RGB, 10**6, max_jpeg_scans=1000)([bomb]).shape == (1, 3, 4, 6)
+    with pytest.raises(PayloadTooLarge):
+        ImagePreprocessor(RGB, 10**6, max_jpeg_scans=64)([bomb])
+
+
+def test_a_huge_image_quotes_our_limit_not_pillows():
+    """Pillow refuses a 100000x100000 header itself (its own bomb check); the message names the
+    gateway's limit, which is what the operator can change."""
+    from ..conftest import huge_png_header
+
+    png = huge_png_header()
+    with pytest.raises(PayloadTooLarge) as err:
+        ImagePreprocessor(GREY, 4096 * 4096)([png])
+    assert "CASCADE_MAX_IMAGE_PIXELS" in err.value.message and "16777216" in err.value.message
+    assert "10000000000 pixels" in err.value.message
+
+
+def test_plan_decodes_inline_only_small_requests():
+    small = encode(Image.new("L", (8, 8)))
+    wide = encode(Image.new("L", (600, 600)))  # a few hundred bytes, 360,000 pixels
+    pre = ImagePreprocessor(GREY, 10**7, inline_pixels=256 * 256, inline_bytes=64 * 1024)
+    assert pre.plan([small]).inline
+    assert len(wide) < 64 * 1024 and not pre.plan([wide]).inline  # pixels, not bytes, decide
+    assert not ImagePreprocessor(GREY, 10**7, inline_bytes=len(small)).plan([small] * 2).inline
+    assert pre.plan([small, small]).run().tensors["input"].shape == (2, 1, 8, 8)

@@ -55,7 +55,9 @@ def teacher_config(
             preferred_batch_size=[s for s in (8, 16, 32) if s <= max_batch_size],
             # The gateway sends its deadline as the request timeout; a request still queued
             # past it is rejected rather than computed for nobody. The default bounds requests
-            # from clients that send none.
+            # from clients that send none. REJECT is the enum's default (0): text_format leaves
+            # it out of config.pbtxt and Triton reads the missing field as REJECT, so the
+            # written file (and the committed one, which must equal it) has no timeout_action.
             default_queue_policy=mc.ModelQueuePolicy(
                 timeout_action=mc.ModelQueuePolicy.REJECT,
                 default_timeout_microseconds=default_timeout_us,

@@ -1,0 +1,102 @@
+"""What the model stages decided for a request, and its JSON form (`Prediction` in schemas.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .outcomes import ANSWERED_BY, BY_TEACHER, DEGRADED, DELEGATED, NAMES
+
+if TYPE_CHECKING:
+    from .version import StudentVersion
+
+
+@dataclass
+class Answer:
+    """One request's items (or a whole batch's, before it is split), in request order."""
+
+    probs: np.ndarray  # (n, classes): the teacher's where it answered, else the student's
+    margins: np.ndarray  # (n,) the student's margins
+    outcome: np.ndarray  # (n,) int8 Outcome codes (outcomes.py): who answered and why
+    threshold: float
+    student_s: float  # the student call that served this request's batch
+    teacher_s: float = 0.0  # the teacher call, 0 when nothing of this request was sent
+    queue_s: float = 0.0  # how long the request waited for its batch to start
+
+    @property
+    def by_teacher(self) -> np.ndarray:
+        return np.asarray(BY_TEACHER[self.outcome])
+
+    @property
+    def degraded(self) -> np.ndarray:
+        return np.asarray(DEGRADED[self.outcome])
+
+    @property
+    def delegated(self) -> np.ndarray:
+        return np.asarray(DELEGATED[self.outcome])
+
+    def rows(self, start: int, end: int, queue_s: float) -> Answer:
+        s = slice(start, end)
+        return Answer(
+            self.probs[s],
+            self.margins[s],
+            self.outcome[s],
+            self.threshold,
+            self.student_s,
+            self.teacher_s,
+            queue_s,
+        )
+
+
+@dataclass
+class Predictions:
+    """A request's answer plus what the response needs: classes, versions, truncation."""
+
+    cascade: str
+    classes: tuple[str, ...]
+    version: StudentVersion
+    answer: Answer
+    truncated: list[bool] | None
+    preprocess_s: float
+
+    def __len__(self) -> int:
+        return len(self.answer.margins)
+
+    def outputs(self, top_k: int, total_s: float) -> list[dict[str, Any]]:
+        """One `Prediction` (see schemas.py) per input."""
+        a, classes = self.answer, self.classes
+        k = min(top_k, len(classes))
+        order = np.argsort(-a.probs, axis=1, kind="stable")[:, :k]
+        timings = {
+            "preprocess": round(self.preprocess_s * 1e3, 3),
+            "queue": round(a.queue_s * 1e3, 3),
+            "student": round(a.student_s * 1e3, 3),
+            "teacher": round(a.teacher_s * 1e3, 3),
+            "total": round(total_s * 1e3, 3),
+        }
+        probs, margins = a.probs.tolist(), a.margins.tolist()
+        delegated, degraded = a.delegated.tolist(), a.degraded.tolist()
+        outcomes = a.outcome.tolist()
+        out = []
+        for i, row in enumerate(order.tolist()):
+            top = [{"label": classes[c], "class_id": c, "probability": probs[i][c]} for c in row]
+            item = {
+                "label": top[0]["label"],
+                "class_id": top[0]["class_id"],
+                "top_k": top,
+                "margin": margins[i],
+                "threshold": a.threshold,
+                "delegated": delegated[i],
+                "answered_by": ANSWERED_BY[outcomes[i]],
+                "outcome": NAMES[outcomes[i]],
+                "degraded": degraded[i],
+                "cascade": self.cascade,
+                "versions": self.version.versions,
+                "timings_ms": timings,
+            }
+            if self.truncated is not None:
+                item["truncated"] = self.truncated[i]
+            out.append(item)
+        return out
