@@ -114,3 +114,33 @@ def test_submit_before_start_and_after_close_are_refused():
 def test_knobs_are_validated(knobs):
     with pytest.raises(ValidationError):
         BatchingConfig(**knobs)
+
+
+def test_a_dead_collector_fails_what_waits_and_is_restarted(caplog):
+    """If the collector task itself dies (a bug outside a batch), the requests queued behind it
+    must not wait forever: they fail, and the next submission is served by a new collector."""
+
+    async def main():
+        rec = Recorder()
+        batcher = MicroBatcher(rec, BatchingConfig(max_items=64))
+        batcher.start()
+        take = batcher._take
+        broken = {"once": True}
+
+        def take_once_broken():
+            if broken.pop("once", False):
+                raise RuntimeError("collector bug")
+            return take()
+
+        batcher._take = take_once_broken
+        waiting = await asyncio.wait_for(
+            asyncio.gather(batcher.submit(1, 1), return_exceptions=True), timeout=2
+        )
+        answer = await asyncio.wait_for(batcher.submit(2, 1), timeout=2)
+        await batcher.close()
+        return waiting, answer
+
+    waiting, answer = run(main())
+    assert isinstance(waiting[0], RuntimeError) and "collector died" in str(waiting[0])
+    assert answer == 4
+    assert "collector died" in caplog.text and "restarting" in caplog.text

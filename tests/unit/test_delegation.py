@@ -1,0 +1,68 @@
+"""The teacher stage on its own: its bounds, and a cancelled call that gives its probe back."""
+
+import asyncio
+
+import numpy as np
+
+from cascade_server.config.breaker import BreakerConfig
+from cascade_server.config.teacher import TeacherConfig
+from cascade_server.gateway.breaker import State
+from cascade_server.gateway.delegation import TeacherStage
+from cascade_server.gateway.metrics import Metrics
+
+
+class Hanging:
+    name, version = "hang", "1"
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    async def setup(self): ...
+    async def close(self): ...
+    async def ready(self):
+        return True
+
+    async def infer(self, feeds):
+        self.started.set()
+        await asyncio.sleep(3600)
+
+
+def test_a_cancelled_half_open_probe_does_not_leave_the_teacher_refused():
+    async def main():
+        teacher = Hanging()
+        config = TeacherConfig(breaker=BreakerConfig(failures=1, open_s=0.01, probes=1))
+        stage = TeacherStage("c", teacher, config, Metrics(), n_classes=2)
+        ticket = stage.breaker.allow()
+        stage.breaker.failure(ticket)  # open
+        await asyncio.sleep(0.02)
+        _, probe = stage.load()  # half-open: the one probe
+        assert probe is not None and stage.breaker.state is State.HALF_OPEN
+        outcomes = []
+        stage.call({"x": np.zeros((1, 2))}, 1, probe, lambda *a: outcomes.append(a))
+        await teacher.started.wait()
+        assert stage.load()[1] is None  # the probe is out: nobody else may call
+        await stage.close()  # shutdown cancels the call: no outcome
+        return stage, outcomes
+
+    stage, outcomes = asyncio.run(main())
+    assert outcomes == []
+    again = stage.breaker.allow()
+    assert again is not None  # the slot came back
+    stage.breaker.success(again)
+    assert stage.breaker.state is State.CLOSED
+
+
+def test_calls_in_flight_are_bounded_in_load():
+    async def main():
+        teacher = Hanging()
+        stage = TeacherStage("c", teacher, TeacherConfig(max_in_flight=1), Metrics(), n_classes=2)
+        load, ticket = stage.load()
+        assert load.room is None and ticket is not None
+        stage.call({"x": np.zeros((1, 2))}, 1, ticket, lambda *a: None)
+        await teacher.started.wait()
+        busy, none = stage.load()
+        await stage.close()
+        return busy, none
+
+    busy, none = asyncio.run(main())
+    assert busy.room == 0 and not busy.circuit_open and none is None
