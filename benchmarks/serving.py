@@ -203,7 +203,7 @@ def outcome_counts(url: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
         text = r.read().decode()
     counts: dict[str, float] = {}
-    pattern = r'cascade_requests_total\{cascade="fashion",outcome="(\w+)"\} (\S+)'
+    pattern = r'cascade_items_total\{cascade="fashion",outcome="(\w+)"\} (\S+)'
     for m in re.finditer(pattern, text):
         counts[m.group(1)] = float(m.group(2))
     return counts
@@ -361,10 +361,12 @@ def main() -> int:
             result = wrk(f"{url}/predict", files["gateway"], args.seconds, c, delay_ms)
             after = outcome_counts(url)
             diff = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-            answered = sum(diff.get(k, 0) for k in ("student", "teacher", "degraded"))
-            delegated = diff.get("teacher", 0) + diff.get("degraded", 0)
+            answered = sum(diff.values())
+            kept = ("confident", "forced_student")
+            delegated = sum(v for k, v in diff.items() if k not in kept)
+            degraded = diff.get("teacher_failed", 0) + diff.get("circuit_open", 0)
             result["delegation"] = delegated / answered if answered else 0.0
-            result["degraded"] = diff.get("degraded", 0) / answered if answered else 0.0
+            result["degraded"] = degraded / answered if answered else 0.0
             return result
 
         log("warm-up")

@@ -91,9 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from .gateway.logs import configure_logging
+
+    configure_logging("info", "json" if os.environ.get("CASCADE_LOG_FORMAT") == "json" else "text")
     env = os.environ
     if args.demo:
         build_demos(args.model_repository, args.bundles_dir)
@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             forwarded_allow_ips=args.forwarded_allow_ips,
             timeout_graceful_shutdown=args.graceful_shutdown_s,
             log_level=settings.log_level.lower(),
+            # uvicorn's loggers go to the root logger, with the gateway's format (text/json).
+            log_config=None,
         )
     finally:
         if triton is not None:

@@ -21,12 +21,14 @@ from . import admin, kserve, routes
 from .cascade import Cascade
 from .docs import install_docs
 from .http_errors import install_handlers
+from .logs import configure_logging
 from .metrics import Metrics
 from .openapi import install_openapi
 from .predict import PredictEndpoints
 from .serving import Gateway
 from .stores import ControlStore, make_backend
 from .teacher import Teacher, TritonTeacher
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 TeacherFactory = Callable[[Settings, Bundle], Teacher]
@@ -44,7 +46,11 @@ def build_teacher(settings: Settings, bundle: Bundle) -> Teacher:
 
 
 def load_cascades(
-    settings: Settings, metrics: Metrics, teacher_factory: TeacherFactory, store: ControlStore
+    settings: Settings,
+    metrics: Metrics,
+    teacher_factory: TeacherFactory,
+    store: ControlStore,
+    tracing: Tracing | None = None,
 ) -> dict[str, Cascade]:
     cascades: dict[str, Cascade] = {}
     config = settings.cascade
@@ -60,6 +66,7 @@ def load_cascades(
             teacher_factory(settings, bundle),
             store,
             retry_after_s=settings.retry_after_s,
+            tracing=tracing,
         )
     return cascades
 
@@ -78,14 +85,16 @@ def create_app(
         backend = await asyncio.to_thread(make_backend, control, metrics.control_store)
         store = ControlStore(backend, control.timeout_s)
         metrics.control_store(store.healthy())
+        tracing = Tracing(settings.tracing)
+        tracing.setup()
         cascades: dict[str, Cascade] = {}
         try:
             cascades = await asyncio.to_thread(
-                load_cascades, settings, metrics, teacher_factory, store
+                load_cascades, settings, metrics, teacher_factory, store, tracing
             )
             for cascade in cascades.values():
                 await cascade.setup()
-            gateway = Gateway(settings, cascades, metrics, store)
+            gateway = Gateway(settings, cascades, metrics, store, tracing)
             gateway.drain.install()
             api.state.gateway = front.gateway = gateway
             log.info("serving cascades: %s", ", ".join(cascades))
@@ -95,6 +104,7 @@ def create_app(
             for cascade in cascades.values():
                 await cascade.close()
             store.close()
+            tracing.shutdown()
             metrics.mark_process_dead()
 
     api = FastAPI(title="cascade-server", version=__version__, lifespan=lifespan)
@@ -117,7 +127,5 @@ def create_app(
 def create_app_from_env() -> PredictEndpoints:
     """uvicorn factory for worker processes: settings from the environment."""
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     return create_app(settings)

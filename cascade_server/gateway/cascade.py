@@ -29,6 +29,7 @@ from .stores import ControlStore
 from .student import Student
 from .supervise import Periodic
 from .teacher import Teacher
+from .tracing import RequestTrace, Tracing
 from .version import StudentVersion
 from .versions import VersionManager
 
@@ -45,6 +46,7 @@ class Cascade:
         store: ControlStore,
         student: Student | None = None,
         retry_after_s: int = 1,
+        tracing: Tracing | None = None,
     ) -> None:
         m = bundle.manifest
         self.config = config
@@ -56,7 +58,13 @@ class Cascade:
         self.students = VersionManager(bundle, config, store, metrics, student, self.threshold)
         self.teacher = TeacherStage(m.name, teacher, config.teacher, metrics, len(m.classes))
         self.path = BatchPath(
-            m.name, len(m.classes), self.teacher, metrics, self._threshold_of, retry_after_s
+            m.name,
+            len(m.classes),
+            self.teacher,
+            metrics,
+            self._threshold_of,
+            retry_after_s,
+            tracing,
         )
         self.batcher: MicroBatcher[Work, Answer] = MicroBatcher(
             self.path, config.batching, name=f"{m.name}-batcher"
@@ -151,7 +159,7 @@ class Cascade:
     async def rollback(self, actor: str) -> RolloutState:
         return await self.students.rollback(actor)
 
-    async def predict(self, items: list[Any]) -> Predictions:
+    async def predict(self, items: list[Any], trace: RequestTrace | None = None) -> Predictions:
         """Answers every input, in order, on the version active when the request started. Bad
         input raises before any model runs."""
         version = self.active
@@ -165,7 +173,14 @@ class Cascade:
                 loop = asyncio.get_running_loop()
                 batch = await loop.run_in_executor(self._decoder, plan.run)
             preprocess_s = time.perf_counter() - t0
-            answer = await self.batcher.submit(Work(version, batch), len(batch))
+            work = Work(version, batch)
+            if trace is not None:
+                trace.stage("parse", trace.marks["arrived"], trace.marks["parsed"])
+                trace.mark("preprocessed")
+                trace.stage("preprocess", trace.marks["parsed"], trace.marks["preprocessed"],
+                            inline=plan.inline)  # fmt: skip
+                work = Work(version, batch, trace)
+            answer = await self.batcher.submit(work, len(batch))
             return Predictions(
                 self.name, self.classes, version, answer, batch.truncated, preprocess_s
             )

@@ -93,20 +93,35 @@ class TeacherStage:
         if ticket is not None:
             self.breaker.release(ticket)
 
-    def call(self, feeds: dict[str, np.ndarray], n: int, ticket: Ticket, done: Done) -> None:
-        """Starts the teacher call for `n` items in the background; `done` gets the result."""
-        task = asyncio.get_running_loop().create_task(self._call(feeds, n, ticket, done))
+    def call(
+        self,
+        feeds: dict[str, np.ndarray],
+        n: int,
+        ticket: Ticket,
+        done: Done,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Starts the teacher call for `n` items in the background; `done` gets the result.
+        `headers`: gRPC metadata (the W3C trace context, when traced)."""
+        task = asyncio.get_running_loop().create_task(self._call(feeds, n, ticket, done, headers))
         self.calls.add(task)
         task.add_done_callback(self.calls.discard)
 
-    async def _call(self, feeds: dict[str, np.ndarray], n: int, ticket: Ticket, done: Done) -> None:
+    async def _call(
+        self,
+        feeds: dict[str, np.ndarray],
+        n: int,
+        ticket: Ticket,
+        done: Done,
+        headers: dict[str, str] | None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         error: str | None = None
         probs: np.ndarray | None = None
         unexpected: Exception | None = None
         try:
-            logits = await self.teacher.infer(feeds)
+            logits = await self.teacher.infer(feeds, headers)
             if logits.shape != (n, self.n_classes):
                 raise TeacherUnavailable(
                     "error",

@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -25,16 +26,18 @@ from .delegation import TeacherStage
 from .metrics import Metrics
 from .outcomes import Outcome
 from .routing import Load, route
+from .tracing import RequestTrace, Tracing
 from .version import StudentVersion
 
 
 @dataclass(frozen=True)
 class Work:
     """What a request hands the micro-batcher: its preprocessed inputs, on the version it
-    started with."""
+    started with (and its trace, when it is traced)."""
 
     version: StudentVersion
     batch: Batch
+    trace: RequestTrace | None = None
 
 
 BatchJob = Job[Work, Answer]
@@ -49,7 +52,9 @@ class BatchPath:
         metrics: Metrics,
         threshold: Callable[[StudentVersion], float],
         retry_after_s: int = 1,
+        tracing: Tracing | None = None,
     ) -> None:
+        self.tracing = tracing
         self.cascade = cascade
         self.n_classes = n_classes
         self.teacher = teacher
@@ -74,9 +79,15 @@ class BatchPath:
         waits = [started - job.queued_at for job in jobs]
         batch = Batch.concat([job.payload.batch for job in jobs])
         # Step 1: the student.
-        t0 = time.perf_counter()
+        t0, t0_ns = time.perf_counter(), time.time_ns()
         logits = version.student.predict(version.feeds(batch))
         student_s = time.perf_counter() - t0
+        traced = [job.payload.trace for job in jobs if job.payload.trace is not None]
+        if traced:
+            end_ns = time.time_ns()
+            for trace in traced:
+                trace.stage("queue", trace.marks["preprocessed"], t0_ns)
+                trace.stage("student", t0_ns, end_ns, batch_items=len(batch))
         # Step 2: what the policy wants (margin against the threshold, delegating classes).
         threshold = self.threshold(version)
         decision = decide(logits, threshold, **version.policy)
@@ -112,11 +123,15 @@ class BatchPath:
         # Step 5: the teacher, in the background, for what was sent.
         assert ticket is not None
         called = time.perf_counter()
+        spans, headers = self._teacher_spans(jobs, waiting, sent.size)
 
         def done(
             teacher_probs: np.ndarray | None, error: str | None, exc: Exception | None
         ) -> None:
             answer.teacher_s = time.perf_counter() - called
+            for span in spans:
+                span.set_attribute("cascade.teacher.error", error or "")
+                span.end()
             if exc is not None:
                 for j in np.flatnonzero(waiting & ~shed):
                     if not jobs[j].future.done():
@@ -129,7 +144,19 @@ class BatchPath:
             self.metrics.items(self.cascade, answer.outcome[sent])
             _resolve(jobs, answer, starts, waits, waiting & ~shed)
 
-        self.teacher.call(version.teacher_feeds(batch.take(sent)), sent.size, ticket, done)
+        feeds = version.teacher_feeds(batch.take(sent))
+        self.teacher.call(feeds, sent.size, ticket, done, headers)
+
+    def _teacher_spans(
+        self, jobs: list[BatchJob], waiting: np.ndarray, n: int
+    ) -> tuple[list[Any], dict[str, str] | None]:
+        """A live teacher span for each traced request waiting on the call; the first one's
+        context goes to Triton."""
+        traces = [jobs[j].payload.trace for j in np.flatnonzero(waiting)]
+        spans = [t.start_stage("teacher", batch_items=n) for t in traces if t is not None]
+        if not spans or self.tracing is None:
+            return spans, None
+        return spans, self.tracing.headers_for(spans[0])
 
 
 def _jobs_holding(starts: np.ndarray, items: np.ndarray, n_jobs: int) -> np.ndarray:

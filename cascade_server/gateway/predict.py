@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -23,6 +24,7 @@ from ..errors import CascadeError, Overloaded, PayloadTooLarge, UnknownCascade
 from .http_errors import JSON
 from .http_errors import error_body as http_error_body
 from .kserve import HEADER_LENGTH, encode_response, error_body, parse_infer, split_body
+from .logs import REQUEST_ID, request_id
 from .parsing import (
     RequestHead,
     body_limit_message,
@@ -36,13 +38,29 @@ if TYPE_CHECKING:
     from .answers import Predictions
     from .cascade import Cascade
     from .serving import Gateway
+    from .tracing import RequestTrace
 
 log = logging.getLogger(__name__)
 _INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 _JSON_HEADER = (b"content-type", JSON.encode())
 # A handled request: status, body, headers.
 Answered = tuple[int, bytes, list[tuple[bytes, bytes]]]
-Handler = Callable[["Gateway", "list[Cascade]", float], Awaitable[Answered]]
+
+
+@dataclass
+class Call:
+    """One prediction call as the handlers see it."""
+
+    gateway: Gateway
+    started: float  # perf_counter at arrival
+    request_id: str
+    trace: RequestTrace | None
+    cascade: Cascade | None = None  # once the request names one
+    items: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Handler = Callable[[Call], Awaitable[Answered]]
 
 
 async def send_body(
@@ -92,8 +110,8 @@ class PredictEndpoints:
                 await self._error(send, 405, "method_not_allowed", "use POST", False, allow)
                 return
 
-            async def predict(gateway: Gateway, chosen: list[Cascade], started: float) -> Answered:
-                return await self._predict(scope, receive, gateway, chosen, started)
+            async def predict(call: Call) -> Answered:
+                return await self._predict(scope, receive, call)
 
             await self._serve(scope, receive, send, predict, protocol=False)
             return
@@ -105,8 +123,8 @@ class PredictEndpoints:
                 return
             name, version = match.group(1), match.group(2)
 
-            async def infer(gateway: Gateway, chosen: list[Cascade], started: float) -> Answered:
-                return await self._infer(scope, receive, gateway, chosen, started, name, version)
+            async def infer(call: Call) -> Answered:
+                return await self._infer(scope, receive, call, name, version)
 
             await self._serve(scope, receive, send, infer, protocol=True)
             return
@@ -155,25 +173,40 @@ class PredictEndpoints:
         started = time.perf_counter()
         self.in_flight += 1
         metrics.request_started()
-        chosen: list[Cascade] = []  # the cascade, once the request names one
+        rid = request_id(scope["headers"])
+        rid_token = REQUEST_ID.set(rid)
+        rid_header = (b"x-request-id", rid.encode())
+        trace = gateway.tracing.request(f"POST {scope['path']}", scope["headers"], rid)
+        call = Call(gateway, started, rid, trace)
+        status = 500
         try:
-            status, body, headers = await handle(gateway, chosen, started)
-            await send_body(send, status, body, headers)
+            status, body, headers = await handle(call)
+            await send_body(send, status, body, [*headers, rid_header])
         except Overloaded as exc:
-            metrics.shed(gateway.label_for_rejection(chosen[0] if chosen else None))
-            retry = [(b"retry-after", str(exc.retry_after_s).encode())]
-            await self._error(send, exc.status, exc.code, exc.message, protocol, retry)
+            status = exc.status
+            metrics.shed(gateway.label_for_rejection(call.cascade))
+            retry_after = (b"retry-after", str(exc.retry_after_s).encode())
+            await self._error(
+                send, status, exc.code, exc.message, protocol, [retry_after, rid_header]
+            )
         except CascadeError as exc:
-            metrics.rejected(gateway.label_for_rejection(chosen[0] if chosen else None))
-            auth = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
-            await self._error(send, exc.status, exc.code, exc.message, protocol, auth)
+            status = exc.status
+            metrics.rejected(gateway.label_for_rejection(call.cascade))
+            extra = [(b"www-authenticate", b"Bearer")] if exc.status == 401 else []
+            await self._error(
+                send, exc.status, exc.code, exc.message, protocol, [*extra, rid_header]
+            )
         except Exception:
             log.exception("unhandled error on POST %s", scope["path"])
-            metrics.failed(gateway.label_for_rejection(chosen[0] if chosen else None))
-            await self._error(send, 500, "internal_error", "internal error", protocol)
+            metrics.failed(gateway.label_for_rejection(call.cascade))
+            await self._error(send, 500, "internal_error", "internal error", protocol, [rid_header])
         finally:
             self.in_flight -= 1
             metrics.request_finished()
+            REQUEST_ID.reset(rid_token)
+            if trace is not None:
+                cascade = call.cascade.name if call.cascade is not None else "none"
+                trace.finish(status, **{"cascade.name": cascade, "cascade.items": call.items})
 
     async def _error(
         self,
@@ -187,35 +220,24 @@ class PredictEndpoints:
         body = error_body(message) if protocol else http_error_body(code, message)
         await send_body(send, status, body, [_JSON_HEADER, *(headers or [])])
 
-    async def _predict(
-        self,
-        scope: Scope,
-        receive: Receive,
-        gateway: Gateway,
-        chosen: list[Cascade],
-        started: float,
-    ) -> Answered:
+    async def _predict(self, scope: Scope, receive: Receive, call: Call) -> Answered:
+        gateway = call.gateway
         head = RequestHead.from_scope(scope)
         parsed = await parse_request(scope, receive, head, gateway.body_limits)
-        cascade = gateway.resolve(parsed.cascade, parsed.modality)
-        chosen.append(cascade)
-        predictions, total = await _answer(gateway, cascade, parsed.items, started)
+        if call.trace is not None:
+            call.trace.mark("parsed")
+        cascade = call.cascade = gateway.resolve(parsed.cascade, parsed.modality)
+        call.items = len(parsed.items)
+        predictions, total = await _answer(call, cascade, parsed.items)
         outputs = predictions.outputs(parsed.top_k or gateway.body_limits.default_top_k, total)
         body = orjson.dumps({"outputs": outputs} if parsed.batched else outputs[0])
         return 200, body, self._headers
 
     async def _infer(
-        self,
-        scope: Scope,
-        receive: Receive,
-        gateway: Gateway,
-        chosen: list[Cascade],
-        started: float,
-        name: str,
-        version: str | None,
+        self, scope: Scope, receive: Receive, call: Call, name: str, version: str | None
     ) -> Answered:
-        cascade = gateway.resolve(name)
-        chosen.append(cascade)
+        gateway = call.gateway
+        cascade = call.cascade = gateway.resolve(name)
         if version is not None and version != cascade.versions["student"]:
             raise UnknownCascade(f"model {name!r} has no version {version!r}")
         limits = gateway.body_limits
@@ -225,7 +247,10 @@ class PredictEndpoints:
             None,
         )
         request = parse_infer(*split_body(body, header_length), cascade.modality, limits.max_batch)
-        predictions, _ = await _answer(gateway, cascade, request.items, started)
+        if call.trace is not None:
+            call.trace.mark("parsed")
+        call.items = len(request.items)
+        predictions, _ = await _answer(call, cascade, request.items)
         payload, json_length = encode_response(request, predictions, predictions.version.version)
         headers = list(self._headers)
         if json_length is not None:
@@ -234,14 +259,12 @@ class PredictEndpoints:
         return 200, payload, headers
 
 
-async def _answer(
-    gateway: Gateway, cascade: Cascade, items: list[Any], started: float
-) -> tuple[Predictions, float]:
+async def _answer(call: Call, cascade: Cascade, items: list[Any]) -> tuple[Predictions, float]:
     """Runs the cascade on a request's inputs and records the request's latencies."""
-    predictions = await cascade.predict(items)
-    total = time.perf_counter() - started
+    predictions = await cascade.predict(items, call.trace)
+    total = time.perf_counter() - call.started
     a = predictions.answer
-    gateway.metrics.request_done(
+    call.gateway.metrics.request_done(
         cascade.name, predictions.preprocess_s, a.queue_s, total, a.student_s + a.teacher_s
     )
     return predictions, total

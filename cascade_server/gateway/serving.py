@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
+from ..config.tracing import TracingConfig
 from ..errors import InvalidInput, UnknownCascade
 from ..settings import Settings
 from .cascade import Cascade
 from .drain import Drain
 from .metrics import UNROUTED, Metrics
 from .stores import ControlStore
+from .tracing import Tracing
 
 
 def gateway_of(request: Request) -> Gateway | None:
@@ -24,8 +26,10 @@ class Gateway:
         cascades: dict[str, Cascade],
         metrics: Metrics,
         store: ControlStore | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.store = store
+        self.tracing = tracing or Tracing(TracingConfig())  # off unless configured
         self.settings = settings
         self.body_limits = settings.body_limits  # built once: the hot path reads it
         self.cascades = cascades

@@ -21,7 +21,9 @@ class Teacher(Protocol):
     async def setup(self) -> None: ...
     async def close(self) -> None: ...
     async def ready(self) -> bool: ...
-    async def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
+    async def infer(
+        self, feeds: dict[str, np.ndarray], headers: dict[str, str] | None = None
+    ) -> np.ndarray: ...
 
 
 class TritonTeacher:
@@ -79,9 +81,13 @@ class TritonTeacher:
             log.debug("teacher readiness check failed: %s", exc)
             return False
 
-    async def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    async def infer(
+        self, feeds: dict[str, np.ndarray], headers: dict[str, str] | None = None
+    ) -> np.ndarray:
         """Input tensors by Triton name -> teacher logits. Splits at the model's max batch
-        size; Triton's dynamic batcher does the batching across requests."""
+        size; Triton's dynamic batcher does the batching across requests. `headers` travel as
+        gRPC metadata (the W3C trace context: Triton continues the trace when its
+        OpenTelemetry tracing is on)."""
         import tritonclient.grpc.aio as grpcclient
         from tritonclient.utils import InferenceServerException
 
@@ -93,11 +99,11 @@ class TritonTeacher:
         try:
             # One chunk (the common case) is awaited directly: no task, no extra loop turn.
             if len(chunks) == 1:
-                results = [await self._infer_one(grpcclient, chunks[0])]
+                results = [await self._infer_one(grpcclient, chunks[0], headers)]
             else:
                 async with asyncio.timeout(self.timeout_s):
                     results = await asyncio.gather(
-                        *(self._infer_one(grpcclient, c) for c in chunks)
+                        *(self._infer_one(grpcclient, c, headers) for c in chunks)
                     )
         except TimeoutError:
             raise TeacherUnavailable("timeout", f"no answer within {self.timeout_s}s") from None
@@ -109,7 +115,9 @@ class TritonTeacher:
             raise TeacherUnavailable("error", repr(exc)) from None
         return np.concatenate(results) if len(results) > 1 else results[0]
 
-    async def _infer_one(self, grpcclient: Any, chunk: dict[str, np.ndarray]) -> np.ndarray:
+    async def _infer_one(
+        self, grpcclient: Any, chunk: dict[str, np.ndarray], headers: dict[str, str] | None
+    ) -> np.ndarray:
         from tritonclient.utils import np_to_triton_dtype
 
         inputs = []
@@ -126,6 +134,7 @@ class TritonTeacher:
             inputs,
             model_version=self.version,
             outputs=[out],
+            headers=headers,
             client_timeout=self.timeout_s,
             # Triton's own request timeout (us): with the teacher config's queue policy, a
             # request still queued when the gateway has given up is dropped, not computed.

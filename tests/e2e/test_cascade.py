@@ -76,11 +76,16 @@ def test_easy_digits_stay_with_the_student_hard_ones_reach_triton(
     # Triton saw exactly the delegated items: 5 single requests and 5 in one batch.
     assert triton_inferences(triton) - before_triton == 10
     after = scrape(gateway)
-    for outcome, n in (("student", 10), ("teacher", 10), ("degraded", 0)):
-        delta = value(after, "cascade_requests_total", outcome=outcome) - value(
-            before_metrics, "cascade_requests_total", outcome=outcome
+    for outcome, n in (("confident", 10), ("delegated", 10), ("teacher_failed", 0)):
+        delta = value(after, "cascade_items_total", outcome=outcome) - value(
+            before_metrics, "cascade_items_total", outcome=outcome
         )
         assert delta == n, outcome
+    # 10 single requests and 1 batch of 10: 11 HTTP calls for 20 items.
+    ok = value(after, "cascade_requests_total", status="ok") - value(
+        before_metrics, "cascade_requests_total", status="ok"
+    )
+    assert ok == 11
     assert (
         value(after, "cascade_student_margin_count")
         - value(before_metrics, "cascade_student_margin_count")

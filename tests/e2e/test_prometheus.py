@@ -58,18 +58,18 @@ def test_prometheus_reads_delegation_latency_and_triton_queue(demo, triton, tmp_
                 # needs the series' earlier samples to see the increase.
                 send([easy[0], hard[0]])
                 wait_until(
-                    lambda: len(prom.query('cascade_requests_total{cascade="digits"}')) >= 2,
+                    lambda: len(prom.query('cascade_items_total{cascade="digits"}')) >= 2,
                     30,
                     "first scrape of both outcomes",
                 )
                 send(easy[1:] + hard[1:])
 
             def counted() -> dict[str, float]:
-                by = prom.query('sum by (outcome) (cascade_requests_total{cascade="digits"})')
+                by = prom.query('sum by (outcome) (cascade_items_total{cascade="digits"})')
                 return {dict(k)["outcome"]: v for k, v in by.items() if v}
 
             try:
-                wait_until(lambda: counted() == {"student": 5.0, "teacher": 5.0}, 30, "scraped")
+                wait_until(lambda: counted() == {"confident": 5.0, "delegated": 5.0}, 30, "scraped")
             except TimeoutError:
                 raise AssertionError(f"Prometheus counts {counted()}") from None
             # Targets up; the project's rules loaded and evaluated by a real server.

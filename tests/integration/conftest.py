@@ -25,6 +25,7 @@ class FakeTeacher:
         self.fail: str | None = None  # a TeacherUnavailable kind, or "crash"
         self.is_ready = True
         self.calls: list[int] = []
+        self.headers: list[dict[str, str] | None] = []  # gRPC metadata of each call
         self.name, self.version = "fake", "1"
 
     async def setup(self) -> None: ...
@@ -33,9 +34,12 @@ class FakeTeacher:
     async def ready(self) -> bool:
         return self.is_ready
 
-    async def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    async def infer(
+        self, feeds: dict[str, np.ndarray], headers: dict[str, str] | None = None
+    ) -> np.ndarray:
         batch = next(iter(feeds.values()))
         self.calls.append(len(batch))
+        self.headers.append(headers)
         if self.fail == "crash":
             raise RuntimeError("secret internal detail")
         if self.fail:

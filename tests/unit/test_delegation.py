@@ -22,7 +22,7 @@ class Hanging:
     async def ready(self):
         return True
 
-    async def infer(self, feeds):
+    async def infer(self, feeds, headers=None):
         self.started.set()
         await asyncio.sleep(3600)
 
