@@ -126,6 +126,7 @@ class Cascade:
             await self.students.follow()
         finally:
             await self.teacher.check_ready()
+            self.metrics.event_loop_tasks()  # every worker's count stays fresh between scrapes
 
     async def close(self) -> None:
         await self._watch.stop()

@@ -176,6 +176,13 @@ class Metrics:
             registry=reg,
             multiprocess_mode="livemax",
         )
+        self.loop_tasks = Gauge(
+            "cascade_event_loop_tasks",
+            "asyncio tasks alive in the workers' event loops, at the last scrape (a leak grows "
+            "it; the soak test watches it)",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
         self.in_flight = Gauge(
             "cascade_in_flight_requests",
             "Requests being handled now",
@@ -321,8 +328,13 @@ class Metrics:
     def threshold_changed(self, cascade: str) -> None:
         self.threshold_changes.labels(cascade).inc()
 
+    @_never_raises
+    def event_loop_tasks(self) -> None:
+        self.loop_tasks.set(len(asyncio.all_tasks()))
+
     def render(self) -> tuple[bytes, str]:
         self.flush()
+        self.event_loop_tasks()
         if self.multiprocess:
             from prometheus_client import multiprocess
 

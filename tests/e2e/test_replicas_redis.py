@@ -39,7 +39,8 @@ def test_two_replicas_share_runtime_control_through_redis(demo, triton, tmp_path
             serving(args, tmp_path / "b", env("b")) as b,
         ):
             with a.client() as ca, b.client() as cb:
-                assert cb.get("/readyz").json()["control_store"] == {"kind": "redis", "up": True}
+                store = cb.get("/readyz").json()["control_store"]
+                assert store == {"kind": "redis", "up": True, "synced": True}
                 assert ca.put("/admin/threshold", json={"threshold": 0.11}, headers=AUTH).is_success
                 started = time.monotonic()
                 wait_until(lambda: cb.post("/predict", json=payload).json()["threshold"] == 0.11,
