@@ -7,6 +7,8 @@ What runs, on this machine, against 1000 Fashion-MNIST test images as base64 PNG
 - echo: a bare FastAPI app parsing the same JSON bodies (the framework's floor);
 - the gateway (`cascade-serve`, 1 and 2 workers): student only (threshold 0), the cascade at
   10/20/30% delegation (target rates through the admin API), teacher only (threshold 1);
+- the same 1-worker gateway with tracing on (every request sampled, spans exported over
+  OTLP/HTTP to a sink in this process): what traces cost;
 - the teacher called directly on Triton (grpc.aio, batch 1, same concurrency);
 - a Triton-only cascade (benchmarks/bls/model.py) built from the same bundle: what users would
   build instead, behind Triton's C++ HTTP front end, at the same thresholds.
@@ -212,6 +214,31 @@ def outcome_counts(url: str) -> dict[str, float]:
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
+@contextmanager
+def otlp_sink():
+    """An OTLP/HTTP endpoint that accepts and drops every export (a collector elsewhere)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def wrk(url: str, bodies: Path, seconds: float, connections: int, delay_ms: float = 0) -> dict:
     env = {**os.environ, "BODIES": str(bodies), "DELAY_MS": str(delay_ms)}
     cmd = [
@@ -254,6 +281,7 @@ def main() -> int:
     p.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving.json")
+    p.add_argument("--no-tracing", action="store_true", help="skip the traced gateway")
     args = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is missing: apt-get install wrk")
@@ -289,15 +317,20 @@ def main() -> int:
                 f"http://127.0.0.1:{echo_port}/docs",
             )
         )
-        gateways = {}
-        for workers in args.workers:
+        gateways: dict[int | str, str] = {}
+        variants: list[tuple[int | str, int, dict[str, str]]] = [(w, w, {}) for w in args.workers]
+        if not args.no_tracing:
+            sink = stack.enter_context(otlp_sink())
+            variants.append(("traced", 1, {"CASCADE_TRACING__ENDPOINT": sink}))
+        for key, workers, extra in variants:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             env = {
                 **os.environ,
                 "CASCADE_ADMIN_TOKEN": TOKEN,
-                "CASCADE_STATE_DIR": str(work / f"state-{workers}"),
+                "CASCADE_STATE_DIR": str(work / f"state-{key}"),
                 "CASCADE_LOG_LEVEL": "warning",
+                **extra,
             }
             env.pop("PROMETHEUS_MULTIPROC_DIR", None)
             stack.enter_context(
@@ -315,14 +348,14 @@ def main() -> int:
                         "--port",
                         str(port),
                         "--workdir",
-                        str(work / f"gateway-{workers}"),
+                        str(work / f"gateway-{key}"),
                     ],
                     env,
-                    work / f"gateway-{workers}.log",
+                    work / f"gateway-{key}.log",
                     f"{url}/readyz",
                 )
             )
-            gateways[workers] = url
+            gateways[key] = url
 
         # The BLS baseline runs at the gateway's thresholds for the same delegation rates.
         first = gateways[args.workers[0]]
@@ -349,7 +382,7 @@ def main() -> int:
         ]
 
         def gateway_run(
-            workers: int,
+            workers: int | str,
             name: str,
             threshold: float,
             c: int = args.connections,
@@ -370,8 +403,8 @@ def main() -> int:
             return result
 
         log("warm-up")
-        for workers in args.workers:
-            gateway_run(workers, "warm", thresholds["cascade@20%"])
+        for key in gateways:
+            gateway_run(key, "warm", thresholds["cascade@20%"])
         wrk(bls_url, bls["cascade@20%"], 2, args.connections)
 
         for rep in range(args.reps):
@@ -388,6 +421,9 @@ def main() -> int:
             for workers in args.workers:
                 for name, threshold in thresholds.items():
                     record(f"gateway-{workers}w {name}", gateway_run(workers, name, threshold))
+            if "traced" in gateways:
+                for name in ("student", "cascade@20%"):
+                    record(f"traced-1w {name}", gateway_run("traced", name, thresholds[name]))
             out = subprocess.run(direct_cmd, capture_output=True, text=True, check=True).stdout
             record("teacher direct (grpc.aio)", json.loads(out.strip().splitlines()[-1]))
             for name in thresholds:
@@ -451,6 +487,11 @@ def summarize(results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
             d = med[name]["delegation"]
             ratios[f"{w}w cascade@{rate:.0%} / ideal"] = x[name] / ideal(
                 d, x[f"{g} student"], x[f"{g} teacher"]
+            )
+    if "traced-1w student" in x:
+        for name in ("student", "cascade@20%"):
+            ratios[f"1w traced / untraced, {name}"] = (
+                x[f"traced-1w {name}"] / x[f"gateway-{args.workers[0]}w {name}"]
             )
     ratios["teacher hop over direct, c=1 p50 (ms)"] = (
         med["c1 gateway teacher"]["p50_ms"]

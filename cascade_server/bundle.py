@@ -79,6 +79,32 @@ class CalibrationRow(_Strict):
     delegation_rate: float
     cascade_accuracy: float
     expected_cost: float
+    # What the student answers alone at this threshold (bundles from before these fields
+    # have None: max_student_error and the live-accuracy interval need them).
+    accepted: int | None = None  # items
+    accepted_errors: int | None = None  # of those, wrong by the labels
+    accepted_disagreements: int | None = None  # of those, answered otherwise by the teacher
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided interval for a binomial proportion k/n (each tail (1-confidence)/2)."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return 0.0, 1.0
+    tail = (1.0 - confidence) / 2
+    lower = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
+    upper = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
+    return lower, upper
+
+
+def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided upper bound: the proportion is below it with `confidence`."""
+    from scipy.stats import beta
+
+    if n <= 0 or k >= n:
+        return 1.0
+    return float(beta.ppf(confidence, k + 1, n - k))
 
 
 class Calibration(_Strict):
@@ -113,6 +139,51 @@ class Calibration(_Strict):
             f"no threshold reaches cascade accuracy {accuracy} on the calibration split "
             f"(best {max(r.cascade_accuracy for r in self.table):.4f})"
         )
+
+    def _accepted_rows(self) -> list[CalibrationRow]:
+        rows = [r for r in self.table if r.accepted is not None and r.accepted_errors is not None]
+        if not rows:
+            raise ValueError(
+                "this bundle's calibration has no per-threshold error counts (exported before "
+                "they were recorded): re-run cascade-train calibrate and export"
+            )
+        return rows
+
+    def threshold_for_student_error(self, max_error: float, confidence: float = 0.95) -> float:
+        """The lowest threshold whose upper confidence bound (Clopper-Pearson, one-sided at
+        `confidence`) of the student's error on what it answers alone is within `max_error`.
+        A target the student cannot reach on this split raises, naming the best it can do."""
+        best: tuple[float, CalibrationRow] | None = None
+        for row in self._accepted_rows():
+            assert row.accepted is not None and row.accepted_errors is not None
+            if row.accepted == 0:
+                continue
+            upper = clopper_pearson_upper(row.accepted_errors, row.accepted, confidence)
+            if upper <= max_error:
+                return row.threshold
+            if best is None or upper < best[0]:
+                best = (upper, row)
+        if best is None:
+            raise ValueError("the calibration split has no item the student answers alone")
+        upper, row = best
+        raise ValueError(
+            f"the student cannot keep its error within {max_error} (upper {confidence:.0%} "
+            f"bound) on the calibration split ({self.n} items): the best it can do is "
+            f"{upper:.4f}, at threshold {row.threshold:.4f} (delegation {row.delegation_rate:.2f})"
+        )
+
+    def accepted_at(self, threshold: float) -> CalibrationRow | None:
+        """The table's row for the items a threshold leaves to the student alone: the first
+        row at or above it (its accepted set is a subset of the threshold's), None when the
+        table has no counts."""
+        try:
+            rows = self._accepted_rows()
+        except ValueError:
+            return None
+        for row in rows:
+            if row.threshold >= threshold:
+                return row
+        return rows[-1]
 
     def rate_for_threshold(self, threshold: float) -> float:
         rates = np.array([r.delegation_rate for r in self.table])

@@ -76,3 +76,49 @@ def test_stage_calibration_passes_the_same_share_at_each_stage():
     assert [s.output for s in out] == ["stage_1", "stage_2", "stage_3"]
     for s in out:
         assert s.pass_rate == pytest.approx(0.5, abs=0.02)  # 0.5^3 = 0.125 reach the teacher
+
+
+def _informative(n=2000, seed=0):
+    """A student whose errors concentrate at low margins, and a perfect teacher."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    confidence = rng.uniform(0, 6, n)
+    student = rng.normal(size=(n, 4))
+    right = rng.uniform(size=n) < 0.5 + confidence / 12  # surer is righter
+    student[np.arange(n), np.where(right, labels, (labels + 1) % 4)] += confidence
+    teacher = np.eye(4)[labels] * 10
+    return student, teacher, labels
+
+
+def test_rows_count_what_the_student_answers_alone_and_its_errors():
+    student, teacher, labels = _informative()
+    cal = calibrate(student, teacher, labels, target_delegation_rate=0.2, cost_student=0.1)
+    margins = top2_margin(softmax(student))
+    wrong = student.argmax(1) != labels
+    for row in cal.table[1:-1:10]:
+        kept = margins >= row.threshold
+        assert row.accepted == kept.sum()
+        assert row.accepted_errors == (kept & wrong).sum()
+        assert row.accepted_disagreements == row.accepted_errors  # the teacher is the labels
+
+
+def test_max_student_error_is_the_lowest_threshold_whose_upper_bound_fits():
+    from cascade_server.bundle import clopper_pearson_upper
+
+    student, teacher, labels = _informative()
+    cal = calibrate(student, teacher, labels, target_delegation_rate=0.2, cost_student=0.1)
+    t = cal.threshold_for_student_error(0.15)
+    rows = list(cal.table)
+    chosen = next(r for r in rows if r.threshold == t)
+    assert clopper_pearson_upper(chosen.accepted_errors, chosen.accepted) <= 0.15
+    before = [r for r in rows if r.threshold < t and r.accepted]
+    assert all(clopper_pearson_upper(r.accepted_errors, r.accepted) > 0.15 for r in before)
+    # The bound is stricter than the point estimate: with a looser target, a lower threshold.
+    assert cal.threshold_for_student_error(0.3) <= t
+
+
+def test_an_unreachable_student_error_is_refused_naming_the_best():
+    student, teacher, labels = _informative()
+    cal = calibrate(student, teacher, labels, target_delegation_rate=0.2, cost_student=0.1)
+    with pytest.raises(ValueError, match=r"the best it can do is 0\.\d+, at threshold"):
+        cal.threshold_for_student_error(0.0001)

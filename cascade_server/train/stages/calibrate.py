@@ -33,8 +33,10 @@ def cascade_rows(
     base = policy.decide(student_logits, 0.0)
     forced = base.delegate  # class-based delegation and non-finite rows: at any threshold
     margins = base.margins
-    student_ok = policy.predictions(student_logits, teacher_logits.shape[1]) == labels
+    student_pred = policy.predictions(student_logits, teacher_logits.shape[1])
+    student_ok = student_pred == labels
     teacher_ok = teacher_logits.argmax(1) == labels
+    agrees = student_pred == teacher_logits.argmax(1)
     free = margins[~forced] if (~forced).any() else np.array([0.0])
     rows = []
     for q in np.linspace(0.0, 1.0, steps + 1):
@@ -43,12 +45,16 @@ def cascade_rows(
         rho = 0.0 if q == 0.0 else 1.0 if q == 1.0 else float(np.quantile(free, q))
         delegate = forced | (margins < rho)
         rate = float(delegate.mean())
+        kept = ~delegate
         rows.append(
             CalibrationRow(
                 threshold=rho,
                 delegation_rate=rate,
                 cascade_accuracy=float(np.where(delegate, teacher_ok, student_ok).mean()),
                 expected_cost=cost_student + rate * cost_teacher,
+                accepted=int(kept.sum()),
+                accepted_errors=int((kept & ~student_ok).sum()),
+                accepted_disagreements=int((kept & ~agrees).sum()),
             )
         )
     out: list[CalibrationRow] = []
