@@ -110,6 +110,15 @@ class StateBackend(Protocol):
         returns the new value. Blocking: call it through `ControlStore`."""
         ...
 
+    def publish(self, key: str, value: bytes, ttl_s: float) -> None:
+        """A short-lived value of this process (a worker's window), replaced on every call and
+        gone after `ttl_s` unless refreshed. Blocking."""
+        ...
+
+    def collect(self, prefix: str, ttl_s: float) -> list[bytes]:
+        """Every live value published under keys starting with `prefix`. Blocking."""
+        ...
+
     def healthy(self) -> bool: ...
     def synced(self) -> bool: ...
     def close(self) -> None: ...
@@ -175,6 +184,28 @@ class FileBackend:
                 f"changed: {exc.strerror or exc}"
             ) from None
         return new
+
+    def publish(self, key: str, value: bytes, ttl_s: float) -> None:
+        path = self.state_dir / "live" / f"{key}.bin"
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(value)
+        os.replace(tmp, path)
+
+    def collect(self, prefix: str, ttl_s: float) -> list[bytes]:
+        live = self.state_dir / "live"
+        out = []
+        horizon = time.time() - ttl_s
+        for path in live.glob(f"{prefix}*.bin") if live.is_dir() else ():
+            try:
+                if path.stat().st_mtime < horizon:
+                    if path.stat().st_mtime < horizon - 10 * ttl_s:
+                        path.unlink(missing_ok=True)  # a worker long gone
+                    continue
+                out.append(path.read_bytes())
+            except FileNotFoundError:  # replaced or removed meanwhile
+                continue
+        return out
 
     def _append_audit(self, path: Path, entry: dict[str, Any]) -> None:
         with open(path, "a") as audit:
@@ -306,6 +337,21 @@ class RedisBackend:
         self._store(key, new)
         return new
 
+    def publish(self, key: str, value: bytes, ttl_s: float) -> None:
+        try:
+            self._client.set(f"{self.prefix}live:{key}", value, px=max(int(ttl_s * 1000), 1))
+        except (self._redis.RedisError, OSError) as exc:
+            raise ServiceUnavailable(f"control store ({self.url}): {type(exc).__name__}") from None
+
+    def collect(self, prefix: str, ttl_s: float) -> list[bytes]:
+        try:
+            pattern = f"{self.prefix}live:{prefix}*"
+            keys = list(self._client.scan_iter(match=pattern, count=100))
+            values = self._client.mget(keys) if keys else []
+        except (self._redis.RedisError, OSError) as exc:
+            raise ServiceUnavailable(f"control store ({self.url}): {type(exc).__name__}") from None
+        return [v for v in values if v is not None]  # expired by Redis itself past ttl_s
+
     def healthy(self) -> bool:
         return self.up
 
@@ -423,6 +469,12 @@ class ControlStore:
                 f"the control store ({self.backend.name}) did not answer within "
                 f"{self.timeout_s * 1.5:.1f}s; the change may not have been applied: read it back"
             ) from None
+
+    async def publish(self, key: str, value: bytes, ttl_s: float) -> None:
+        await self.call(self.backend.publish, key, value, ttl_s)
+
+    async def collect(self, prefix: str, ttl_s: float) -> list[bytes]:
+        return await self.call(self.backend.collect, prefix, ttl_s)
 
     def healthy(self) -> bool:
         return self.backend.healthy()
