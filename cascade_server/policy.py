@@ -42,12 +42,13 @@ class Decision:
 
 def decide(
     logits: np.ndarray,
-    threshold: float,
+    threshold: float | np.ndarray,
     *,
     abstain_output: int | None = None,
     in_domain_outputs: np.ndarray | None = None,
 ) -> Decision:
-    """Delegate iff margin < threshold, or (class-based delegation) the student's argmax is
+    """Delegate iff margin < threshold (a number, or one per row), or (class-based delegation)
+    the student's argmax is
     the abstain output or an output outside the in-domain set (`in_domain_outputs`, a bool
     mask over outputs). A row with non-finite logits is always delegated: the student has no
     answer to give, and the teacher may."""

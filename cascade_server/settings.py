@@ -19,6 +19,7 @@ from .config.batching import BatchingConfig
 from .config.breaker import BreakerConfig
 from .config.cascade import CascadeConfig
 from .config.control import ControlConfig
+from .config.delegation import ControllerConfig, LoadConfig, OverridesConfig, ShadowConfig
 from .config.limits import BodyLimits, DecodeLimits
 from .config.student import StudentConfig
 from .config.teacher import TeacherConfig
@@ -90,6 +91,15 @@ class Settings(BaseSettings):
     # server stops accepting and drains (0: stop at once, as on Ctrl-C).
     drain_s: float = Field(default=0.0, ge=0, le=300)
 
+    # Live delegation control (config/delegation.py): the controller that holds a target
+    # delegation rate or student error online (CASCADE_CONTROLLER__*), load-aware delegation
+    # (CASCADE_LOAD__SLO_S, __ACCURACY_FLOOR, ...), shadow samples (CASCADE_SHADOW__FRACTION)
+    # and what a request may override (CASCADE_OVERRIDES__ENABLED, ...).
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    load: LoadConfig = Field(default_factory=LoadConfig)
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig)
+    overrides: OverridesConfig = Field(default_factory=OverridesConfig)
+
     # OpenTelemetry traces: CASCADE_TRACING__ENDPOINT (OTLP), __SAMPLE_RATIO, ...
     tracing: TracingConfig = Field(default_factory=TracingConfig)
 
@@ -155,5 +165,9 @@ class Settings(BaseSettings):
                 max_in_flight=self.teacher_max_in_flight,
                 breaker=self.teacher_breaker,
             ),
+            controller=self.controller,
+            load=self.load,
+            shadow=self.shadow,
+            overrides=self.overrides,
             watch_interval_s=self.readiness_interval_s,
         )

@@ -62,25 +62,44 @@ Unit = Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)]
 class ThresholdUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cascade: str | None = None
-    threshold: Unit | None = None
-    target_delegation_rate: Unit | None = None
+    threshold: Unit | None = Field(default=None, description="a fixed threshold")
+    target_delegation_rate: Unit | None = Field(
+        default=None, description="a share of traffic for the teacher, held online"
+    )
+    max_student_error: Unit | None = Field(
+        default=None,
+        description="the error accepted on what the student answers alone (upper confidence "
+        "bound), held online with shadow samples",
+    )
+    min_threshold: Unit = Field(default=0.0, description="bound on the controller's moves")
+    max_threshold: Unit = Field(default=1.0, description="bound on the controller's moves")
 
     @model_validator(mode="after")
     def _one(self) -> ThresholdUpdate:
-        if (self.threshold is None) == (self.target_delegation_rate is None):
-            raise ValueError("give exactly one of `threshold` and `target_delegation_rate`")
+        given = (self.threshold, self.target_delegation_rate, self.max_student_error)
+        if sum(v is not None for v in given) != 1:
+            raise ValueError(
+                "give exactly one of `threshold`, `target_delegation_rate` and `max_student_error`"
+            )
+        if self.min_threshold > self.max_threshold:
+            raise ValueError("min_threshold must not exceed max_threshold")
         return self
 
 
 def _describe(cascade: Cascade) -> dict[str, Any]:
     state = cascade.thresholds.current()
     calibration = cascade.manifest.calibration
+    in_force = cascade.threshold()
     return {
         "cascade": cascade.name,
         **state.model_dump(),
+        # The policy's own start (`threshold` above) and what is served now: the controller's
+        # while it holds an online policy.
+        "threshold_in_force": in_force,
         "default_threshold": cascade.manifest.default_threshold,
         # What the calibration split says this threshold delegates.
-        "expected_delegation_rate": calibration.rate_for_threshold(state.threshold),
+        "expected_delegation_rate": calibration.rate_for_threshold(in_force),
+        **cascade.controller.describe(calibration),
     }
 
 
@@ -114,14 +133,20 @@ async def _read_body(request: Request, model: type[B]) -> B:
 async def put_threshold(
     request: Request, actor: Admin, cascade: str | None = None
 ) -> dict[str, Any]:
-    """Set the threshold, or a target delegation rate resolved through the calibration table.
-    Applies to every worker at once and survives restarts. The body is read after the token is
-    checked: an unauthenticated caller learns nothing about what a valid body is."""
+    """Set the delegation policy: a fixed threshold; a target delegation rate (started from the
+    calibration table, then held online on live margins); or a bound on the student's error on
+    what it answers alone (started from the calibration's upper confidence bound, then checked
+    live with shadow samples; a target the student cannot reach is refused, naming the best).
+    Applies to every worker and replica and survives restarts. The body is read after the token
+    is checked: an unauthenticated caller learns nothing about what a valid body is."""
     update = await _read_body(request, ThresholdUpdate)
     target = request.app.state.gateway.resolve(_one_cascade(update.cascade, cascade))
     old, _ = await target.thresholds.set(
         threshold=update.threshold,
         target_delegation_rate=update.target_delegation_rate,
+        max_student_error=update.max_student_error,
+        min_threshold=update.min_threshold,
+        max_threshold=update.max_threshold,
         actor=actor,
     )
     target.metrics.threshold_changed(target.name)

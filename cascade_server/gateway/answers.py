@@ -20,10 +20,13 @@ class Answer:
     probs: np.ndarray  # (n, classes): the teacher's where it answered, else the student's
     margins: np.ndarray  # (n,) the student's margins
     outcome: np.ndarray  # (n,) int8 Outcome codes (outcomes.py): who answered and why
-    threshold: float
+    threshold: float | np.ndarray  # one for all, or one per item (requests' own thresholds)
     student_s: float  # the student call that served this request's batch
     teacher_s: float = 0.0  # the teacher call, 0 when nothing of this request was sent
     queue_s: float = 0.0  # how long the request waited for its batch to start
+
+    def __len__(self) -> int:
+        return len(self.margins)
 
     @property
     def by_teacher(self) -> np.ndarray:
@@ -39,11 +42,16 @@ class Answer:
 
     def rows(self, start: int, end: int, queue_s: float) -> Answer:
         s = slice(start, end)
+        threshold = self.threshold
+        if isinstance(threshold, np.ndarray):
+            threshold = threshold[s]
+            if (threshold == threshold[0]).all():
+                threshold = float(threshold[0])
         return Answer(
             self.probs[s],
             self.margins[s],
             self.outcome[s],
-            self.threshold,
+            threshold,
             self.student_s,
             self.teacher_s,
             queue_s,
@@ -79,6 +87,9 @@ class Predictions:
         probs, margins = a.probs.tolist(), a.margins.tolist()
         delegated, degraded = a.delegated.tolist(), a.degraded.tolist()
         outcomes = a.outcome.tolist()
+        thresholds = (
+            a.threshold.tolist() if isinstance(a.threshold, np.ndarray) else [a.threshold] * len(a)
+        )
         out = []
         for i, row in enumerate(order.tolist()):
             top = [{"label": classes[c], "class_id": c, "probability": probs[i][c]} for c in row]
@@ -87,7 +98,7 @@ class Predictions:
                 "class_id": top[0]["class_id"],
                 "top_k": top,
                 "margin": margins[i],
-                "threshold": a.threshold,
+                "threshold": thresholds[i],
                 "delegated": delegated[i],
                 "answered_by": ANSWERED_BY[outcomes[i]],
                 "outcome": NAMES[outcomes[i]],

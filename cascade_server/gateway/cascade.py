@@ -21,10 +21,13 @@ from ..preprocess import Preprocessor
 from .answers import Answer, Predictions
 from .batcher import MicroBatcher
 from .control import ThresholdStore
+from .controller import Controller
 from .delegation import TeacherStage
 from .metrics import Metrics
+from .options import RequestOptions
 from .pipeline import BatchPath, Work
 from .rollout import RolloutState
+from .shadow import Shadow
 from .stores import ControlStore
 from .student import Student
 from .supervise import Periodic
@@ -56,7 +59,13 @@ class Cascade:
         self.metrics = metrics
         self.store = store
         self.students = VersionManager(bundle, config, store, metrics, student, self.threshold)
-        self.teacher = TeacherStage(m.name, teacher, config.teacher, metrics, len(m.classes))
+        self.teacher = TeacherStage(
+            m.name, teacher, config.teacher, metrics, len(m.classes), config.load
+        )
+        self.controller = Controller(
+            m.name, config.controller, store, metrics, config.shadow.strata
+        )
+        self.shadow = Shadow(m.name, config.shadow, self.teacher, self.controller.window, metrics)
         self.path = BatchPath(
             m.name,
             len(m.classes),
@@ -65,6 +74,9 @@ class Cascade:
             self._threshold_of,
             retry_after_s,
             tracing,
+            observer=self.controller.window,
+            shadow=self.shadow if self.shadow.enabled else None,
+            accuracy_floor=config.load.accuracy_floor,
         )
         self.batcher: MicroBatcher[Work, Answer] = MicroBatcher(
             self.path, config.batching, name=f"{m.name}-batcher"
@@ -73,6 +85,9 @@ class Cascade:
             config.decode.decode_threads, thread_name_prefix=f"{m.name}-decode"
         )
         self._watch = Periodic(f"{m.name}-watch", config.watch_interval_s, self._watch_step)
+        self._control = Periodic(
+            f"{m.name}-controller", config.controller.interval_s, self._control_step
+        )
         self._shown_threshold: tuple[float, str] | None = None
 
     # The active version's parts, as the routes and admin see them.
@@ -118,6 +133,8 @@ class Cascade:
                 "cascade %s: teacher %s is not ready yet", self.name, self.versions["teacher"]
             )
         self._watch.start()
+        self._control.start()
+        self.shadow.start()
 
     async def _watch_step(self) -> None:
         """Student versions rolled out through another worker, and the teacher's readiness
@@ -128,7 +145,14 @@ class Cascade:
             await self.teacher.check_ready()
             self.metrics.event_loop_tasks()  # every worker's count stays fresh between scrapes
 
+    async def _control_step(self) -> None:
+        """The live window published, estimates refreshed, an online policy held."""
+        version = self.active
+        await self.controller.step(version.thresholds.current(), version.manifest.calibration)
+
     async def close(self) -> None:
+        await self._control.stop()
+        await self.shadow.close()
         await self._watch.stop()
         await self.batcher.close()
         await self.teacher.close()
@@ -140,8 +164,9 @@ class Cascade:
         return {"student": self.active.student.ready, "teacher": self.teacher.ready}
 
     def threshold(self) -> float:
-        """The threshold in force for the active version, shown in the metrics."""
-        value = self.active.threshold()
+        """The threshold in force for the active version (the controller's while it holds an
+        online policy), shown in the metrics."""
+        value = self.controller.threshold_for(self.active.thresholds.current())
         self.metrics.set_threshold(self.name, value)
         if (value, self.active.version) != self._shown_threshold:
             self._shown_threshold = (value, self.active.version)
@@ -152,7 +177,7 @@ class Cascade:
     def _threshold_of(self, version: StudentVersion) -> float:
         if version is self.active:
             return self.threshold()
-        return version.threshold()
+        return version.threshold()  # a retiring version: its own policy, no controller
 
     async def swap(self, bundle: str, actor: str) -> tuple[RolloutState, bool]:
         return await self.students.swap(bundle, actor)
@@ -160,7 +185,12 @@ class Cascade:
     async def rollback(self, actor: str) -> RolloutState:
         return await self.students.rollback(actor)
 
-    async def predict(self, items: list[Any], trace: RequestTrace | None = None) -> Predictions:
+    async def predict(
+        self,
+        items: list[Any],
+        trace: RequestTrace | None = None,
+        options: RequestOptions | None = None,
+    ) -> Predictions:
         """Answers every input, in order, on the version active when the request started. Bad
         input raises before any model runs."""
         version = self.active
@@ -174,13 +204,17 @@ class Cascade:
                 loop = asyncio.get_running_loop()
                 batch = await loop.run_in_executor(self._decoder, plan.run)
             preprocess_s = time.perf_counter() - t0
-            work = Work(version, batch)
+            work = Work(version, batch, None, options)
             if trace is not None:
                 trace.stage("parse", trace.marks["arrived"], trace.marks["parsed"])
                 trace.mark("preprocessed")
-                trace.stage("preprocess", trace.marks["parsed"], trace.marks["preprocessed"],
-                            inline=plan.inline)  # fmt: skip
-                work = Work(version, batch, trace)
+                trace.stage(
+                    "preprocess",
+                    trace.marks["parsed"],
+                    trace.marks["preprocessed"],
+                    inline=plan.inline,
+                )
+                work = Work(version, batch, trace, options)
             answer = await self.batcher.submit(work, len(batch))
             return Predictions(
                 self.name, self.classes, version, answer, batch.truncated, preprocess_s

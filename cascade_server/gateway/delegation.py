@@ -1,18 +1,27 @@
-"""The teacher stage: its client, circuit breaker and in-flight bound, the load it reports to the
-router, and the background calls that answer delegated items.
+"""The teacher stage: its client, circuit breaker and in-flight bounds, the load it reports to
+the router, and the background calls that answer delegated items.
 
 One call per micro-batch carries every item the router sent; it runs in a task of its own while
 the collector moves on to the next batch, and resolves the requests that waited for it.
+
+Load-aware delegation: besides the bound on calls in flight, the items in flight are bounded by
+a limit that, given a latency objective (`slo_s`), follows the teacher (additive increase while
+its calls answer within the SLO, multiplicative decrease when one does not: TCP's AIMD, as
+concurrency limiters do it). The router sends the lowest-margin delegated items first, as many
+as the limit leaves room for, and the student answers the rest (`teacher_busy`). The teacher's
+recent latencies give the p95 that request deadlines are checked against.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
 
+from ..config.delegation import LoadConfig
 from ..config.teacher import TeacherConfig
 from ..errors import TeacherUnavailable
 from ..policy import NonFiniteLogits, softmax
@@ -37,12 +46,18 @@ class TeacherStage:
         config: TeacherConfig,
         metrics: Metrics,
         n_classes: int,
+        load: LoadConfig | None = None,
     ) -> None:
         self.cascade = cascade
         self.teacher = teacher
         self.config = config
+        self.load_config = load or LoadConfig()
         self.metrics = metrics
         self.n_classes = n_classes
+        self.limit = float(self.load_config.max_items_in_flight)
+        self.items_in_flight = 0
+        self._latencies: deque[float] = deque(maxlen=self.load_config.latency_window)
+        self._p95: float | None = None
         self.breaker = CircuitBreaker(
             config.breaker,
             name=f"cascade {cascade}: teacher {teacher.name}",
@@ -82,12 +97,39 @@ class TeacherStage:
     def load(self) -> tuple[Load, Ticket | None]:
         """The teacher's room now, and the breaker's ticket for a call (None: no call may be
         made). A ticket not used must be given back with `release`."""
+        p95 = self.p95()
         if len(self.calls) >= self.config.max_in_flight:
-            return Load(room=0), None
+            return Load(room=0, p95_s=p95), None
+        room = int(self.limit) - self.items_in_flight
+        if room <= 0:
+            return Load(room=0, p95_s=p95), None
         ticket = self.breaker.allow()
         if ticket is None:
-            return Load(room=0, circuit_open=True), None
-        return Load(), ticket
+            return Load(room=0, circuit_open=True, p95_s=p95), None
+        return Load(room=room, p95_s=p95), ticket
+
+    def spare(self) -> bool:
+        """Room to spare beyond real traffic (for shadow samples): under half the limit used."""
+        return self.items_in_flight < self.limit / 2
+
+    def p95(self) -> float | None:
+        """The teacher's p95 latency over its recent calls (None until it has answered)."""
+        if self._p95 is None and len(self._latencies) >= 5:
+            self._p95 = float(np.percentile(np.fromiter(self._latencies, float), 95))
+        return self._p95
+
+    def _observed(self, seconds: float, n: int, ok: bool) -> None:
+        """A call's latency: the p95 window, and the AIMD limit against the SLO."""
+        self._latencies.append(seconds)
+        self._p95 = None  # recomputed on the next read
+        slo, cfg = self.load_config.slo_s, self.load_config
+        if slo is None:
+            return
+        if not ok or seconds > slo:
+            self.limit = max(cfg.min_items_in_flight, self.limit * cfg.backoff)
+        else:
+            self.limit = min(cfg.max_items_in_flight, self.limit + max(n, 1) / max(self.limit, 1))
+        self.metrics.teacher_limit(self.cascade, self.limit)
 
     def release(self, ticket: Ticket | None) -> None:
         if ticket is not None:
@@ -105,7 +147,13 @@ class TeacherStage:
         `headers`: gRPC metadata (the W3C trace context, when traced)."""
         task = asyncio.get_running_loop().create_task(self._call(feeds, n, ticket, done, headers))
         self.calls.add(task)
-        task.add_done_callback(self.calls.discard)
+        self.items_in_flight += n
+
+        def finished(task: asyncio.Task[None]) -> None:
+            self.calls.discard(task)
+            self.items_in_flight -= n
+
+        task.add_done_callback(finished)
 
     async def _call(
         self,
@@ -149,5 +197,7 @@ class TeacherStage:
             error, unexpected = "error", exc
             self.breaker.failure(ticket)
         finally:
-            self.metrics.teacher_call(self.cascade, n, loop.time() - t0, error)
+            seconds = loop.time() - t0
+            self.metrics.teacher_call(self.cascade, n, seconds, error)
+        self._observed(seconds, n, error is None)
         done(probs, error, unexpected)

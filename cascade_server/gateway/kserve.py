@@ -21,7 +21,7 @@ from starlette.responses import Response
 from .. import __version__
 from ..errors import BadRequest, InvalidInput, PayloadTooLarge
 from .outcomes import ANSWERED_BY, NAMES
-from .parsing import decode_base64, json_object
+from .parsing import OPTION_KEYS, decode_base64, json_object
 from .schemas import ProtocolError, documented_errors
 from .serving import gateway_of
 
@@ -55,6 +55,8 @@ class InferRequest:
     # Requested outputs (name -> binary?), in the order asked; None: all of them.
     outputs: list[tuple[str, bool]] | None
     binary_default: bool
+    # Per-request options from the request's parameters (delegate, threshold, deadline_ms).
+    options: dict[str, Any]
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
@@ -199,8 +201,13 @@ def parse_infer(
             out_params = _parameters(o.get("parameters"), where)
             outputs.append((name, _flag(out_params, "binary_data", binary_default, where)))
     request_id = header.get("id")
+    options = {k: request_params[k] for k in OPTION_KEYS if request_params.get(k) is not None}
     return InferRequest(
-        request_id if isinstance(request_id, str) else None, elements, outputs, binary_default
+        request_id if isinstance(request_id, str) else None,
+        elements,
+        outputs,
+        binary_default,
+        options,
     )
 
 

@@ -202,6 +202,87 @@ class Metrics:
             ["cascade"],
             registry=reg,
         )
+        # Live control (controller.py): one writer per interval, so the most recent value.
+        self.controller_moves = Counter(
+            "cascade_controller_moves",
+            "Threshold moves made by the delegation controller (not audited: metrics)",
+            ["cascade"],
+            registry=reg,
+        )
+        self.live_delegation = Gauge(
+            "cascade_live_delegation_ratio",
+            "Share of routed items delegated over the live window (all workers and replicas)",
+            ["cascade"],
+            registry=reg,
+            multiprocess_mode="livemostrecent",
+        )
+        self.live_items = Gauge(
+            "cascade_live_window_items",
+            "Items in the live window the controller reads (all workers and replicas)",
+            ["cascade"],
+            registry=reg,
+            multiprocess_mode="livemostrecent",
+        )
+        self.live_student = Gauge(
+            "cascade_live_student_agreement",
+            "Live estimate of the student's agreement with the teacher on what it answers "
+            "alone (shadow samples; teacher as reference), and its confidence bounds",
+            ["cascade", "bound"],
+            registry=reg,
+            multiprocess_mode="livemostrecent",
+        )
+        self.live_cascade = Gauge(
+            "cascade_live_cascade_agreement",
+            "Live estimate of the cascade's agreement with the teacher over all answers",
+            ["cascade", "bound"],
+            registry=reg,
+            multiprocess_mode="livemostrecent",
+        )
+        self.calibrated_student = Gauge(
+            "cascade_calibrated_student_agreement",
+            "The student's agreement with the teacher on what it answers alone at the "
+            "threshold in force, on the calibration split, with its confidence bounds",
+            ["cascade", "bound"],
+            registry=reg,
+            multiprocess_mode="livemostrecent",
+        )
+        self.shadow_items = Counter(
+            "cascade_shadow_items",
+            "Student answers sampled for the teacher off the response path, by result: agree, "
+            "disagree, dropped (no room: shed first), failed",
+            ["cascade", "result"],
+            registry=reg,
+        )
+        # What the cascade saved against teacher-only serving, in the calibration's cost units
+        # (teacher = 1 per item): cascade:compute_saved_ratio:rate5m in the rules.
+        self.teacher_limit_gauge = Gauge(
+            "cascade_teacher_items_limit",
+            "Items in flight the teacher is given now (load-aware delegation: follows its "
+            "latency against CASCADE_LOAD__SLO_S)",
+            ["cascade"],
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.overrides = Counter(
+            "cascade_overrides",
+            "Requests that overrode the policy, by what (delegate_never, delegate_always, "
+            "threshold, deadline)",
+            ["cascade", "kind"],
+            registry=reg,
+        )
+        self.teacher_avoided = Counter(
+            "cascade_teacher_items_avoided",
+            "Items not sent to the teacher (that teacher-only serving would have sent)",
+            ["cascade"],
+            registry=reg,
+        )
+        self.compute_units = Counter(
+            "cascade_compute_units",
+            "Compute spent, in the calibration's cost units, by tier (student, teacher); and "
+            "what teacher-only serving would have spent (teacher_only)",
+            ["cascade", "tier"],
+            registry=reg,
+        )
         if reg is not None:
             reg.register(_DelegationRatio(self.answered_items.collect))
         # Per-request observations waiting for the next flush: (cascade, preprocess, queue,
@@ -246,6 +327,12 @@ class Metrics:
         for kind in TEACHER_FAILURES:
             self.teacher_errors.labels(cascade, kind)
         self.threshold_changes.labels(cascade)
+        self.controller_moves.labels(cascade)
+        self.teacher_avoided.labels(cascade)
+        for tier in ("student", "teacher", "teacher_only"):
+            self.compute_units.labels(cascade, tier)
+        for result in ("agree", "disagree", "dropped", "failed"):
+            self.shadow_items.labels(cascade, result)
         self.circuit_state.labels(cascade).set(0)
 
     def request_started(self) -> None:
@@ -327,6 +414,68 @@ class Metrics:
     @_never_raises
     def threshold_changed(self, cascade: str) -> None:
         self.threshold_changes.labels(cascade).inc()
+
+    @_never_raises
+    def controller_moved(self, cascade: str) -> None:
+        self.controller_moves.labels(cascade).inc()
+
+    @_never_raises
+    def live(
+        self,
+        cascade: str,
+        window: Any,
+        threshold: float,
+        student: Any,
+        cascade_estimate: Any,
+        calibration: Any,
+    ) -> None:
+        """The live window and estimates, once per controller interval."""
+        self.live_items.labels(cascade).set(window.items)
+        rate = window.delegation_rate
+        if rate is not None:
+            self.live_delegation.labels(cascade).set(rate)
+        for gauge, estimate in (
+            (self.live_student, student),
+            (self.live_cascade, cascade_estimate),
+        ):
+            if estimate.known:
+                gauge.labels(cascade, "estimate").set(estimate.value)
+                gauge.labels(cascade, "lower").set(estimate.lower)
+                gauge.labels(cascade, "upper").set(estimate.upper)
+        row = calibration.accepted_at(threshold)
+        if row is not None and row.accepted:
+            from ..bundle import clopper_pearson
+
+            agreeing = row.accepted - row.accepted_disagreements
+            lower, upper = clopper_pearson(agreeing, row.accepted)
+            self.calibrated_student.labels(cascade, "estimate").set(agreeing / row.accepted)
+            self.calibrated_student.labels(cascade, "lower").set(lower)
+            self.calibrated_student.labels(cascade, "upper").set(upper)
+
+    @_never_raises
+    def overridden(self, cascade: str, kinds: list[str]) -> None:
+        for kind in kinds:
+            self.overrides.labels(cascade, kind).inc()
+
+    @_never_raises
+    def teacher_limit(self, cascade: str, limit: float) -> None:
+        self.teacher_limit_gauge.labels(cascade).set(limit)
+
+    @_never_raises
+    def shadowed(self, cascade: str, result: str, n: int) -> None:
+        if n:
+            self.shadow_items.labels(cascade, result).inc(n)
+
+    @_never_raises
+    def savings(
+        self, cascade: str, items: int, sent: int, cost_student: float, cost_teacher: float
+    ) -> None:
+        """Per batch: what it cost against what teacher-only serving would have."""
+        self.teacher_avoided.labels(cascade).inc(items - sent)
+        self.compute_units.labels(cascade, "student").inc(items * cost_student)
+        if sent:
+            self.compute_units.labels(cascade, "teacher").inc(sent * cost_teacher)
+        self.compute_units.labels(cascade, "teacher_only").inc(items * cost_teacher)
 
     @_never_raises
     def event_loop_tasks(self) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import base64
 import binascii
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
@@ -42,13 +42,16 @@ class RequestHead:
     charset: str | None
     content_length: int | None
     query: dict[str, str]
+    timeout_ms: str | None = None  # the x-request-timeout-ms header: a deadline
 
     @classmethod
     def from_scope(cls, scope: Scope) -> RequestHead:
-        content_type, charset, length = "application/json", None, None
+        content_type, charset, length, timeout = "application/json", None, None, None
         for name, value in scope["headers"]:
             if name == b"content-encoding":
                 refuse_encoded_body(value)
+            elif name == b"x-request-timeout-ms":
+                timeout = value.decode("latin-1")
             elif name == b"content-type":
                 mime, _, params = value.decode("latin-1").partition(";")
                 content_type = mime.strip().lower()
@@ -63,7 +66,7 @@ class RequestHead:
                     raise BadRequest("content-length is not a number") from None
         raw_query = scope.get("query_string", b"")
         query = dict(parse_qsl(raw_query.decode("latin-1"))) if raw_query else {}
-        return cls(content_type, charset, length, query)
+        return cls(content_type, charset, length, query, timeout)
 
 
 @dataclass
@@ -73,6 +76,30 @@ class ParsedRequest:
     cascade: str | None
     top_k: int | None
     batched: bool
+    # The request's own options (delegate, threshold, deadline_ms) as sent, checked against
+    # the operator's limits later (options.py).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+OPTION_KEYS = ("delegate", "threshold", "deadline_ms")
+
+
+def options_of(given: dict[str, Any], head: RequestHead) -> dict[str, Any]:
+    """A request's options from its body (or form), its query and the deadline header; the
+    same option in two places must agree."""
+    out: dict[str, Any] = {}
+    header = {"deadline_ms": head.timeout_ms} if head.timeout_ms is not None else {}
+    sources = (("body", given), ("query", head.query), ("header", header))
+    for key in OPTION_KEYS:
+        values = [(where, src[key]) for where, src in sources if src.get(key) is not None]
+        if not values:
+            continue
+        first = values[0][1]
+        for where, value in values[1:]:
+            if str(value) != str(first):
+                raise InvalidInput(f"{key} differs between the {values[0][0]} and the {where}")
+        out[key] = first
+    return out
 
 
 def refuse_encoded_body(value: bytes) -> None:
@@ -174,12 +201,13 @@ def check_batch(n: int, limits: BodyLimits) -> None:
 
 
 _TOP_LEVEL = frozenset(("image", "text", "inputs", "cascade", "top_k"))
+_OPTIONS = frozenset(OPTION_KEYS)
 
 
 def _fast_shape(payload: dict[str, Any]) -> bool:
     """True when the payload is one of the valid shapes, checked without building models."""
     if not payload.keys() <= _TOP_LEVEL:
-        return False
+        return False  # options included: pydantic checks their types
     if sum(k in payload for k in ("image", "text", "inputs")) != 1:
         return False
     cascade, top_k = payload.get("cascade"), payload.get("top_k")
@@ -223,6 +251,8 @@ def parse_json(raw: bytes, head: RequestHead, limits: BodyLimits) -> ParsedReque
             raise InvalidInput(format_validation_errors(exc.errors())) from None
     cascade = one_value("cascade", payload.get("cascade"), head.query.get("cascade"))
     top_k = top_k_of(payload.get("top_k"), head)
+    asked = _OPTIONS & (payload.keys() | head.query.keys()) or head.timeout_ms is not None
+    options = options_of(payload, head) if asked else {}
     if "inputs" in payload:
         inputs = payload["inputs"]
         check_batch(len(inputs), limits)
@@ -230,12 +260,14 @@ def parse_json(raw: bytes, head: RequestHead, limits: BodyLimits) -> ParsedReque
         if len(kinds) > 1:
             raise InvalidInput("a batch mixes images and texts; send one modality per request")
         if kinds == {"text"}:
-            return ParsedRequest([x["text"] for x in inputs], "text", cascade, top_k, True)
+            texts = [x["text"] for x in inputs]
+            return ParsedRequest(texts, "text", cascade, top_k, True, options)
         items = [decode_base64(x["image"], f"inputs[{i}].image") for i, x in enumerate(inputs)]
-        return ParsedRequest(items, "image", cascade, top_k, True)
+        return ParsedRequest(items, "image", cascade, top_k, True, options)
     if "text" in payload:
-        return ParsedRequest([payload["text"]], "text", cascade, top_k, False)
-    return ParsedRequest([decode_base64(payload["image"], "image")], "image", cascade, top_k, False)
+        return ParsedRequest([payload["text"]], "text", cascade, top_k, False, options)
+    image = decode_base64(payload["image"], "image")
+    return ParsedRequest([image], "image", cascade, top_k, False, options)
 
 
 def parse_text(raw: bytes, head: RequestHead, limits: BodyLimits) -> ParsedRequest:
@@ -257,7 +289,8 @@ def parse_image(raw: bytes, head: RequestHead, limits: BodyLimits) -> ParsedRequ
 def _one_input(item: bytes | str, modality: Modality, head: RequestHead) -> ParsedRequest:
     """A raw body is one input; the cascade and top_k come from the query."""
     top_k = int_param(head.query.get("top_k"), "top_k")
-    return ParsedRequest([item], modality, head.query.get("cascade"), top_k, False)
+    options = options_of({}, head)
+    return ParsedRequest([item], modality, head.query.get("cascade"), top_k, False, options)
 
 
 async def parse_multipart(
@@ -304,6 +337,9 @@ async def _parse_form(
         if name is not None and not isinstance(name, str):
             raise InvalidInput("cascade must be a plain form field, not a file")
         form_top_k = int_param(form.get("top_k"), "top_k")
+        fields = {k: form.get(k) for k in OPTION_KEYS if form.get(k) is not None}
+        if not all(isinstance(v, str) for v in fields.values()):
+            raise InvalidInput("options must be plain form fields, not files")
     finally:
         await form.close()  # spooled temporary files, on every path
     return ParsedRequest(
@@ -312,6 +348,7 @@ async def _parse_form(
         one_value("cascade", name, head.query.get("cascade")),
         top_k_of(form_top_k, head),
         len(files) > 1,
+        options_of(fields, head),
     )
 
 

@@ -10,10 +10,11 @@ request was batched with others or alone.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,23 +25,37 @@ from .answers import Answer
 from .batcher import Job
 from .delegation import TeacherStage
 from .metrics import Metrics
-from .outcomes import Outcome
-from .routing import Load, route
+from .options import RequestOptions
+from .outcomes import BY_TEACHER, Outcome
+from .routing import Load, Mode, route
+from .shadow import Shadow
+from .supervise import BurstLog
 from .tracing import RequestTrace, Tracing
 from .version import StudentVersion
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Work:
     """What a request hands the micro-batcher: its preprocessed inputs, on the version it
-    started with (and its trace, when it is traced)."""
+    started with, its own options (when it asked for any) and its trace (when traced)."""
 
     version: StudentVersion
     batch: Batch
     trace: RequestTrace | None = None
+    options: RequestOptions | None = None
 
 
 BatchJob = Job[Work, Answer]
+
+
+class BatchObserver(Protocol):
+    """Who watches the batches (the live window, shadow sampling). Never fails a request:
+    the path calls it through `_observe`, which logs and drops errors."""
+
+    def routed(self, margins: np.ndarray, delegated: int) -> None: ...
+    def answered(self, student_margins: np.ndarray, teacher_items: int) -> None: ...
 
 
 class BatchPath:
@@ -53,6 +68,9 @@ class BatchPath:
         threshold: Callable[[StudentVersion], float],
         retry_after_s: int = 1,
         tracing: Tracing | None = None,
+        observer: BatchObserver | None = None,
+        shadow: Shadow | None = None,
+        accuracy_floor: float | None = None,
     ) -> None:
         self.tracing = tracing
         self.cascade = cascade
@@ -61,6 +79,11 @@ class BatchPath:
         self.metrics = metrics
         self.threshold = threshold
         self.retry_after_s = retry_after_s
+        self.observer = observer
+        self.shadow = shadow
+        self.accuracy_floor = accuracy_floor
+        self._floors: dict[int, float] = {}  # per student version: the floor as a threshold
+        self._observer_failures = BurstLog(logger=log)
 
     def __call__(self, jobs: list[BatchJob]) -> None:
         """Jobs by student version (one group, except around a swap)."""
@@ -78,6 +101,8 @@ class BatchPath:
         started = asyncio.get_running_loop().time()
         waits = [started - job.queued_at for job in jobs]
         batch = Batch.concat([job.payload.batch for job in jobs])
+        n = len(batch)
+        starts = np.cumsum([0] + [job.size for job in jobs])
         # Step 1: the student.
         t0, t0_ns = time.perf_counter(), time.time_ns()
         logits = version.student.predict(version.feeds(batch))
@@ -87,26 +112,52 @@ class BatchPath:
             end_ns = time.time_ns()
             for trace in traced:
                 trace.stage("queue", trace.marks["preprocessed"], t0_ns)
-                trace.stage("student", t0_ns, end_ns, batch_items=len(batch))
-        # Step 2: what the policy wants (margin against the threshold, delegating classes).
+                trace.stage("student", t0_ns, end_ns, batch_items=n)
+        # Step 2: what the policy wants (margin against the threshold, or the request's own;
+        # delegating classes), and the requests' own options.
         threshold = self.threshold(version)
-        decision = decide(logits, threshold, **version.policy)
+        items = _ItemOptions.of(jobs, starts, threshold, n) if _any_options(jobs) else None
+        decision = decide(logits, threshold if items is None else items.threshold, **version.policy)
         probs = class_probabilities(decision.probs, version.manifest.output_classes, self.n_classes)
         if probs is decision.probs:
             probs = probs.copy()  # teacher rows are written into it
         # Step 3: one routing decision per item, against the teacher's load now.
-        load, ticket = self.teacher.load() if decision.delegate.any() else (Load(), None)
-        routes = route(decision.margins, decision.delegate, load)
+        wanted = decision.delegate
+        if items is not None:
+            wanted = wanted | (items.mode == Mode.ALWAYS)
+        if wanted.any():
+            load, ticket = self.teacher.load()
+            if self.accuracy_floor is not None:
+                load = replace(load, floor_threshold=self._floor(version))
+        else:
+            load, ticket = Load(), None
+        routes = route(
+            decision.margins,
+            decision.delegate,
+            load,
+            mode=None if items is None else items.mode,
+            budget_s=None if items is None else items.budget(time.perf_counter()),
+        )
         sent = routes.send
         if not sent.size:
             self.teacher.release(ticket)
-        answer = Answer(probs, decision.margins, routes.outcome, threshold, student_s)
+        shown = threshold if items is None else items.threshold
+        answer = Answer(probs, decision.margins, routes.outcome, shown, student_s)
         self.metrics.student_batch(self.cascade, decision.margins, student_s)
-        settled = np.ones(len(batch), dtype=bool)
+        settled = np.ones(n, dtype=bool)
         settled[sent] = False
         self.metrics.items(self.cascade, routes.outcome[settled])
+        calibration = version.manifest.calibration
+        self.metrics.savings(
+            self.cascade, n, int(sent.size), calibration.cost_student, calibration.cost_teacher
+        )
+        routed = slice(None) if items is None else items.mode == Mode.AUTO
+        self._observe("routed", decision.margins[routed], int(decision.delegate[routed].sum()))
+        by_student = settled & ~BY_TEACHER[routes.outcome]
+        self._observe("answered", decision.margins[by_student], 0)
+        if self.shadow is not None:
+            self.shadow.offer(version, batch, decision.margins, by_student, probs)
         # Step 4: answer what is decided; refuse what the accuracy floor does not allow.
-        starts = np.cumsum([0] + [job.size for job in jobs])
         waiting = _jobs_holding(starts, sent, len(jobs))
         shed = _jobs_holding(starts, np.flatnonzero(routes.shed), len(jobs))
         for j in np.flatnonzero(shed):
@@ -139,13 +190,36 @@ class BatchPath:
                 return
             if teacher_probs is None:
                 answer.outcome[sent] = Outcome.TEACHER_FAILED
+                self._observe("answered", decision.margins[sent], 0)
             else:
                 answer.probs[sent] = teacher_probs
+                self._observe("answered", decision.margins[:0], int(sent.size))
             self.metrics.items(self.cascade, answer.outcome[sent])
             _resolve(jobs, answer, starts, waits, waiting & ~shed)
 
         feeds = version.teacher_feeds(batch.take(sent))
         self.teacher.call(feeds, sent.size, ticket, done, headers)
+
+    def _observe(self, what: str, margins: np.ndarray, count: int) -> None:
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, what)(margins, count)
+        except Exception as exc:  # an observer never fails a request
+            self._observer_failures("cascade %s: observer failed: %r", self.cascade, exc)
+
+    def _floor(self, version: StudentVersion) -> float:
+        """The accuracy floor as a threshold for this version: items below it are not left to
+        the student alone under load."""
+        key = id(version)
+        if key not in self._floors:
+            assert self.accuracy_floor is not None
+            try:
+                value = version.manifest.calibration.threshold_for_accuracy(self.accuracy_floor)
+            except ValueError:  # the calibration never reaches it: every delegated item counts
+                value = 1.0
+            self._floors = {key: value}  # one version at a time (two around a swap)
+        return self._floors[key]
 
     def _teacher_spans(
         self, jobs: list[BatchJob], waiting: np.ndarray, n: int
@@ -157,6 +231,37 @@ class BatchPath:
         if not spans or self.tracing is None:
             return spans, None
         return spans, self.tracing.headers_for(spans[0])
+
+
+def _any_options(jobs: list[BatchJob]) -> bool:
+    return any(job.payload.options is not None for job in jobs)
+
+
+@dataclass
+class _ItemOptions:
+    """The requests' options spread over their items."""
+
+    threshold: np.ndarray
+    mode: np.ndarray
+    deadline: np.ndarray  # perf_counter, inf: none
+
+    @classmethod
+    def of(cls, jobs: list[BatchJob], starts: np.ndarray, threshold: float, n: int) -> _ItemOptions:
+        out = cls(np.full(n, threshold), np.zeros(n, np.int8), np.full(n, np.inf))
+        for j, job in enumerate(jobs):
+            opts = job.payload.options
+            if opts is None:
+                continue
+            rows = slice(int(starts[j]), int(starts[j + 1]))
+            if opts.threshold is not None:
+                out.threshold[rows] = opts.threshold
+            out.mode[rows] = opts.mode
+            if opts.deadline is not None:
+                out.deadline[rows] = opts.deadline
+        return out
+
+    def budget(self, now: float) -> np.ndarray:
+        return self.deadline - now
 
 
 def _jobs_holding(starts: np.ndarray, items: np.ndarray, n_jobs: int) -> np.ndarray:

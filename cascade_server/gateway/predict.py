@@ -25,10 +25,12 @@ from .http_errors import JSON
 from .http_errors import error_body as http_error_body
 from .kserve import HEADER_LENGTH, encode_response, error_body, parse_infer, split_body
 from .logs import REQUEST_ID, request_id
+from .options import RequestOptions, parse_options
 from .parsing import (
     RequestHead,
     body_limit_message,
     limited_receive,
+    options_of,
     parse_request,
     read_request_body,
     refuse_encoded_body,
@@ -228,7 +230,8 @@ class PredictEndpoints:
             call.trace.mark("parsed")
         cascade = call.cascade = gateway.resolve(parsed.cascade, parsed.modality)
         call.items = len(parsed.items)
-        predictions, total = await _answer(call, cascade, parsed.items)
+        options = parse_options(parsed.options, gateway.overrides, call.started)
+        predictions, total = await _answer(call, cascade, parsed.items, options)
         outputs = predictions.outputs(parsed.top_k or gateway.body_limits.default_top_k, total)
         body = orjson.dumps({"outputs": outputs} if parsed.batched else outputs[0])
         return 200, body, self._headers
@@ -250,7 +253,9 @@ class PredictEndpoints:
         if call.trace is not None:
             call.trace.mark("parsed")
         call.items = len(request.items)
-        predictions, _ = await _answer(call, cascade, request.items)
+        given = options_of(request.options, RequestHead.from_scope(scope))
+        options = parse_options(given, gateway.overrides, call.started)
+        predictions, _ = await _answer(call, cascade, request.items, options)
         payload, json_length = encode_response(request, predictions, predictions.version.version)
         headers = list(self._headers)
         if json_length is not None:
@@ -259,9 +264,13 @@ class PredictEndpoints:
         return 200, payload, headers
 
 
-async def _answer(call: Call, cascade: Cascade, items: list[Any]) -> tuple[Predictions, float]:
+async def _answer(
+    call: Call, cascade: Cascade, items: list[Any], options: RequestOptions | None
+) -> tuple[Predictions, float]:
     """Runs the cascade on a request's inputs and records the request's latencies."""
-    predictions = await cascade.predict(items, call.trace)
+    if options is not None:
+        call.gateway.metrics.overridden(cascade.name, options.labels())
+    predictions = await cascade.predict(items, call.trace, options)
     total = time.perf_counter() - call.started
     a = predictions.answer
     call.gateway.metrics.request_done(

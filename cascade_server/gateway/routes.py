@@ -72,7 +72,11 @@ async def cascades(request: Request) -> dict[str, Any]:
                 "modality": c.modality,
                 "classes": list(c.classes),
                 "threshold": c.threshold(),
+                "policy": c.thresholds.current().mode,
                 "versions": c.versions,
+                # The two numbers an operator weighs: what the cascade saves and how far its
+                # answers stay with the teacher's (live, when shadow sampling is on).
+                **c.controller.describe(c.manifest.calibration),
             }
             for c in (gateway.cascades.values() if gateway else ())
         ]

@@ -4,7 +4,7 @@ invalid JSON with a precise message. Valid requests are parsed without building 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -29,6 +29,18 @@ class PredictRequest(BaseModel):
     cascade: str | None = Field(default=None, description="which cascade; optional if one fits")
     # Strict: `true`, "2" or 2.0 are not a count (the query string refuses them too).
     top_k: Annotated[int, Field(ge=1, strict=True)] | None = None
+    # Per-request options (off unless CASCADE_OVERRIDES__ENABLED; within the operator's limits).
+    delegate: Literal["auto", "never", "always"] | None = Field(
+        default=None, description="who answers: the policy, always the student, the teacher"
+    )
+    threshold: Annotated[float, Field(ge=0.0, le=1.0, strict=True)] | None = Field(
+        default=None, description="this request's own threshold"
+    )
+    deadline_ms: Annotated[float, Field(gt=0, strict=True)] | None = Field(
+        default=None,
+        description="answer within this; the teacher is skipped when its p95 does not fit "
+        "(also the x-request-timeout-ms header)",
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> PredictRequest:
@@ -58,7 +70,10 @@ class Prediction(BaseModel):
     class_id: int
     top_k: list[ClassProbability]
     margin: float = Field(description="the student's top-1 minus top-2 probability")
-    threshold: float = Field(description="delegation threshold in force for this answer")
+    threshold: float = Field(
+        description="delegation threshold in force for this answer (the request's own if it "
+        "gave one)"
+    )
     delegated: bool = Field(description="the policy wanted the teacher for this input")
     answered_by: str = Field(description="student | teacher")
     outcome: str = Field(

@@ -32,6 +32,7 @@ class Gateway:
         self.tracing = tracing or Tracing(TracingConfig())  # off unless configured
         self.settings = settings
         self.body_limits = settings.body_limits  # built once: the hot path reads it
+        self.overrides = settings.overrides
         self.cascades = cascades
         self.metrics = metrics
         self.drain = Drain(settings.drain_s)

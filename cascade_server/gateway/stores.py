@@ -176,8 +176,13 @@ class FileBackend:
                     try:
                         self._append_audit(self._path(key, ".audit.jsonl"), audit)
                     except OSError as exc:  # the change is made: say so, loudly
-                        log.error("control store: %s changed, but its audit entry was "
-                                  "not written: %s (%s)", key, exc, audit)  # fmt: skip
+                        log.error(
+                            "control store: %s changed, but its audit entry was "
+                            "not written: %s (%s)",
+                            key,
+                            exc,
+                            audit,
+                        )
         except OSError as exc:  # a full disk, a read-only volume: the change did not happen
             raise ServiceUnavailable(
                 f"the control store ({self.state_dir}) cannot be written; nothing was "

@@ -22,7 +22,10 @@ class Teacher(Protocol):
     async def close(self) -> None: ...
     async def ready(self) -> bool: ...
     async def infer(
-        self, feeds: dict[str, np.ndarray], headers: dict[str, str] | None = None
+        self,
+        feeds: dict[str, np.ndarray],
+        headers: dict[str, str] | None = None,
+        priority: int | None = None,
     ) -> np.ndarray: ...
 
 
@@ -82,12 +85,16 @@ class TritonTeacher:
             return False
 
     async def infer(
-        self, feeds: dict[str, np.ndarray], headers: dict[str, str] | None = None
+        self,
+        feeds: dict[str, np.ndarray],
+        headers: dict[str, str] | None = None,
+        priority: int | None = None,
     ) -> np.ndarray:
         """Input tensors by Triton name -> teacher logits. Splits at the model's max batch
         size; Triton's dynamic batcher does the batching across requests. `headers` travel as
         gRPC metadata (the W3C trace context: Triton continues the trace when its
-        OpenTelemetry tracing is on)."""
+        OpenTelemetry tracing is on); `priority`: Triton's request priority (shadow calls; the
+        model config needs priority_levels)."""
         import tritonclient.grpc.aio as grpcclient
         from tritonclient.utils import InferenceServerException
 
@@ -99,11 +106,11 @@ class TritonTeacher:
         try:
             # One chunk (the common case) is awaited directly: no task, no extra loop turn.
             if len(chunks) == 1:
-                results = [await self._infer_one(grpcclient, chunks[0], headers)]
+                results = [await self._infer_one(grpcclient, chunks[0], headers, priority)]
             else:
                 async with asyncio.timeout(self.timeout_s):
                     results = await asyncio.gather(
-                        *(self._infer_one(grpcclient, c, headers) for c in chunks)
+                        *(self._infer_one(grpcclient, c, headers, priority) for c in chunks)
                     )
         except TimeoutError:
             raise TeacherUnavailable("timeout", f"no answer within {self.timeout_s}s") from None
@@ -116,7 +123,11 @@ class TritonTeacher:
         return np.concatenate(results) if len(results) > 1 else results[0]
 
     async def _infer_one(
-        self, grpcclient: Any, chunk: dict[str, np.ndarray], headers: dict[str, str] | None
+        self,
+        grpcclient: Any,
+        chunk: dict[str, np.ndarray],
+        headers: dict[str, str] | None,
+        priority: int | None,
     ) -> np.ndarray:
         from tritonclient.utils import np_to_triton_dtype
 
@@ -135,6 +146,7 @@ class TritonTeacher:
             model_version=self.version,
             outputs=[out],
             headers=headers,
+            priority=priority or 0,
             client_timeout=self.timeout_s,
             # Triton's own request timeout (us): with the teacher config's queue policy, a
             # request still queued when the gateway has given up is dropped, not computed.

@@ -59,8 +59,13 @@ class Summary:
     @classmethod
     def empty(cls, relative_accuracy: float, strata: int) -> Summary:
         z = np.zeros(strata)
-        return cls(new_sketch(relative_accuracy), answered=z, shadowed=z.copy(),
-                   disagreed=z.copy(), workers=0)  # fmt: skip
+        return cls(
+            new_sketch(relative_accuracy),
+            answered=z,
+            shadowed=z.copy(),
+            disagreed=z.copy(),
+            workers=0,
+        )
 
     def merge(self, other: Summary) -> None:
         self.sketch.merge(other.sketch)
@@ -83,7 +88,7 @@ class Summary:
         return None if value is None else float(min(max(value, 0.0), 1.0))
 
     def to_bytes(self) -> bytes:
-        proto = DDSketchProto.to_proto(self.sketch).SerializeToString()
+        proto = DDSketchProto.to_proto(self.sketch).SerializeToString()  # type: ignore[no-untyped-call]
         return orjson.dumps(
             {
                 "sketch": base64.b64encode(proto).decode(),
@@ -101,7 +106,8 @@ class Summary:
         data = orjson.loads(raw)
         proto = SketchMessage.FromString(base64.b64decode(data["sketch"]))
         sketch = new_sketch(relative_accuracy)
-        sketch.merge(DDSketchProto.from_proto(proto))  # same mapping: same relative accuracy
+        # The same mapping on both sides (the same relative accuracy): mergeable.
+        sketch.merge(DDSketchProto.from_proto(proto))  # type: ignore[no-untyped-call]
 
         def counts(key: str) -> np.ndarray:
             values = np.asarray(data[key], float)
@@ -136,13 +142,13 @@ class Window:
         self._pending.workers = 1
 
     # The request path: appends only.
-    def observe_routed(self, margins: np.ndarray, delegated: int) -> None:
+    def routed(self, margins: np.ndarray, delegated: int) -> None:
         """Items the policy routed (not forced): their margins, and how many it delegated."""
         self._pending_margins.append(margins)
         self._pending.items += len(margins)
         self._pending.delegated += delegated
 
-    def observe_answers(self, student_margins: np.ndarray, teacher_items: int) -> None:
+    def answered(self, student_margins: np.ndarray, teacher_items: int) -> None:
         """Answers given: the student's by margin stratum, and how many the teacher gave."""
         if len(student_margins):
             self._pending.answered = self._pending.answered + np.bincount(
@@ -150,7 +156,7 @@ class Window:
             )
         self._pending.teacher_answered += teacher_items
 
-    def observe_shadow(self, margins: np.ndarray, agrees: np.ndarray) -> None:
+    def shadowed(self, margins: np.ndarray, agrees: np.ndarray) -> None:
         idx = strata_of(margins, self.strata)
         self._pending.shadowed = self._pending.shadowed + np.bincount(idx, minlength=self.strata)
         self._pending.disagreed = self._pending.disagreed + np.bincount(
@@ -161,16 +167,18 @@ class Window:
     def roll(self, now: float | None = None) -> Summary:
         """Folds what was observed into the open bucket, rotates, and returns the window."""
         now = time.monotonic() if now is None else now
-        pending, self._pending = self._pending, Summary.empty(
-            self.config.relative_accuracy, self.strata
+        pending, self._pending = (
+            self._pending,
+            Summary.empty(self.config.relative_accuracy, self.strata),
         )
         self._pending.workers = 1
         margins, self._pending_margins = self._pending_margins, []
         if margins:
             add_margins(pending.sketch, np.concatenate(margins))
         if not self._buckets or self._full(self._buckets[-1], now):
-            self._buckets.append(_Bucket(now, Summary.empty(self.config.relative_accuracy,
-                                                            self.strata)))  # fmt: skip
+            self._buckets.append(
+                _Bucket(now, Summary.empty(self.config.relative_accuracy, self.strata))
+            )
         self._buckets[-1].summary.merge(pending)
         horizon = now - self.config.window_s
         self._buckets = [b for b in self._buckets if b.opened >= horizon][-self.config.buckets :]

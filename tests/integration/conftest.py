@@ -35,7 +35,10 @@ class FakeTeacher:
         return self.is_ready
 
     async def infer(
-        self, feeds: dict[str, np.ndarray], headers: dict[str, str] | None = None
+        self,
+        feeds: dict[str, np.ndarray],
+        headers: dict[str, str] | None = None,
+        priority: int | None = None,
     ) -> np.ndarray:
         batch = next(iter(feeds.values()))
         self.calls.append(len(batch))

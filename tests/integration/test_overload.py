@@ -22,7 +22,7 @@ class SlowTeacher(FakeTeacher):
         super().__init__()
         self.delay_s, self.hang = delay_s, hang
 
-    async def infer(self, feeds, headers=None):
+    async def infer(self, feeds, headers=None, priority=None):
         self.calls.append(len(next(iter(feeds.values()))))
         await asyncio.sleep(self.delay_s)
         if self.hang:

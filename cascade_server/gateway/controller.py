@@ -1,0 +1,234 @@
+"""The delegation controller: holds an online policy (control.py) on live traffic.
+
+Every `interval_s`, each worker rolls its window (window.py), publishes it through the control
+store under a key of its own that expires (`worker_ttl_s`), and reads the controller's shared
+state. When the state is due (older than an interval) the worker merges every live window (all
+workers, all replicas) and moves the threshold:
+
+- `target_delegation_rate`: to the margin quantile that delegates the target share of the
+  window (`P(margin < t) = target`), by at most `max_step`, not at all when the change is below
+  `min_change` (hysteresis), within the policy's bounds;
+- `max_student_error`: up, when the live upper bound of the student's error on what it answers
+  alone (shadow samples, teacher as reference) exceeds the target: to the lowest stratum edge
+  whose bound fits, by at most `max_step`; back down towards the calibrated start, a quarter
+  step at a time, while the bound is comfortably (20%) within the target.
+
+The write is a compare-and-set without an audit entry (operators' changes are audited; the
+controller's moves are metrics), so whichever worker gets there first moves, once per interval,
+and every worker serves the shared threshold. A move is logged at most once per interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import orjson
+from pydantic import BaseModel
+
+from ..bundle import Calibration
+from ..config.delegation import ControllerConfig
+from .control import PolicyState
+from .estimates import UNKNOWN, Estimate, agreement, cascade_agreement, error_above
+from .metrics import Metrics
+from .stores import ControlStore
+from .window import Summary, Window
+
+log = logging.getLogger(__name__)
+
+
+class ControllerState(BaseModel):
+    threshold: float
+    policy: str  # PolicyState.stamp() of the policy it holds
+    at: float  # time.time() of the last step that moved or confirmed it
+    observed_rate: float | None = None
+    items: float = 0.0
+    reason: str = ""
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Controller:
+    def __init__(
+        self,
+        cascade: str,
+        config: ControllerConfig,
+        store: ControlStore,
+        metrics: Metrics,
+        strata: int,
+    ) -> None:
+        self.cascade = cascade
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.strata = strata
+        self.window = Window(config, strata)
+        self.key = f"{cascade}.controller"
+        self.live_prefix = f"{cascade}.window."
+        self.me = worker_id()
+        self.merged: Summary = Summary.empty(config.relative_accuracy, strata)
+        self.student_estimate: Estimate = UNKNOWN
+        self.cascade_estimate: Estimate = UNKNOWN
+        self._stamp: object = None
+        self._state: ControllerState | None = None
+
+    # The request path.
+    def state(self) -> ControllerState | None:
+        """The shared state (the store's in-process view: no I/O)."""
+        stamp, raw = self.store.read(self.key)
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self._state = ControllerState.model_validate_json(raw) if raw else None
+            except ValueError:
+                log.error("ignoring unreadable controller state %s", self.key)
+                self._state = None
+        return self._state
+
+    def threshold_for(self, policy: PolicyState) -> float:
+        """The threshold in force for `policy`: the controller's while it holds this policy,
+        else the policy's own start."""
+        if not policy.online or not self.config.enabled:
+            return policy.threshold
+        state = self.state()
+        if state is None or state.policy != policy.stamp():
+            return policy.threshold
+        return policy.clamp(state.threshold)
+
+    # Once per interval.
+    async def step(self, policy: PolicyState, calibration: Calibration) -> None:
+        local = self.window.roll()
+        await self.store.publish(
+            self.live_prefix + self.me, local.to_bytes(), self.config.worker_ttl_s
+        )
+        merged = Summary.empty(self.config.relative_accuracy, self.strata)
+        for raw in await self.store.collect(self.live_prefix, self.config.worker_ttl_s):
+            try:
+                merged.merge(Summary.from_bytes(raw, self.config.relative_accuracy, self.strata))
+            except (ValueError, KeyError, TypeError):
+                log.warning("cascade %s: skipping an unreadable live window", self.cascade)
+        self.merged = merged
+        self._estimate(merged)
+        threshold = self.threshold_for(policy)
+        self.metrics.live(
+            self.cascade,
+            merged,
+            threshold,
+            self.student_estimate,
+            self.cascade_estimate,
+            calibration,
+        )
+        if not (policy.online and self.config.enabled):
+            return
+        state = self.state()
+        if state is not None and state.policy == policy.stamp():
+            if time.time() - state.at < self.config.interval_s * 0.8:
+                return  # another worker moved it this interval
+        if merged.items < self.config.min_items:
+            return
+        desired, reason = self._desired(policy, threshold, merged)
+        if desired is None:
+            return
+        new = policy.clamp(
+            threshold
+            + float(np.clip(desired - threshold, -self.config.max_step, self.config.max_step))
+        )
+        if abs(new - threshold) < self.config.min_change:
+            new = threshold  # within the hysteresis band: confirm, do not move
+        moved = new != threshold
+        record = ControllerState(
+            threshold=new,
+            policy=policy.stamp(),
+            at=time.time(),
+            observed_rate=merged.delegation_rate,
+            items=merged.items,
+            reason=reason,
+        )
+        await self.store.update(self.key, lambda _: (record.model_dump_json().encode(), None))
+        if moved:
+            self.metrics.controller_moved(self.cascade)
+            log.info(
+                "cascade %s: controller threshold %.4f -> %.4f (%s; window %d items from %d "
+                "workers, delegation %.3f)",
+                self.cascade,
+                threshold,
+                new,
+                reason,
+                merged.items,
+                merged.workers,
+                merged.delegation_rate or 0.0,
+            )
+
+    def _estimate(self, merged: Summary) -> None:
+        self.student_estimate = agreement(
+            merged.answered, merged.shadowed, merged.disagreed, self.config.confidence
+        )
+        self.cascade_estimate = cascade_agreement(
+            self.student_estimate, float(merged.answered.sum()), merged.teacher_answered
+        )
+
+    def _desired(
+        self, policy: PolicyState, threshold: float, merged: Summary
+    ) -> tuple[float | None, str]:
+        if policy.mode == "target_delegation_rate":
+            assert policy.target_delegation_rate is not None
+            q = merged.quantile(policy.target_delegation_rate)
+            return q, f"margin quantile {policy.target_delegation_rate:.3f}"
+        assert policy.max_student_error is not None
+        target = policy.max_student_error
+        start = int(min(threshold, 0.999999) * self.strata)
+        live = error_above(
+            merged.answered, merged.shadowed, merged.disagreed, start, self.config.confidence
+        )
+        if not live.known:
+            return None, "no shadow samples yet"
+        if live.upper > target:
+            for edge in range(start + 1, self.strata):
+                above = error_above(
+                    merged.answered, merged.shadowed, merged.disagreed, edge, self.config.confidence
+                )
+                if above.known and above.upper <= target:
+                    return edge / self.strata, f"live error bound {live.upper:.4f} > {target}"
+            return threshold + self.config.max_step, f"live error bound {live.upper:.4f} > {target}"
+        if live.upper < 0.8 * target and threshold > policy.threshold:
+            down = max(policy.threshold, threshold - self.config.max_step / 4)
+            return down, f"live error bound {live.upper:.4f} well within {target}"
+        return threshold, f"live error bound {live.upper:.4f} within {target}"
+
+    def describe(self, calibration: Calibration | None = None) -> dict[str, Any]:
+        """What GET /admin/threshold and /cascades show of the live state (the merged window
+        of every worker and replica, as of the last step)."""
+        state = self.state()
+        m = self.merged
+        out: dict[str, Any] = {
+            "controller": None if state is None else orjson.loads(state.model_dump_json()),
+            "window": {
+                "items": m.items,
+                "workers": m.workers,
+                "delegation_rate": m.delegation_rate,
+            },
+            "live_student_agreement": _estimate_dict(self.student_estimate),
+            "live_cascade_agreement": _estimate_dict(self.cascade_estimate),
+        }
+        answers = float(m.answered.sum()) + m.teacher_answered
+        if calibration is not None and answers:
+            share = m.teacher_answered / answers
+            cost = calibration.cost_student + share * calibration.cost_teacher
+            out["savings"] = {
+                # Against teacher-only serving, over the window, in the calibration's costs.
+                "teacher_calls_avoided": 1.0 - share,
+                "compute_saved": 1.0 - cost / calibration.cost_teacher,
+            }
+        return out
+
+
+def _estimate_dict(e: Estimate) -> dict[str, float | int] | None:
+    if not e.known:
+        return None
+    return {"value": e.value, "lower": e.lower, "upper": e.upper, "samples": e.samples}

@@ -1,0 +1,169 @@
+"""Shadow samples: a share of the student's answers also goes to the teacher, off the response
+path, so the gateway can say live how often the teacher agrees with what the student answers
+alone (estimates.py, by margin stratum).
+
+Shadows are the lowest priority there is: a sample waits in a bounded queue and is dropped
+(counted, never an error) when the queue is full, when the teacher's circuit is not closed, or
+when the teacher has no room to spare for real traffic; a few shadow calls at most are in flight
+(`max_in_flight`), with Triton's own priority when configured. They are never counted as
+delegation, never feed the circuit breaker, and never touch an answer: the request was answered
+before its sample was taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config.delegation import ShadowConfig
+from ..errors import TeacherUnavailable
+from ..preprocess import Batch
+from .breaker import State
+from .delegation import TeacherStage
+from .metrics import Metrics
+from .supervise import BurstLog
+from .version import StudentVersion
+from .window import Window
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sample:
+    feeds: dict[str, np.ndarray]
+    margins: np.ndarray
+    classes: np.ndarray  # the student's answers
+
+
+class Shadow:
+    def __init__(
+        self,
+        cascade: str,
+        config: ShadowConfig,
+        teacher: TeacherStage,
+        window: Window,
+        metrics: Metrics,
+        seed: int | None = None,
+    ) -> None:
+        self.cascade = cascade
+        self.config = config
+        self.teacher = teacher
+        self.window = window
+        self.metrics = metrics
+        self._rng = np.random.default_rng(seed)
+        self._queue: deque[_Sample] = deque()
+        self._queued = 0
+        self._wake = asyncio.Event()
+        self._calls: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._failures = BurstLog(logger=log)
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.fraction > 0
+
+    def start(self) -> None:
+        if self.enabled:
+            self._task = asyncio.get_running_loop().create_task(
+                self._drain(), name=f"{self.cascade}-shadow"
+            )
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for task in list(self._calls):
+            task.cancel()
+        await asyncio.gather(*self._calls, return_exceptions=True)
+
+    def offer(
+        self,
+        version: StudentVersion,
+        batch: Batch,
+        margins: np.ndarray,
+        by_student: np.ndarray,
+        probs: np.ndarray,
+    ) -> None:
+        """On the request path: picks this batch's samples (a Bernoulli draw per student
+        answer) and queues them; never waits."""
+        if not self.enabled:
+            return
+        candidates = np.flatnonzero(by_student)
+        if not candidates.size:
+            return
+        picked = candidates[self._rng.random(candidates.size) < self.config.fraction]
+        if not picked.size:
+            return
+        if self._queued + picked.size > self.config.queue:
+            self.metrics.shadowed(self.cascade, "dropped", int(picked.size))
+            return
+        sample = _Sample(
+            version.teacher_feeds(batch.take(picked)), margins[picked], probs[picked].argmax(1)
+        )
+        self._queue.append(sample)
+        self._queued += picked.size
+        self._wake.set()
+
+    def _room(self) -> bool:
+        """Spare capacity: a closed circuit, and the teacher well within its bounds."""
+        stage = self.teacher
+        if stage.breaker.state is not State.CLOSED:
+            return False
+        return len(stage.calls) < max(stage.config.max_in_flight // 2, 1) and stage.spare()
+
+    async def _drain(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                if not self._room():
+                    dropped = sum(s.margins.size for s in self._queue)
+                    self._queue.clear()
+                    self._queued = 0
+                    self.metrics.shadowed(self.cascade, "dropped", dropped)
+                    break
+                if len(self._calls) >= self.config.max_in_flight:
+                    await asyncio.sleep(0.005)
+                    continue
+                sample = self._take()
+                task = asyncio.get_running_loop().create_task(self._call(sample))
+                self._calls.add(task)
+                task.add_done_callback(self._calls.discard)
+
+    def _take(self) -> _Sample:
+        """Up to `batch` queued samples as one call."""
+        parts = [self._queue.popleft()]
+        size = parts[0].margins.size
+        while self._queue and size + self._queue[0].margins.size <= self.config.batch:
+            parts.append(self._queue.popleft())
+            size += parts[-1].margins.size
+        self._queued -= size
+        if len(parts) == 1:
+            return parts[0]
+        feeds = {k: np.concatenate([p.feeds[k] for p in parts]) for k in parts[0].feeds}
+        return _Sample(
+            feeds,
+            np.concatenate([p.margins for p in parts]),
+            np.concatenate([p.classes for p in parts]),
+        )
+
+    async def _call(self, sample: _Sample) -> None:
+        n = sample.margins.size
+        try:
+            logits = await self.teacher.teacher.infer(
+                sample.feeds, None, priority=self.config.priority
+            )
+            if logits.shape[0] != n:
+                raise TeacherUnavailable("error", f"teacher answered {logits.shape[0]} of {n}")
+        except (TeacherUnavailable, ValueError) as exc:  # never the breaker's business
+            self.metrics.shadowed(self.cascade, "failed", n)
+            self._failures("cascade %s: a shadow call failed: %s", self.cascade, exc)
+            return
+        agrees = np.asarray(logits).argmax(1) == sample.classes
+        self.window.shadowed(sample.margins, agrees)
+        self.metrics.shadowed(self.cascade, "agree", int(agrees.sum()))
+        self.metrics.shadowed(self.cascade, "disagree", int((~agrees).sum()))
