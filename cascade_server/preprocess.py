@@ -10,12 +10,10 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -161,7 +159,8 @@ class ImagePreprocessor:
 
     def decode(self, data: bytes, budget: list[int] | None = None) -> np.ndarray:
         """One encoded image -> uint8 (H, W, C) at the manifest's size."""
-        with _quiet_pillow():
+        with warnings.catch_warnings():
+            _ignore_pillow_warnings()
             return self.load(self.open(data, budget))
 
     def _to_array(self, img: Image.Image) -> np.ndarray:
@@ -189,27 +188,48 @@ class ImagePreprocessor:
         return img
 
     def plan(self, items: list) -> Plan:
-        """Checks every image's header and the request's limits now; decoding is `run`."""
+        """Checks every image's header and the request's limits now. Images are decoded as they
+        are checked while the request stays cheap (`inline`); once it is not, the rest are
+        left to `run`, for a thread."""
         if not all(isinstance(x, bytes) for x in items):
             raise InvalidInput("this cascade takes images")
         budget = [self.max_request_pixels]
-        opened = []
-        with _quiet_pillow():
+        inline = sum(map(len, items)) <= self.inline_bytes
+        opened: list[Image.Image] = []
+        arrays: list[np.ndarray] = []
+        n = len(items)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # see _ignore_pillow_warnings
             for i, blob in enumerate(items):
-                with _naming(i, len(items)):
-                    opened.append(self.open(blob, budget))
-        pixels = self.max_request_pixels - budget[0]
-        size = sum(len(x) for x in items)
+                try:
+                    img = self.open(blob, budget)
+                    if inline and self.max_request_pixels - budget[0] > self.inline_pixels:
+                        inline = False  # from here on, decoding is for a thread
+                    if inline:
+                        arrays.append(self.load(img))
+                    else:
+                        opened.append(img)
+                except (InvalidInput, PayloadTooLarge) as exc:
+                    _name_input(exc, i, n)
+                    raise
+            if inline:
+                batch = Batch({"input": normalize(np.stack(arrays), self.spec)}, None)
+                return Plan(lambda: batch, inline=True)
+        done = len(arrays)
 
         def run() -> Batch:
-            arrays = []
-            with _quiet_pillow():
-                for i, img in enumerate(opened):
-                    with _naming(i, len(opened)):
+            with warnings.catch_warnings():
+                _ignore_pillow_warnings()
+                for j, img in enumerate(opened):
+                    try:
                         arrays.append(self.load(img))
+                    except (InvalidInput, PayloadTooLarge) as exc:
+                        _name_input(exc, done + j, n)
+                        raise
             return Batch({"input": normalize(np.stack(arrays), self.spec)}, None)
 
-        return Plan(run, inline=pixels <= self.inline_pixels and size <= self.inline_bytes)
+        return Plan(run, inline=False)
 
     def __call__(self, blobs: list[bytes]) -> np.ndarray:
         """Encoded images -> float32 NCHW batch. Raises on the first bad one, naming it."""
@@ -225,14 +245,18 @@ class ImagePreprocessor:
         return buf.getvalue()
 
 
-@contextmanager
-def _quiet_pillow() -> Iterator[None]:
-    """Pillow warns before it raises on huge images (our own limit answers first) and on
-    corrupt metadata such as a broken EXIF block (ignored: the pixels are fine)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        yield
+def _ignore_pillow_warnings() -> None:
+    """Inside a warnings context: Pillow warns before it raises on huge images (our own limit
+    answers first) and on corrupt metadata such as a broken EXIF block (ignored: the pixels
+    are fine)."""
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    warnings.simplefilter("ignore", UserWarning)
+
+
+def _name_input(exc: InvalidInput | PayloadTooLarge, i: int, n: int) -> None:
+    """Prefixes an input error with `inputs[i]: ` when the request was a batch."""
+    if n > 1:
+        exc.message = f"inputs[{i}]: {exc.message}"
 
 
 @dataclass
@@ -270,26 +294,6 @@ class Preprocessor(Protocol):
     def plan(self, items: list) -> Plan: ...
     def prepare(self, items: list) -> Batch: ...
     def sample(self) -> bytes | str: ...
-
-
-class _naming:
-    """Prefixes an input error with `inputs[i]: ` when the request was a batch."""
-
-    def __init__(self, i: int, n: int) -> None:
-        self.i, self.n = i, n
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Literal[False]:
-        if exc is not None and isinstance(exc, InvalidInput | PayloadTooLarge) and self.n > 1:
-            exc.message = f"inputs[{self.i}]: {exc.message}"
-        return False
 
 
 def load_tokenizer(path: Path, spec: TextPreprocess) -> Any:
@@ -339,8 +343,11 @@ class TextPreprocessor:
     def prepare(self, items: list) -> Batch:
         texts = []
         for i, item in enumerate(items):
-            with _naming(i, len(items)):
+            try:
                 texts.append(self.validate(item))
+            except (InvalidInput, PayloadTooLarge) as exc:
+                _name_input(exc, i, len(items))
+                raise
         ids, mask, truncated = encode_texts(self.tokenizer, texts)
         # A text with no word the tokenizer knows ("12345", emoji, "...") is all [UNK] to the
         # student and the teacher alike: any answer would be a guess with a confident margin.

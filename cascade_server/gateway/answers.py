@@ -9,6 +9,11 @@ import numpy as np
 
 from .outcomes import ANSWERED_BY, BY_TEACHER, DEGRADED, DELEGATED, NAMES
 
+# Per outcome code, what an answer says of it (plain lists: the hot path indexes them per item).
+_BY = ANSWERED_BY.tolist()
+_DEGRADED = DEGRADED.tolist()
+_DELEGATED = DELEGATED.tolist()
+
 if TYPE_CHECKING:
     from .version import StudentVersion
 
@@ -84,27 +89,26 @@ class Predictions:
             "teacher": round(a.teacher_s * 1e3, 3),
             "total": round(total_s * 1e3, 3),
         }
-        probs, margins = a.probs.tolist(), a.margins.tolist()
-        delegated, degraded = a.delegated.tolist(), a.degraded.tolist()
-        outcomes = a.outcome.tolist()
-        thresholds = (
-            a.threshold.tolist() if isinstance(a.threshold, np.ndarray) else [a.threshold] * len(a)
-        )
+        probs, margins, outcomes = a.probs.tolist(), a.margins.tolist(), a.outcome.tolist()
+        threshold = a.threshold
+        thresholds = threshold.tolist() if isinstance(threshold, np.ndarray) else None
+        versions, cascade = self.version.versions, self.cascade
         out = []
         for i, row in enumerate(order.tolist()):
+            o = outcomes[i]
             top = [{"label": classes[c], "class_id": c, "probability": probs[i][c]} for c in row]
             item = {
                 "label": top[0]["label"],
                 "class_id": top[0]["class_id"],
                 "top_k": top,
                 "margin": margins[i],
-                "threshold": thresholds[i],
-                "delegated": delegated[i],
-                "answered_by": ANSWERED_BY[outcomes[i]],
-                "outcome": NAMES[outcomes[i]],
-                "degraded": degraded[i],
-                "cascade": self.cascade,
-                "versions": self.version.versions,
+                "threshold": threshold if thresholds is None else thresholds[i],
+                "delegated": _DELEGATED[o],
+                "answered_by": _BY[o],
+                "outcome": NAMES[o],
+                "degraded": _DEGRADED[o],
+                "cascade": cascade,
+                "versions": versions,
                 "timings_ms": timings,
             }
             if self.truncated is not None:

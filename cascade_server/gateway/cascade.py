@@ -66,6 +66,7 @@ class Cascade:
             m.name, config.controller, store, metrics, config.shadow.strata
         )
         self.shadow = Shadow(m.name, config.shadow, self.teacher, self.controller.window, metrics)
+        self.controller.window.stratified = self.shadow.enabled
         self.path = BatchPath(
             m.name,
             len(m.classes),
@@ -165,10 +166,10 @@ class Cascade:
 
     def threshold(self) -> float:
         """The threshold in force for the active version (the controller's while it holds an
-        online policy), shown in the metrics."""
+        online policy), shown in the metrics (written when it changes)."""
         value = self.controller.threshold_for(self.active.thresholds.current())
-        self.metrics.set_threshold(self.name, value)
         if (value, self.active.version) != self._shown_threshold:
+            self.metrics.set_threshold(self.name, value)
             self._shown_threshold = (value, self.active.version)
             rate = self.active.manifest.calibration.rate_for_threshold(value)
             self.metrics.set_expected_delegation(self.name, rate)

@@ -103,12 +103,10 @@ class Controller:
 
     # Once per interval.
     async def step(self, policy: PolicyState, calibration: Calibration) -> None:
+        self.window.sketching = self.config.enabled and policy.mode == "target_delegation_rate"
         local = self.window.roll()
-        await self.store.publish(
-            self.live_prefix + self.me, local.to_bytes(), self.config.worker_ttl_s
-        )
         merged = Summary.empty(self.config.relative_accuracy, self.strata)
-        for raw in await self.store.collect(self.live_prefix, self.config.worker_ttl_s):
+        for raw in await self.store.call(self._exchange, local.to_bytes()):
             try:
                 merged.merge(Summary.from_bytes(raw, self.config.relative_accuracy, self.strata))
             except (ValueError, KeyError, TypeError):
@@ -165,12 +163,18 @@ class Controller:
                 merged.delegation_rate or 0.0,
             )
 
+    def _exchange(self, local: bytes) -> list[bytes]:
+        """On a thread (one hop for both): this worker's window out, every live one in."""
+        backend, ttl = self.store.backend, self.config.worker_ttl_s
+        backend.publish(self.live_prefix + self.me, local, ttl)
+        return backend.collect(self.live_prefix, ttl)
+
     def _estimate(self, merged: Summary) -> None:
         self.student_estimate = agreement(
             merged.answered, merged.shadowed, merged.disagreed, self.config.confidence
         )
         self.cascade_estimate = cascade_agreement(
-            self.student_estimate, float(merged.answered.sum()), merged.teacher_answered
+            self.student_estimate, merged.student_answered, merged.teacher_answered
         )
 
     def _desired(
@@ -178,6 +182,8 @@ class Controller:
     ) -> tuple[float | None, str]:
         if policy.mode == "target_delegation_rate":
             assert policy.target_delegation_rate is not None
+            if merged.sketch.count < self.config.min_items:  # sketching has just begun
+                return None, "filling the window"
             q = merged.quantile(policy.target_delegation_rate)
             return q, f"margin quantile {policy.target_delegation_rate:.3f}"
         assert policy.max_student_error is not None
@@ -216,7 +222,7 @@ class Controller:
             "live_student_agreement": _estimate_dict(self.student_estimate),
             "live_cascade_agreement": _estimate_dict(self.cascade_estimate),
         }
-        answers = float(m.answered.sum()) + m.teacher_answered
+        answers = m.student_answered + m.teacher_answered
         if calibration is not None and answers:
             share = m.teacher_answered / answers
             cost = calibration.cost_student + share * calibration.cost_teacher

@@ -4,6 +4,7 @@ CASCADE_LOG_FORMAT=json, as one JSON object per line for log shippers (python-js
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -12,6 +13,9 @@ from typing import Literal
 
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 _SAFE = re.compile(rb"^[A-Za-z0-9._:\-]{1,64}$")
+# Made-up ids: a random per-process prefix and a counter (unique per process, no syscall).
+_PREFIX = os.urandom(4).hex()
+_COUNTER = itertools.count(1)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 
@@ -21,7 +25,7 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> str:
     for name, value in headers:
         if name == b"x-request-id" and _SAFE.match(value):
             return value.decode("ascii")
-    return os.urandom(8).hex()
+    return f"{_PREFIX}{next(_COUNTER):08x}"
 
 
 class RequestIdFilter(logging.Filter):

@@ -291,6 +291,17 @@ class Metrics:
         self._in_flight = 0
         self._shown_in_flight = 0
         self._flush_scheduled = False
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._shown: dict[str, float] = {}  # gauges written only when their value changes
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: prometheus_client validates the labels
+        and takes a lock on every call, which per batch adds up on the hot path."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _schedule_flush(self) -> None:
         if self._flush_scheduled:
@@ -313,9 +324,9 @@ class Metrics:
             return
         for cascade in {p[0] for p in pending}:
             rows = np.array([p[1:] for p in pending if p[0] == cascade], dtype=np.float64)
-            self.requests.labels(cascade, "ok").inc(len(rows))
+            self._child(self.requests, cascade, "ok").inc(len(rows))
             for j, stage in enumerate(("preprocess", "queue", "total", "overhead")):
-                observe_many(self.latency.labels(cascade, stage), rows[:, j])
+                observe_many(self._child(self.latency, cascade, stage), rows[:, j])
 
     @_never_raises
     def prime(self, cascade: str) -> None:
@@ -369,14 +380,14 @@ class Metrics:
     @_never_raises
     def student_batch(self, cascade: str, margins: np.ndarray, seconds: float) -> None:
         """One student call over a micro-batch: its margins, size and latency."""
-        observe_many(self.margin.labels(cascade), margins)
-        self.latency.labels(cascade, "student").observe(seconds)
-        self.batch_size.labels(cascade, "student").observe(len(margins))
+        observe_many(self._child(self.margin, cascade), margins)
+        self._child(self.latency, cascade, "student").observe(seconds)
+        self._child(self.batch_size, cascade, "student").observe(len(margins))
 
     @_never_raises
     def teacher_call(self, cascade: str, n: int, seconds: float, error: str | None) -> None:
-        self.latency.labels(cascade, "teacher").observe(seconds)
-        self.batch_size.labels(cascade, "teacher").observe(n)
+        self._child(self.latency, cascade, "teacher").observe(seconds)
+        self._child(self.batch_size, cascade, "teacher").observe(n)
         if error is not None:
             self.teacher_errors.labels(cascade, error).inc()
 
@@ -387,7 +398,7 @@ class Metrics:
             return
         for code, count in enumerate(counts(outcomes).tolist()):
             if count:
-                self.answered_items.labels(cascade, NAMES[code]).inc(count)
+                self._child(self.answered_items, cascade, NAMES[code]).inc(count)
 
     def request_done(
         self, cascade: str, preprocess: float, queue: float, total: float, models: float
@@ -401,7 +412,9 @@ class Metrics:
 
     @_never_raises
     def set_threshold(self, cascade: str, value: float) -> None:
-        self.threshold.labels(cascade).set(value)
+        if self._shown.get(cascade) != value:
+            self._child(self.threshold, cascade).set(value)
+            self._shown[cascade] = value
 
     @_never_raises
     def control_store(self, up: bool) -> None:
@@ -471,11 +484,11 @@ class Metrics:
         self, cascade: str, items: int, sent: int, cost_student: float, cost_teacher: float
     ) -> None:
         """Per batch: what it cost against what teacher-only serving would have."""
-        self.teacher_avoided.labels(cascade).inc(items - sent)
-        self.compute_units.labels(cascade, "student").inc(items * cost_student)
+        self._child(self.teacher_avoided, cascade).inc(items - sent)
+        self._child(self.compute_units, cascade, "student").inc(items * cost_student)
         if sent:
-            self.compute_units.labels(cascade, "teacher").inc(sent * cost_teacher)
-        self.compute_units.labels(cascade, "teacher_only").inc(items * cost_teacher)
+            self._child(self.compute_units, cascade, "teacher").inc(sent * cost_teacher)
+        self._child(self.compute_units, cascade, "teacher_only").inc(items * cost_teacher)
 
     @_never_raises
     def event_loop_tasks(self) -> None:

@@ -187,6 +187,8 @@ def one_value(name: str, in_body: str | None, in_query: str | None) -> str | Non
 
 
 def top_k_of(in_body: int | None, head: RequestHead) -> int | None:
+    if not head.query:
+        return in_body
     in_query = int_param(head.query.get("top_k"), "top_k")
     if in_body is not None and in_query is not None and in_body != in_query:
         raise InvalidInput(f"?top_k={in_query} and the body's top_k {in_body} differ")
@@ -244,14 +246,19 @@ def parse_json(raw: bytes, head: RequestHead, limits: BodyLimits) -> ParsedReque
     if not raw:
         raise BadRequest('request body is empty; send JSON like {"image": "<base64>"}')
     payload = json_object(raw, "body is not valid JSON (or not UTF-8)", "body")
-    if not _fast_shape(payload):
+    fast = _fast_shape(payload)
+    if not fast:
         try:
             payload = PredictRequest.model_validate(payload).model_dump(exclude_none=True)
         except ValidationError as exc:
             raise InvalidInput(format_validation_errors(exc.errors())) from None
-    cascade = one_value("cascade", payload.get("cascade"), head.query.get("cascade"))
+    if head.query:
+        cascade = one_value("cascade", payload.get("cascade"), head.query.get("cascade"))
+    else:
+        cascade = payload.get("cascade")
     top_k = top_k_of(payload.get("top_k"), head)
-    asked = _OPTIONS & (payload.keys() | head.query.keys()) or head.timeout_ms is not None
+    # A payload of the fast shape holds no option; only then may the body be skipped.
+    asked = head.query or head.timeout_ms is not None or not fast or _OPTIONS & payload.keys()
     options = options_of(payload, head) if asked else {}
     if "inputs" in payload:
         inputs = payload["inputs"]

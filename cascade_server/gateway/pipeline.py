@@ -34,6 +34,8 @@ from .tracing import RequestTrace, Tracing
 from .version import StudentVersion
 
 log = logging.getLogger(__name__)
+_AUTO, _ALWAYS = int(Mode.AUTO), int(Mode.ALWAYS)  # plain ints: enum lookups cost per batch
+_FAILED = int(Outcome.TEACHER_FAILED)
 
 
 @dataclass(frozen=True)
@@ -100,14 +102,16 @@ class BatchPath:
     def _run(self, version: StudentVersion, jobs: list[BatchJob]) -> None:
         started = asyncio.get_running_loop().time()
         waits = [started - job.queued_at for job in jobs]
-        batch = Batch.concat([job.payload.batch for job in jobs])
+        payloads = [job.payload for job in jobs]
+        batch = Batch.concat([w.batch for w in payloads])
         n = len(batch)
         starts = np.cumsum([0] + [job.size for job in jobs])
         # Step 1: the student.
         t0, t0_ns = time.perf_counter(), time.time_ns()
         logits = version.student.predict(version.feeds(batch))
         student_s = time.perf_counter() - t0
-        traced = [job.payload.trace for job in jobs if job.payload.trace is not None]
+        tracing = self.tracing is not None and self.tracing.enabled
+        traced = [w.trace for w in payloads if w.trace is not None] if tracing else None
         if traced:
             end_ns = time.time_ns()
             for trace in traced:
@@ -116,7 +120,8 @@ class BatchPath:
         # Step 2: what the policy wants (margin against the threshold, or the request's own;
         # delegating classes), and the requests' own options.
         threshold = self.threshold(version)
-        items = _ItemOptions.of(jobs, starts, threshold, n) if _any_options(jobs) else None
+        asked = any([w.options is not None for w in payloads])
+        items = _ItemOptions.of(jobs, starts, threshold, n) if asked else None
         decision = decide(logits, threshold if items is None else items.threshold, **version.policy)
         probs = class_probabilities(decision.probs, version.manifest.output_classes, self.n_classes)
         if probs is decision.probs:
@@ -124,7 +129,7 @@ class BatchPath:
         # Step 3: one routing decision per item, against the teacher's load now.
         wanted = decision.delegate
         if items is not None:
-            wanted = wanted | (items.mode == Mode.ALWAYS)
+            wanted = wanted | (items.mode == _ALWAYS)
         if wanted.any():
             load, ticket = self.teacher.load()
             if self.accuracy_floor is not None:
@@ -151,7 +156,7 @@ class BatchPath:
         self.metrics.savings(
             self.cascade, n, int(sent.size), calibration.cost_student, calibration.cost_teacher
         )
-        routed = slice(None) if items is None else items.mode == Mode.AUTO
+        routed = slice(None) if items is None else items.mode == _AUTO
         self._observe("routed", decision.margins[routed], int(decision.delegate[routed].sum()))
         by_student = settled & ~BY_TEACHER[routes.outcome]
         self._observe("answered", decision.margins[by_student], 0)
@@ -189,7 +194,7 @@ class BatchPath:
                         jobs[j].future.set_exception(exc)
                 return
             if teacher_probs is None:
-                answer.outcome[sent] = Outcome.TEACHER_FAILED
+                answer.outcome[sent] = _FAILED
                 self._observe("answered", decision.margins[sent], 0)
             else:
                 answer.probs[sent] = teacher_probs
@@ -231,10 +236,6 @@ class BatchPath:
         if not spans or self.tracing is None:
             return spans, None
         return spans, self.tracing.headers_for(spans[0])
-
-
-def _any_options(jobs: list[BatchJob]) -> bool:
-    return any(job.payload.options is not None for job in jobs)
 
 
 @dataclass

@@ -49,7 +49,7 @@ _JSON_HEADER = (b"content-type", JSON.encode())
 Answered = tuple[int, bytes, list[tuple[bytes, bytes]]]
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """One prediction call as the handlers see it."""
 
@@ -178,7 +178,9 @@ class PredictEndpoints:
         rid = request_id(scope["headers"])
         rid_token = REQUEST_ID.set(rid)
         rid_header = (b"x-request-id", rid.encode())
-        trace = gateway.tracing.request(f"POST {scope['path']}", scope["headers"], rid)
+        trace = None
+        if gateway.tracing.enabled:
+            trace = gateway.tracing.request(f"POST {scope['path']}", scope["headers"], rid)
         call = Call(gateway, started, rid, trace)
         status = 500
         try:
@@ -230,7 +232,9 @@ class PredictEndpoints:
             call.trace.mark("parsed")
         cascade = call.cascade = gateway.resolve(parsed.cascade, parsed.modality)
         call.items = len(parsed.items)
-        options = parse_options(parsed.options, gateway.overrides, call.started)
+        options = None
+        if parsed.options:
+            options = parse_options(parsed.options, gateway.overrides, call.started)
         predictions, total = await _answer(call, cascade, parsed.items, options)
         outputs = predictions.outputs(parsed.top_k or gateway.body_limits.default_top_k, total)
         body = orjson.dumps({"outputs": outputs} if parsed.batched else outputs[0])

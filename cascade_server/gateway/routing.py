@@ -18,6 +18,14 @@ import numpy as np
 
 from .outcomes import Outcome
 
+_CONFIDENT, _DELEGATED = int(Outcome.CONFIDENT), int(Outcome.DELEGATED)
+_FORCED_TEACHER, _FORCED_STUDENT = int(Outcome.FORCED_TEACHER), int(Outcome.FORCED_STUDENT)
+_DEADLINE, _CIRCUIT_OPEN, _BUSY = (
+    int(Outcome.DEADLINE),
+    int(Outcome.CIRCUIT_OPEN),
+    int(Outcome.TEACHER_BUSY),
+)
+
 
 class Mode(IntEnum):
     """A request's `delegate` option."""
@@ -60,28 +68,30 @@ def route(
     class that delegates). `mode`: per-item Mode codes (None: all AUTO). `budget_s`: per-item
     time left before the request's deadline (None or inf: no deadline)."""
     n = len(margins)
-    outcome = np.where(wanted, Outcome.DELEGATED, Outcome.CONFIDENT).astype(np.int8)
+    outcome = np.where(wanted, _DELEGATED, _CONFIDENT).astype(np.int8)
     if mode is not None:
-        outcome[mode == Mode.NEVER] = Outcome.FORCED_STUDENT
-        outcome[mode == Mode.ALWAYS] = Outcome.FORCED_TEACHER
-    bound = (outcome == Outcome.DELEGATED) | (outcome == Outcome.FORCED_TEACHER)
+        outcome[mode == Mode.NEVER] = _FORCED_STUDENT
+        outcome[mode == Mode.ALWAYS] = _FORCED_TEACHER
+        bound = (outcome == _DELEGATED) | (outcome == _FORCED_TEACHER)
+    else:
+        bound = wanted.copy()
     if budget_s is not None and load.p95_s is not None:
         late = bound & (budget_s < load.p95_s)
-        outcome[late] = Outcome.DEADLINE
+        outcome[late] = _DEADLINE
         bound &= ~late
     candidates = np.flatnonzero(bound)
     shed = np.zeros(n, dtype=bool)
     if not candidates.size:
         return Routes(outcome, candidates, shed)
     if load.circuit_open:
-        outcome[candidates] = Outcome.CIRCUIT_OPEN
+        outcome[candidates] = _CIRCUIT_OPEN
         return Routes(outcome, candidates[:0], shed)
     # Forced items first (the caller asked for the teacher), then the least sure.
-    forced = outcome[candidates] == Outcome.FORCED_TEACHER
+    forced = outcome[candidates] == _FORCED_TEACHER
     order = candidates[np.lexsort((margins[candidates], ~forced))]
     room = len(order) if load.room is None else max(load.room, 0)
     send, kept = order[:room], order[room:]
     if kept.size:
-        outcome[kept] = Outcome.TEACHER_BUSY
+        outcome[kept] = _BUSY
         shed[kept[margins[kept] < load.floor_threshold]] = True
     return Routes(outcome, np.sort(send), shed)

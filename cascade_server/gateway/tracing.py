@@ -66,10 +66,7 @@ class Tracing:
         self._provider: Any = None
         self._tracer: Any = None
         self._propagator: Any = None
-
-    @property
-    def enabled(self) -> bool:
-        return self._tracer is not None
+        self.enabled = False  # read on every request: a plain attribute
 
     def setup(self) -> None:
         if self.config.endpoint is None:
@@ -90,6 +87,7 @@ class Tracing:
         self._provider = provider
         self._tracer = provider.get_tracer("cascade_server.gateway")
         self._propagator = TraceContextTextMapPropagator()
+        self.enabled = True
         log.info(
             "tracing: OTLP (%s) to %s, sampling %.3g",
             self.config.protocol,
@@ -152,3 +150,4 @@ class Tracing:
         if self._provider is not None:
             self._provider.shutdown()  # flushes what is queued, within the SDK's own timeout
             self._provider = self._tracer = None
+            self.enabled = False

@@ -51,6 +51,7 @@ class Summary:
     items: float = 0.0  # items routed by the policy (not forced by a request)
     delegated: float = 0.0  # of those, delegated
     teacher_answered: float = 0.0  # items the teacher answered (all routes)
+    student_answered: float = 0.0  # items the student answered (all routes)
     answered: np.ndarray = field(default_factory=lambda: np.zeros(0))  # student answers/stratum
     shadowed: np.ndarray = field(default_factory=lambda: np.zeros(0))
     disagreed: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -72,6 +73,7 @@ class Summary:
         self.items += other.items
         self.delegated += other.delegated
         self.teacher_answered += other.teacher_answered
+        self.student_answered += other.student_answered
         self.answered = self.answered + other.answered
         self.shadowed = self.shadowed + other.shadowed
         self.disagreed = self.disagreed + other.disagreed
@@ -95,6 +97,7 @@ class Summary:
                 "items": self.items,
                 "delegated": self.delegated,
                 "teacher_answered": self.teacher_answered,
+                "student_answered": self.student_answered,
                 "answered": self.answered.tolist(),
                 "shadowed": self.shadowed.tolist(),
                 "disagreed": self.disagreed.tolist(),
@@ -118,6 +121,7 @@ class Summary:
             float(data["items"]),
             float(data["delegated"]),
             float(data.get("teacher_answered", 0.0)),
+            float(data.get("student_answered", 0.0)),
             counts("answered"),
             counts("shadowed"),
             counts("disagreed"),
@@ -134,6 +138,11 @@ class Window:
     def __init__(self, config: ControllerConfig, strata: int) -> None:
         self.config = config
         self.strata = strata
+        # Margins are sketched only while a policy needs their quantiles (a target delegation
+        # rate), and student answers counted by stratum only while shadow samples are taken:
+        # the plain counts serve a fixed threshold, at a fraction of the cost.
+        self.sketching = False
+        self.stratified = False
         self.bucket_items = max(config.window_items // config.buckets, 1)
         self.bucket_s = config.window_s / config.buckets
         self._buckets: list[_Bucket] = []
@@ -144,13 +153,15 @@ class Window:
     # The request path: appends only.
     def routed(self, margins: np.ndarray, delegated: int) -> None:
         """Items the policy routed (not forced): their margins, and how many it delegated."""
-        self._pending_margins.append(margins)
+        if self.sketching:
+            self._pending_margins.append(margins)
         self._pending.items += len(margins)
         self._pending.delegated += delegated
 
     def answered(self, student_margins: np.ndarray, teacher_items: int) -> None:
         """Answers given: the student's by margin stratum, and how many the teacher gave."""
-        if len(student_margins):
+        self._pending.student_answered += len(student_margins)
+        if self.stratified and len(student_margins):
             self._pending.answered = self._pending.answered + np.bincount(
                 strata_of(student_margins, self.strata), minlength=self.strata
             )
@@ -173,7 +184,7 @@ class Window:
         )
         self._pending.workers = 1
         margins, self._pending_margins = self._pending_margins, []
-        if margins:
+        if margins and self.sketching:
             add_margins(pending.sketch, np.concatenate(margins))
         if not self._buckets or self._full(self._buckets[-1], now):
             self._buckets.append(

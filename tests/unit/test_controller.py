@@ -1,0 +1,144 @@
+"""The delegation controller on scripted margin streams, over a real (file) control store:
+convergence to the target, bounds, bounded steps, hysteresis, a shift, several workers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import numpy as np
+import pytest
+
+from cascade_server.config.delegation import ControllerConfig
+from cascade_server.gateway.control import PolicyState
+from cascade_server.gateway.controller import Controller
+from cascade_server.gateway.metrics import Metrics
+from cascade_server.gateway.stores import ControlStore, FileBackend
+
+from .test_bundle import make_calibration
+
+CAL = make_calibration()
+
+
+def controller(tmp_path, name="c", **knobs):
+    config = ControllerConfig(**{"interval_s": 0.01, "min_items": 100, **knobs})
+    store = ControlStore(FileBackend(tmp_path), timeout_s=2.0)
+    c = Controller(name, config, store, Metrics(), strata=10)
+    c.me = f"worker-{id(c)}"  # several controllers in one process stand for several workers
+    return c
+
+
+def policy(target=0.2, **bounds):
+    return PolicyState(
+        mode="target_delegation_rate",
+        threshold=0.5,
+        target_delegation_rate=target,
+        source="admin",
+        student_version="v1",
+        updated_at="t0",
+        **bounds,
+    )
+
+
+def feed(c: Controller, margins: np.ndarray) -> None:
+    threshold = c.threshold_for(POLICY)
+    c.window.routed(margins, int((margins < threshold).sum()))
+
+
+POLICY = policy()
+
+
+def run_steps(c, margins_of_step, steps, pol=POLICY):
+    thresholds = []
+
+    async def main():
+        for k in range(steps):
+            feed(c, margins_of_step(k))
+            await asyncio.sleep(0.01)  # the shared state is due again
+            await c.step(pol, CAL)
+            thresholds.append(c.threshold_for(pol))
+
+    asyncio.run(main())
+    return thresholds
+
+
+def test_it_converges_to_the_margin_quantile_of_the_target(tmp_path):
+    rng = np.random.default_rng(0)
+    c = controller(tmp_path)
+    ts = run_steps(c, lambda k: rng.beta(2, 1, 200), 30)
+    expected = np.quantile(rng.beta(2, 1, 200_000), 0.2)
+    assert ts[-1] == pytest.approx(expected, abs=0.02)
+    assert c.merged.delegation_rate == pytest.approx(0.2, abs=0.03)
+
+
+def test_moves_are_bounded_per_step_and_by_the_policy(tmp_path):
+    rng = np.random.default_rng(1)
+    c = controller(tmp_path, max_step=0.05)
+    ts = run_steps(c, lambda k: rng.uniform(0.0, 1.0, 300), 12)
+    steps = np.abs(np.diff([0.5, *ts]))
+    assert steps.max() <= 0.05 + 1e-9
+    bounded = policy(min_threshold=0.35, max_threshold=0.6)
+    c2 = controller(tmp_path / "b", max_step=0.05)
+    ts2 = run_steps(c2, lambda k: rng.uniform(0.0, 1.0, 300), 20, bounded)
+    assert min(ts2) >= 0.35 - 1e-9 and ts2[-1] == pytest.approx(0.35)
+
+
+def test_hysteresis_keeps_a_steady_stream_from_flapping(tmp_path):
+    rng = np.random.default_rng(2)
+    c = controller(tmp_path, min_change=0.01)
+    ts = run_steps(c, lambda k: rng.beta(2, 1, 300), 40)
+    settled = ts[15:]
+    moves = sum(1 for a, b in itertools.pairwise(settled) if a != b)
+    assert moves <= 2, settled
+
+
+def test_a_shift_in_the_mix_is_followed_within_the_window(tmp_path):
+    """Easy traffic, then hard traffic: the threshold goes to the new quantile once the old
+    items have left the window (window_items), not later."""
+    rng = np.random.default_rng(3)
+    c = controller(tmp_path, window_items=1000, buckets=10, max_step=0.2)
+    ts = run_steps(c, lambda k: rng.beta(4, 1, 100) if k < 30 else rng.beta(1.5, 1, 100), 60)
+    before = np.quantile(rng.beta(4, 1, 200_000), 0.2)
+    after = np.quantile(rng.beta(1.5, 1, 200_000), 0.2)
+    assert ts[29] == pytest.approx(before, abs=0.03)
+    # 1,000 items of window = 10 steps of 100: within 15 steps of the shift, at the new target.
+    assert ts[45] == pytest.approx(after, abs=0.03)
+
+
+def test_two_workers_merge_their_windows_and_move_once_per_interval(tmp_path):
+    rng = np.random.default_rng(4)
+    a, b = controller(tmp_path, interval_s=0.2), controller(tmp_path, interval_s=0.2)
+
+    async def main():
+        for _ in range(5):
+            feed(a, rng.uniform(0, 0.5, 200))  # a sees low margins, b high ones
+            feed(b, rng.uniform(0.5, 1.0, 200))
+            await asyncio.sleep(0.21)
+            await a.step(POLICY, CAL)
+            await b.step(POLICY, CAL)  # right after a: the shared state is not due yet
+
+    asyncio.run(main())
+    assert a.merged.workers == 2 and b.merged.workers == 2
+    assert b.merged.items == 2000  # both windows of 1,000 items
+    # The merged 20% quantile of U(0,0.5) + U(0.5,1) is 0.2, which neither alone would give;
+    # b found the state a had just written (not due): one move per interval, one threshold.
+    assert a.threshold_for(POLICY) == b.threshold_for(POLICY)
+    assert a.threshold_for(POLICY) == pytest.approx(0.2, abs=0.03)
+
+
+def test_a_fixed_threshold_is_never_moved(tmp_path):
+    rng = np.random.default_rng(5)
+    c = controller(tmp_path)
+    fixed = PolicyState(threshold=0.42, source="admin", student_version="v1")
+    ts = run_steps(c, lambda k: rng.uniform(0, 1, 300), 5, fixed)
+    assert ts == [0.42] * 5
+    assert c.state() is None  # nothing written for a fixed policy
+
+
+def test_a_new_policy_starts_from_its_own_start_not_the_old_moves(tmp_path):
+    rng = np.random.default_rng(6)
+    c = controller(tmp_path)
+    run_steps(c, lambda k: rng.uniform(0, 1, 300), 10)
+    assert c.threshold_for(POLICY) != 0.5
+    newer = POLICY.model_copy(update={"updated_at": "t1", "threshold": 0.7})
+    assert c.threshold_for(newer) == 0.7
