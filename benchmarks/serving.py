@@ -9,7 +9,9 @@ What runs, on this machine, against 1000 Fashion-MNIST test images as base64 PNG
   10/20/30% delegation (target rates through the admin API), teacher only (threshold 1);
 - the same 1-worker gateway with tracing on (every request sampled, spans exported over
   OTLP/HTTP to a sink in this process): what traces cost;
-- the teacher called directly on Triton (grpc.aio, batch 1, same concurrency);
+- the teacher called directly on Triton: wrk on Triton's HTTP endpoint (batch 1, JSON tensors,
+  same concurrency: the same C client as every other row), and the Python grpc.aio client for
+  comparison (its tail is its own: see benchmarks/README.md);
 - a Triton-only cascade (benchmarks/bls/model.py) built from the same bundle: what users would
   build instead, behind Triton's C++ HTTP front end, at the same thresholds.
 Peak throughput comes from wrk (closed loop, 16 connections); latency at concurrency 1 and the
@@ -110,6 +112,27 @@ def payloads(work: Path, bundle: Bundle, n: int) -> dict[str, Path]:
     return files
 
 
+def teacher_bodies(work: Path, tensors: Path, input_name: str) -> Path:
+    """One Open Inference Protocol request per preprocessed image, for wrk against Triton."""
+    path = work / "payloads" / "teacher.jsonl"
+    x = np.load(tensors)
+    lines = []
+    for image in x:
+        body = {
+            "inputs": [
+                {
+                    "name": input_name,
+                    "shape": [1, *image.shape],
+                    "datatype": "FP32",
+                    "data": np.round(image.ravel(), 5).tolist(),
+                }
+            ]
+        }
+        lines.append(json.dumps(body))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def bls_bodies(work: Path, encoded_file: Path, threshold: float) -> Path:
     path = work / "payloads" / f"bls-{threshold:.6f}.jsonl"
     lines = []
@@ -175,9 +198,9 @@ def wait_http(url: str, timeout_s: float = 90) -> None:
 
 
 @contextmanager
-def process(cmd: list[str], env: dict[str, str], log_path: Path, ready_url: str):
+def process(cmd: list[str], env: dict[str, str], log_path: Path, ready_url: str, cwd: Path = ROOT):
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     try:
         wait_http(ready_url)
         yield proc
@@ -282,6 +305,12 @@ def main() -> int:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving.json")
     p.add_argument("--no-tracing", action="store_true", help="skip the traced gateway")
+    p.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="another checkout (e.g. a git worktree of an earlier commit) whose gateway runs "
+        "beside this one, 1 worker, interleaved in every rep: a same-sitting A/B",
+    )
     args = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is missing: apt-get install wrk")
@@ -322,6 +351,9 @@ def main() -> int:
         if not args.no_tracing:
             sink = stack.enter_context(otlp_sink())
             variants.append(("traced", 1, {"CASCADE_TRACING__ENDPOINT": sink}))
+        if args.baseline_tree:
+            baseline = args.baseline_tree.resolve()
+            variants.append(("baseline", 1, {"PYTHONPATH": str(baseline)}))
         for key, workers, extra in variants:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
@@ -353,6 +385,7 @@ def main() -> int:
                     env,
                     work / f"gateway-{key}.log",
                     f"{url}/readyz",
+                    cwd=baseline if key == "baseline" else ROOT,
                 )
             )
             gateways[key] = url
@@ -366,6 +399,11 @@ def main() -> int:
             )["threshold"]
         bls = {name: bls_bodies(work, files["gateway"], t) for name, t in thresholds.items()}
         bls_url = f"{triton.http_url}/v2/models/{BLS}/infer"
+        teacher_model = bundle.manifest.teacher.model_name
+        teacher_url = f"{triton.http_url}/v2/models/{teacher_model}/infer"
+        files["teacher"] = teacher_bodies(
+            work, files["tensors"], bundle.manifest.teacher.input_name
+        )
         direct_cmd = [
             sys.executable,
             str(ROOT / "benchmarks" / "direct_teacher.py"),
@@ -406,6 +444,7 @@ def main() -> int:
         for key in gateways:
             gateway_run(key, "warm", thresholds["cascade@20%"])
         wrk(bls_url, bls["cascade@20%"], 2, args.connections)
+        wrk(teacher_url, files["teacher"], 2, args.connections)
 
         for rep in range(args.reps):
             log(f"rep {rep + 1}/{args.reps}")
@@ -424,6 +463,14 @@ def main() -> int:
             if "traced" in gateways:
                 for name in ("student", "cascade@20%"):
                     record(f"traced-1w {name}", gateway_run("traced", name, thresholds[name]))
+            if "baseline" in gateways:
+                for name in ("student", "cascade@20%", "teacher"):
+                    record(f"gateway-1w {name}", gateway_run(1, name, thresholds[name]))
+                    record(f"baseline-1w {name}", gateway_run("baseline", name, thresholds[name]))
+            record(
+                "teacher direct (wrk, HTTP)",
+                wrk(teacher_url, files["teacher"], args.seconds, args.connections),
+            )
             out = subprocess.run(direct_cmd, capture_output=True, text=True, check=True).stdout
             record("teacher direct (grpc.aio)", json.loads(out.strip().splitlines()[-1]))
             for name in thresholds:
@@ -434,13 +481,7 @@ def main() -> int:
         for _ in range(args.reps):
             record("c1 gateway student", gateway_run(w1, "student", 0.0, c=1))
             record("c1 gateway teacher", gateway_run(w1, "teacher", 1.0, c=1))
-            out = subprocess.run(
-                [*direct_cmd[:-4], "--concurrency", "1", "--seconds", str(args.seconds)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            record("c1 teacher direct", json.loads(out.strip().splitlines()[-1]))
+            record("c1 teacher direct", wrk(teacher_url, files["teacher"], args.seconds, 1))
 
         log("p99 at 70% of the cascade's peak (paced wrk)")
         peak = statistics.median(r["requests_per_s"] for r in results[f"gateway-{w1}w cascade@20%"])
@@ -480,7 +521,7 @@ def summarize(results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
         ratios[f"{w}w cascade@20% / bls cascade@20%"] = x[f"{g} cascade@20%"] / x["bls cascade@20%"]
         ratios[f"{w}w student / bls student"] = x[f"{g} student"] / x["bls student"]
         ratios[f"{w}w student / echo"] = x[f"{g} student"] / x["echo"]
-        direct = x["teacher direct (grpc.aio)"]
+        direct = x["teacher direct (wrk, HTTP)"]
         ratios[f"{w}w teacher / teacher direct"] = x[f"{g} teacher"] / direct
         for rate in args.rates:
             name = f"{g} cascade@{rate:.0%}"
@@ -488,6 +529,9 @@ def summarize(results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
             ratios[f"{w}w cascade@{rate:.0%} / ideal"] = x[name] / ideal(
                 d, x[f"{g} student"], x[f"{g} teacher"]
             )
+    if "baseline-1w student" in x:
+        for name in ("student", "cascade@20%", "teacher"):
+            ratios[f"1w / baseline 1w, {name}"] = x[f"gateway-1w {name}"] / x[f"baseline-1w {name}"]
     if "traced-1w student" in x:
         for name in ("student", "cascade@20%"):
             ratios[f"1w traced / untraced, {name}"] = (
