@@ -43,12 +43,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.fastclient import Pool  # noqa: E402
 from benchmarks.serving import DATA, build_cascade, read_idx  # noqa: E402
 from cascade_server.bundle import Bundle  # noqa: E402
 from cascade_server.triton import TritonServer, free_port, python_backend_repository  # noqa: E402
 
 TOKEN = "adaptive-token"
 TOPS = (0, 2, 4, 6)  # T-shirt/top, Pullover, Coat, Shirt
+PLANNED = 0.6  # overload: the delegation planned (so that the offered load saturates the teacher)
 
 
 def log(msg: str) -> None:
@@ -167,81 +169,74 @@ def admin(url: str, method: str, path: str, body: dict | None = None) -> dict:
         return json.loads(r.read())
 
 
-async def closed_loop(url: str, bodies: list[str], concurrency: int = 8) -> list[dict]:
-    """Posts every body once, `concurrency` at a time; one record per answer, in send order."""
-    import httpx2
+def _split(url: str) -> tuple[str, int]:
+    host, _, port = url.removeprefix("http://").partition(":")
+    return host, int(port)
 
+
+def _record(rec: dict, status: int, payload: bytes) -> None:
+    rec["status"] = status
+    if status == 200:
+        a = json.loads(payload)
+        rec.update(
+            label=a["class_id"],
+            by=a["answered_by"],
+            outcome=a["outcome"],
+            threshold=a["threshold"],
+            margin=a["margin"],
+            delegated=a["delegated"],
+        )
+
+
+async def closed_loop(url: str, bodies: list[bytes], concurrency: int = 8) -> list[dict]:
+    """Posts every body once, `concurrency` at a time; one record per answer, in send order."""
     records: list[dict | None] = [None] * len(bodies)
     queue = iter(range(len(bodies)))
+    pool = Pool(*_split(url), size=concurrency, timeout_s=30)
     t0 = time.perf_counter()
-    limits = httpx2.Limits(max_connections=concurrency)
-    async with httpx2.AsyncClient(timeout=30, limits=limits) as client:
 
-        async def worker() -> None:
-            for i in queue:
-                sent = time.perf_counter()
-                r = await client.post(
-                    f"{url}/predict",
-                    content=bodies[i],
-                    headers={"content-type": "application/json"},
-                )
-                done = time.perf_counter()
-                rec = {"i": i, "t": done - t0, "latency": done - sent, "status": r.status_code}
-                if r.status_code == 200:
-                    a = r.json()
-                    rec.update(
-                        label=a["class_id"],
-                        by=a["answered_by"],
-                        outcome=a["outcome"],
-                        threshold=a["threshold"],
-                        margin=a["margin"],
-                        delegated=a["delegated"],
-                    )
-                records[i] = rec
+    async def worker() -> None:
+        for i in queue:
+            sent = time.perf_counter()
+            status, payload = await pool.post("/predict", bodies[i])
+            done = time.perf_counter()
+            rec: dict = {"i": i, "t": done - t0, "latency": done - sent}
+            _record(rec, status, payload)
+            records[i] = rec
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await pool.close()
     return [r for r in records if r is not None]
 
 
-async def open_loop(url: str, bodies: list[str], rate: float, seconds: float) -> list[dict]:
+async def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float) -> list[dict]:
     """Sends at `rate` requests per second for `seconds`, whatever the answers do (what a
     fleet of clients offers), each with a 10 s timeout; one record per request."""
-    import httpx2
-
     records: list[dict] = []
-    limits = httpx2.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx2.AsyncClient(timeout=10, limits=limits) as client:
-        t0 = time.perf_counter()
-        tasks = []
+    pool = Pool(*_split(url), size=1024, timeout_s=10)
+    t0 = time.perf_counter()
 
-        async def one(i: int) -> None:
-            sent = time.perf_counter()
-            rec: dict = {"i": i % len(bodies), "t": sent - t0}
-            try:
-                r = await client.post(
-                    f"{url}/predict",
-                    content=bodies[i % len(bodies)],
-                    headers={"content-type": "application/json"},
-                )
-                rec["status"] = r.status_code
-                if r.status_code == 200:
-                    a = r.json()
-                    rec.update(label=a["class_id"], by=a["answered_by"], outcome=a["outcome"])
-            except Exception:  # a timeout or a dropped connection: lost
-                rec["status"] = 0
-            rec["latency"] = time.perf_counter() - sent
-            records.append(rec)
+    async def one(i: int) -> None:
+        sent = time.perf_counter()
+        rec: dict = {"i": i % len(bodies), "t": sent - t0}
+        try:
+            _record(rec, *await pool.post("/predict", bodies[i % len(bodies)]))
+        except Exception:  # a timeout or a dropped connection: lost
+            rec["status"] = 0
+        rec["latency"] = time.perf_counter() - sent
+        records.append(rec)
 
-        n = int(rate * seconds)
-        for i in range(n):
-            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
+    tasks = []
+    for i in range(int(rate * seconds)):
+        await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    await pool.close()
     return records
 
 
-def bodies_of(encoded: list[str], idx: np.ndarray) -> list[str]:
-    return [json.dumps({"image": encoded[i]}) for i in idx]
+def bodies_of(encoded: list[str], idx: np.ndarray) -> list[bytes]:
+    return [json.dumps({"image": encoded[i]}).encode() for i in idx]
 
 
 def rolling(values: np.ndarray, k: int) -> np.ndarray:
@@ -266,7 +261,23 @@ def scenario_shift(ctx) -> dict:
         "target_delegation_rate": ({"target_delegation_rate": target}, {}),
         "max_student_error": ({"max_student_error": bound}, {"CASCADE_SHADOW__FRACTION": "0.2"}),
     }
-    out: dict = {"target": target, "error_bound": bound, "modes": {}}
+    from cascade_server.gateway.control import PolicyState
+    from cascade_server.gateway.controller import live_target
+
+    start = calibration.threshold_for_student_error(bound)
+    held = PolicyState(
+        mode="max_student_error",
+        threshold=start,
+        max_student_error=bound,
+        source="admin",
+        student_version="-",
+    )
+    out: dict = {
+        "target": target,
+        "error_bound": bound,
+        "modes": {},
+        "live_disagreement_target": round(live_target(held, calibration), 4),
+    }
     for mode, (policy, env) in modes.items():
         log(f"shift: {mode}")
         with gateway(ctx.bundle.path, ctx.triton.grpc_url, ctx.work, **env) as url:
@@ -278,6 +289,7 @@ def scenario_shift(ctx) -> dict:
                 for r in recs:
                     r["phase"] = name
                     r["true"] = int(ctx.labels[idx[r["i"]]])
+                    r["teacher"] = int(ctx.teacher_pred[idx[r["i"]]])
                 records += recs
                 phase_rows.append(_phase_summary(name, recs))
                 log(f"  {name}: {phase_rows[-1]}")
@@ -285,7 +297,7 @@ def scenario_shift(ctx) -> dict:
         delegated = np.array([r.get("delegated", False) for r in records])
         mode_out = {
             "phases": phase_rows,
-            "rolling_delegation": rolling(delegated, 200)[::50].round(4).tolist(),
+            "rolling_delegation": rolling(delegated, 500)[::50].round(4).tolist(),
             "threshold": [r.get("threshold") for r in records][::50],
             "final_state": {
                 k: state.get(k) for k in ("threshold_in_force", "window", "live_student_agreement")
@@ -313,23 +325,31 @@ def _phase_summary(name: str, recs: list[dict]) -> dict:
         )
         if student
         else None,
+        # What the controller sees and holds in max_student_error: the teacher as reference.
+        "student_disagreement_with_teacher_on_what_it_kept": round(
+            np.mean([r["label"] != r["teacher"] for r in student]), 4
+        )
+        if student
+        else None,
         "threshold_median": round(float(np.median([r["threshold"] for r in ok])), 4),
     }
 
 
 def _recovery(delegated: np.ndarray, n: int, target: float) -> dict:
-    """After each shift (at n and 2n requests), how many requests until the 200-request
-    rolling delegation is within 2 points of the target and stays so for 200 more."""
-    roll = rolling(delegated, 200)
+    """After each shift (at n and 2n requests): requests until the rolling delegation over the
+    last 500 answers is back within 2 points of the target (the first time), and the
+    delegation over the last half of the phase (its steady state)."""
+    k = 500
+    roll = rolling(delegated, k)  # roll[j]: answers j .. j+k-1
     out = {}
-    for k, start in (("after the shift to tops", n), ("after the shift back", 2 * n)):
-        within = np.abs(roll[start:] - target) <= 0.02
-        found = None
-        for j in range(len(within) - 200):
-            if within[j : j + 200].all():
-                found = j + 200  # the window ending there is all post-shift requests
-                break
-        out[k] = found
+    for name, start in (("shift to tops", n), ("shift back", 2 * n)):
+        after = np.arange(start, start + n - k)
+        inside = np.flatnonzero(np.abs(roll[after] - target) <= 0.02)
+        steady = float(delegated[start + n // 2 : start + n].mean())
+        out[name] = {
+            "requests_until_within_2_points": int(inside[0] + k) if inside.size else None,
+            "steady_delegation": round(steady, 4),
+        }
     return out
 
 
@@ -342,12 +362,12 @@ def _plot_shift(out: dict, path: Path, n: int) -> None:
     fig, ax = plt.subplots(figsize=(9, 4))
     for mode, m in out["modes"].items():
         y = m["rolling_delegation"]
-        ax.plot(np.arange(len(y)) * 50 + 200, y, label=mode)
+        ax.plot(np.arange(len(y)) * 50 + 500, y, label=mode)
     ax.axhline(out["target"], color="k", lw=0.8, ls="--", label="target")
     for x in (n, 2 * n):
         ax.axvline(x, color="grey", lw=0.8)
     ax.set_xlabel("request")
-    ax.set_ylabel("delegation (rolling 200)")
+    ax.set_ylabel("delegation (rolling 500)")
     ax.set_title("test mix -> only tops -> test mix")
     ax.legend()
     fig.tight_layout()
@@ -379,8 +399,8 @@ def teacher_throughput(url: str, model: str, tensors: Path, seconds: float = 5) 
 
 
 def scenario_overload(ctx) -> dict:
-    """The teacher at about a third of its throughput; the same offered load (an open loop,
-    half of it delegated) with load-aware delegation off and on."""
+    """The teacher at about a third of its throughput; the same offered load (an open loop, 60%
+    of it delegated) with load-aware delegation off and on."""
     repo = python_backend_repository(
         ctx.repo.resolve(), ctx.work / "slow" / "repository", delay_ms=ctx.slow_ms
     )
@@ -388,7 +408,7 @@ def scenario_overload(ctx) -> dict:
     idx = rng.choice(len(ctx.labels), int(ctx.rate * (ctx.seconds + 3)))
     bodies = bodies_of(ctx.encoded, idx)
     cal = ctx.bundle.manifest.calibration
-    half = cal.threshold_for_rate(0.5)
+    half = cal.threshold_for_rate(PLANNED)
     floor = ctx.floor
     settings = {
         "off": {},
@@ -399,7 +419,7 @@ def scenario_overload(ctx) -> dict:
     out: dict = {
         "teacher_delay_ms_per_batch": ctx.slow_ms,
         "threshold": half,
-        "delegation_planned": 0.5,
+        "delegation_planned": PLANNED,
         "slo_s": ctx.slo_s,
         "accuracy_floor": floor,
         "offered_rate": ctx.rate,
@@ -420,9 +440,14 @@ def scenario_overload(ctx) -> dict:
             ok = [r for r in recs if r["status"] == 200]
             lat = np.array([r["latency"] for r in ok]) * 1e3
             outcomes: dict[str, int] = {}
+            by_outcome: dict[str, list[float]] = {}
             for r in ok:
                 outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
+                by_outcome.setdefault(r["outcome"], []).append(r["latency"] * 1e3)
             out["runs"][name] = {
+                "p99_ms_by_outcome": {
+                    k: round(float(np.percentile(v, 99)), 1) for k, v in by_outcome.items()
+                },
                 "sent": len(recs),
                 "answered": len(ok),
                 "shed_503": sum(r["status"] == 503 for r in recs),
@@ -478,12 +503,12 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "adaptive")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "adaptive")
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    p.add_argument("--requests", type=int, default=3000, help="per shift phase / shadow run")
+    p.add_argument("--requests", type=int, default=4000, help="per shift phase / shadow run")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.2])
-    p.add_argument("--rate", type=float, default=300, help="overload: offered requests/s")
-    p.add_argument("--seconds", type=float, default=30, help="overload: run length")
-    p.add_argument("--slow-ms", type=int, default=60, help="overload: teacher delay per batch")
-    p.add_argument("--slo-s", type=float, default=0.05)
+    p.add_argument("--rate", type=float, default=350, help="overload: offered requests/s")
+    p.add_argument("--seconds", type=float, default=20, help="overload: run length")
+    p.add_argument("--slow-ms", type=int, default=35, help="overload: teacher delay per batch")
+    p.add_argument("--slo-s", type=float, default=0.15, help="overload: the teacher's SLO")
     args = p.parse_args()
 
     work = args.work.resolve()

@@ -25,8 +25,11 @@ class ControllerConfig(BaseModel):
     min_items: int = Field(default=200, ge=1)
     # The most the threshold moves per step, and the smallest move made (hysteresis: a
     # desired change below it is not made, so noise does not flap the threshold).
-    max_step: float = Field(default=0.1, gt=0, le=1)
+    max_step: float = Field(default=0.2, gt=0, le=1)
     min_change: float = Field(default=0.005, ge=0, le=0.5)
+    # Hysteresis on the rate (target_delegation_rate): no move while the window's delegation
+    # is within this of the target.
+    deadband: float = Field(default=0.01, ge=0, le=0.5)
     # DDSketch relative accuracy of the margin quantiles.
     relative_accuracy: float = Field(default=0.005, gt=0, lt=0.5)
     # A worker's published window older than this is ignored (the worker is gone).
@@ -45,6 +48,10 @@ class LoadConfig(BaseModel):
     # bound are answered by the student (`teacher_busy`), lowest margins sent first.
     max_items_in_flight: int = Field(default=512, ge=1)
     min_items_in_flight: int = Field(default=1, ge=1)
+    # With an SLO the bound starts here and grows while the teacher keeps within it (starting
+    # at the maximum would fill the teacher's queue with seconds of work before the first slow
+    # answer comes back).
+    initial_items_in_flight: int = Field(default=32, ge=1)
     slo_s: float | None = Field(default=None, gt=0)
     backoff: float = Field(default=0.7, gt=0, lt=1)
     # The cascade accuracy (on the calibration table) below which items are not answered by

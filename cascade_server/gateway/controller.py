@@ -8,10 +8,12 @@ workers, all replicas) and moves the threshold:
 - `target_delegation_rate`: to the margin quantile that delegates the target share of the
   window (`P(margin < t) = target`), by at most `max_step`, not at all when the change is below
   `min_change` (hysteresis), within the policy's bounds;
-- `max_student_error`: up, when the live upper bound of the student's error on what it answers
-  alone (shadow samples, teacher as reference) exceeds the target: to the lowest stratum edge
-  whose bound fits, by at most `max_step`; back down towards the calibrated start, a quarter
-  step at a time, while the bound is comfortably (20%) within the target.
+- `max_student_error`: up, when the live estimate of the student's error on what it answers
+  alone (shadow samples, teacher as reference, held at the calibration's own disagreement at
+  the start threshold) is above the target with 90% confidence: to the lowest margin stratum
+  whose estimate fits, by at most `max_step`; back down towards the calibrated start, half a
+  step at a time, only after ten steps in a row within the target with 95% confidence; held
+  in between.
 
 The write is a compare-and-set without an audit entry (operators' changes are audited; the
 controller's moves are metrics), so whichever worker gets there first moves, once per interval,
@@ -39,6 +41,8 @@ from .stores import ControlStore
 from .window import Summary, Window
 
 log = logging.getLogger(__name__)
+_MIN_SAMPLES = 30  # shadow samples above the threshold before the error mode raises it
+_LOWER_AFTER = 10  # steps in a row within the bound before it comes down (a probe)
 
 
 class ControllerState(BaseModel):
@@ -77,6 +81,7 @@ class Controller:
         self.cascade_estimate: Estimate = UNKNOWN
         self._stamp: object = None
         self._state: ControllerState | None = None
+        self._within = 0  # error mode: steps in a row with the live error within its target
 
     # The request path.
     def state(self) -> ControllerState | None:
@@ -94,6 +99,9 @@ class Controller:
     def threshold_for(self, policy: PolicyState) -> float:
         """The threshold in force for `policy`: the controller's while it holds this policy,
         else the policy's own start."""
+        # Margins are sketched from the first batch an online target is served (not the first
+        # step after it): the window fills sooner.
+        self.window.sketching = self.config.enabled and policy.mode == "target_delegation_rate"
         if not policy.online or not self.config.enabled:
             return policy.threshold
         state = self.state()
@@ -128,9 +136,7 @@ class Controller:
         if state is not None and state.policy == policy.stamp():
             if time.time() - state.at < self.config.interval_s * 0.8:
                 return  # another worker moved it this interval
-        if merged.items < self.config.min_items:
-            return
-        desired, reason = self._desired(policy, threshold, merged)
+        desired, reason = self._desired(policy, threshold, merged, calibration)
         if desired is None:
             return
         new = policy.clamp(
@@ -178,34 +184,59 @@ class Controller:
         )
 
     def _desired(
-        self, policy: PolicyState, threshold: float, merged: Summary
+        self, policy: PolicyState, threshold: float, merged: Summary, calibration: Calibration
     ) -> tuple[float | None, str]:
         if policy.mode == "target_delegation_rate":
             assert policy.target_delegation_rate is not None
             if merged.sketch.count < self.config.min_items:  # sketching has just begun
                 return None, "filling the window"
-            q = merged.quantile(policy.target_delegation_rate)
-            return q, f"margin quantile {policy.target_delegation_rate:.3f}"
+            target = policy.target_delegation_rate
+            # Hysteresis, on the window's own margins (so no lag behind the moves): hold while
+            # the threshold in force delegates within the deadband of the target here, or within
+            # two standard errors (a window of n items cannot tell a rate closer than that).
+            n = merged.sketch.count
+            band = max(self.config.deadband, 2 * (target * (1 - target) / n) ** 0.5)
+            low = merged.quantile(max(target - band, 0.0))
+            high = merged.quantile(min(target + band, 1.0))
+            if low is not None and high is not None and low <= threshold <= high:
+                return threshold, f"delegation within {band:.3f} of the target"
+            q = merged.quantile(target)
+            return q, f"margin quantile {target:.3f}"
         assert policy.max_student_error is not None
-        target = policy.max_student_error
+        target = live_target(policy, calibration)
         start = int(min(threshold, 0.999999) * self.strata)
-        live = error_above(
-            merged.answered, merged.shadowed, merged.disagreed, start, self.config.confidence
-        )
+        confidence = self.config.confidence
+        live = error_above(merged.answered, merged.shadowed, merged.disagreed, start, confidence)
         if not live.known:
             return None, "no shadow samples yet"
-        if live.upper > target:
+        # Asymmetric, as the promise is: raise on a one-sided 90% bound (the live error is
+        # above the target with 90% confidence: quick, and the safe direction), come back only
+        # after LOWER_AFTER steps in a row with the 95% upper bound below the target, a half
+        # step at a time (the strata below the threshold have no student answers to check, so
+        # coming down is a probe); hold in between. Waiting for the 95% bound before raising
+        # would leave a shift's errors unanswered for thousands of requests.
+        quick = error_above(merged.answered, merged.shadowed, merged.disagreed, start, 0.8)
+        if live.samples >= _MIN_SAMPLES and quick.lower > target:
+            self._within = 0
+            reason = (
+                f"live error {live.value:.4f} (90% lower bound {quick.lower:.4f}) > {target:.4f}"
+            )
             for edge in range(start + 1, self.strata):
                 above = error_above(
-                    merged.answered, merged.shadowed, merged.disagreed, edge, self.config.confidence
+                    merged.answered, merged.shadowed, merged.disagreed, edge, confidence
                 )
-                if above.known and above.upper <= target:
-                    return edge / self.strata, f"live error bound {live.upper:.4f} > {target}"
-            return threshold + self.config.max_step, f"live error bound {live.upper:.4f} > {target}"
-        if live.upper < 0.8 * target and threshold > policy.threshold:
-            down = max(policy.threshold, threshold - self.config.max_step / 4)
-            return down, f"live error bound {live.upper:.4f} well within {target}"
-        return threshold, f"live error bound {live.upper:.4f} within {target}"
+                if above.known and above.value <= target:
+                    return edge / self.strata, reason
+            return threshold + self.config.max_step, reason
+        self._within = self._within + 1 if live.upper < target else 0
+        if self._within >= _LOWER_AFTER and threshold > policy.threshold:
+            self._within = 0
+            down = max(policy.threshold, threshold - self.config.max_step / 2)
+            return (
+                down,
+                f"live error {live.value:.4f} (upper bound {live.upper:.4f}) < {target:.4f}",
+            )
+        return threshold, f"live error {live.value:.4f} in [{live.lower:.4f}, {live.upper:.4f}]"
 
     def describe(self, calibration: Calibration | None = None) -> dict[str, Any]:
         """What GET /admin/threshold and /cascades show of the live state (the merged window
@@ -232,6 +263,19 @@ class Controller:
                 "compute_saved": 1.0 - cost / calibration.cost_teacher,
             }
         return out
+
+
+def live_target(policy: PolicyState, calibration: Calibration) -> float:
+    """The operator's bound is on the student's error against the labels; live, only its
+    disagreement with the teacher is seen. The live target is the disagreement the calibration
+    split shows at the threshold the bound resolved to (the bound in the teacher's terms): a
+    mix the student does worse on raises it there, whatever the teacher's own errors. Without
+    those counts, the bound itself."""
+    assert policy.max_student_error is not None
+    row = calibration.accepted_at(policy.threshold)
+    if row is None or not row.accepted or row.accepted_disagreements is None:
+        return policy.max_student_error
+    return row.accepted_disagreements / row.accepted
 
 
 def _estimate_dict(e: Estimate) -> dict[str, float | int] | None:

@@ -54,7 +54,14 @@ class TeacherStage:
         self.load_config = load or LoadConfig()
         self.metrics = metrics
         self.n_classes = n_classes
-        self.limit = float(self.load_config.max_items_in_flight)
+        cfg = self.load_config
+        self.limit = float(
+            cfg.max_items_in_flight
+            if cfg.slo_s is None
+            else min(
+                max(cfg.initial_items_in_flight, cfg.min_items_in_flight), cfg.max_items_in_flight
+            )
+        )
         self.items_in_flight = 0
         self._latencies: deque[float] = deque(maxlen=self.load_config.latency_window)
         self._p95: float | None = None

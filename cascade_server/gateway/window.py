@@ -5,9 +5,10 @@ merges every live worker's (and replica's).
 
 The request path only appends arrays (`observe_*`); folding them into sketches and rotating
 buckets happens in `roll`, once per controller interval. Buckets close after `bucket_items`
-items or `bucket_s` seconds; the window keeps the newest `buckets` of them and none older than
-`window_s`, so it covers about the last `window_items` items at high traffic and the last
-`window_s` seconds at low traffic.
+items or `bucket_s` seconds (checked once per roll); the window keeps the newest buckets that
+together hold `window_items` items, at most `buckets` of them and none older than `window_s`,
+so it covers about the last `window_items` items at high traffic and the last `window_s`
+seconds at low traffic.
 """
 
 from __future__ import annotations
@@ -191,8 +192,18 @@ class Window:
                 _Bucket(now, Summary.empty(self.config.relative_accuracy, self.strata))
             )
         self._buckets[-1].summary.merge(pending)
+        # The newest buckets that together hold window_items items (at least one bucket), none
+        # older than window_s: a bucket fills per roll, so at high traffic one bucket can hold
+        # a whole second's items and counting buckets alone would stretch the window.
         horizon = now - self.config.window_s
-        self._buckets = [b for b in self._buckets if b.opened >= horizon][-self.config.buckets :]
+        kept: list[_Bucket] = []
+        items = 0.0
+        for bucket in reversed(self._buckets[-self.config.buckets :]):
+            if bucket.opened < horizon or (kept and items >= self.config.window_items):
+                break
+            kept.append(bucket)
+            items += bucket.summary.items
+        self._buckets = kept[::-1]
         window = Summary.empty(self.config.relative_accuracy, self.strata)
         for bucket in self._buckets:
             window.merge(bucket.summary)

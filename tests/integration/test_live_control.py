@@ -120,7 +120,7 @@ def test_the_controller_holds_a_target_rate_on_live_traffic(demo, tmp_path):
     median = float(np.quantile(margins[:400], 0.5))
     assert state["threshold"] == start  # the policy's own start is unchanged ...
     assert state["threshold_in_force"] == pytest.approx(median, abs=0.03)  # ... it was moved
-    assert state["controller"]["reason"].startswith("margin quantile")
+    assert state["controller"]["reason"].startswith(("margin quantile", "delegation within"))
     assert metric_in(text, "cascade_controller_moves_total") >= 1
     assert metric_in(text, "cascade_threshold_changes_total") == 1  # moves are not audited
     assert metric_in(text, "cascade_threshold") == pytest.approx(median, abs=0.03)

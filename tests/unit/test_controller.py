@@ -18,6 +18,18 @@ from cascade_server.gateway.stores import ControlStore, FileBackend
 from .test_bundle import make_calibration
 
 CAL = make_calibration()
+# The same table without the per-threshold counts: the error mode then holds the operator's
+# bound itself live (with them, the calibration's disagreement at the start; see live_target).
+NO_COUNTS = CAL.model_copy(
+    update={
+        "table": tuple(
+            r.model_copy(
+                update={"accepted": None, "accepted_errors": None, "accepted_disagreements": None}
+            )
+            for r in CAL.table
+        )
+    }
+)
 
 
 def controller(tmp_path, name="c", **knobs):
@@ -142,3 +154,72 @@ def test_a_new_policy_starts_from_its_own_start_not_the_old_moves(tmp_path):
     assert c.threshold_for(POLICY) != 0.5
     newer = POLICY.model_copy(update={"updated_at": "t1", "threshold": 0.7})
     assert c.threshold_for(newer) == 0.7
+
+
+def _error_policy(target=0.1):
+    return PolicyState(
+        mode="max_student_error",
+        threshold=0.3,
+        max_student_error=target,
+        source="admin",
+        student_version="v1",
+        updated_at="t0",
+    )
+
+
+def _shadows(c: Controller, rng, n: int, error_of_margin) -> None:
+    """n student answers with margins in [0.3, 1], each shadowed, disagreeing with the teacher
+    with probability error_of_margin(margin)."""
+    margins = rng.uniform(0.3, 1.0, n)
+    c.window.answered(margins, 0)
+    c.window.shadowed(margins, rng.uniform(size=n) >= error_of_margin(margins))
+
+
+def test_max_student_error_rises_on_evidence_and_returns_when_it_fits(tmp_path):
+    rng = np.random.default_rng(7)
+    c = controller(tmp_path, max_step=0.2)
+    c.window.stratified = True
+    pol = _error_policy(0.1)
+    seen = []
+
+    async def steps(k, error_of_margin):
+        for _ in range(k):
+            _shadows(c, rng, 400, error_of_margin)
+            await asyncio.sleep(0.01)
+            await c.step(pol, NO_COUNTS)
+            seen.append(c.threshold_for(pol))
+
+    # Errors concentrated below 0.6: 30% there, 2% above. Live error above 0.3 is ~0.14 > 0.1;
+    # above 0.4 it is ~0.11, above 0.5 ~0.08: 0.5 is the lowest stratum edge that fits.
+    asyncio.run(steps(8, lambda m: np.where(m < 0.6, 0.3, 0.02)))
+    assert seen[-1] == pytest.approx(0.5)
+    assert max(np.diff([0.3, *seen])) <= 0.2 + 1e-9
+    # The traffic heals: errors of 2% everywhere, clearly within; back towards the start, half
+    # a step after every ten steps within.
+    asyncio.run(steps(60, lambda m: np.full_like(m, 0.02)))
+    assert seen[-1] == pytest.approx(0.3)
+
+
+def test_max_student_error_holds_when_the_evidence_is_unclear(tmp_path):
+    rng = np.random.default_rng(8)
+    c = controller(tmp_path)
+    c.window.stratified = True
+    pol = _error_policy(0.1)
+
+    async def main():
+        for _ in range(10):
+            _shadows(c, rng, 60, lambda m: np.full_like(m, 0.08))  # below, not clearly
+            await asyncio.sleep(0.01)
+            await c.step(pol, NO_COUNTS)
+
+    asyncio.run(main())
+    assert c.threshold_for(pol) == 0.3
+
+
+def test_the_live_error_target_is_the_calibrations_disagreement_at_the_start():
+    from cascade_server.gateway.controller import live_target
+
+    pol = _error_policy(0.1).model_copy(update={"threshold": CAL.table[30].threshold})
+    row = CAL.accepted_at(pol.threshold)
+    assert live_target(pol, CAL) == pytest.approx(row.accepted_disagreements / row.accepted)
+    assert live_target(pol, NO_COUNTS) == 0.1

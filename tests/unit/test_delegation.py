@@ -66,3 +66,29 @@ def test_calls_in_flight_are_bounded_in_load():
 
     busy, none = asyncio.run(main())
     assert busy.room == 0 and not busy.circuit_open and none is None
+
+
+def test_the_item_limit_follows_the_teachers_latency_against_the_slo():
+    from cascade_server.config.delegation import LoadConfig
+
+    load = LoadConfig(
+        slo_s=0.1,
+        initial_items_in_flight=32,
+        max_items_in_flight=64,
+        min_items_in_flight=2,
+        backoff=0.5,
+    )
+    stage = TeacherStage("c", Hanging(), TeacherConfig(), Metrics(), n_classes=2, load=load)
+    assert stage.limit == 32  # with an SLO it starts low, not at the maximum
+    for _ in range(3):
+        stage._observed(0.3, 8, ok=True)  # slower than the SLO: halves
+    assert stage.limit == 4
+    for _ in range(10):
+        stage._observed(0.3, 8, ok=True)
+    assert stage.limit == 2  # never below the minimum
+    for _ in range(600):
+        stage._observed(0.01, 8, ok=True)  # within the SLO: grows by a batch per limit's worth
+    assert stage.limit == 64  # never above the maximum
+    stage._observed(0.01, 8, ok=False)  # a failed call counts as slow
+    assert stage.limit == 32
+    assert stage.load()[0].room == 32
