@@ -19,7 +19,7 @@ define apt_install
 		DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq --no-install-recommends $(2); }
 endef
 
-.PHONY: tools setup serve test test-numpy2 test-fast lint format demo bench bench-quick bench-serving loadtest reliability deploy-check clean locks k8s-manifests
+.PHONY: tools setup serve test test-numpy2 test-fast lint format demo bench bench-quick bench-serving bench-adaptive soak loadtest reliability deploy-check clean locks k8s-manifests
 
 setup: $(VENV)/.installed
 
@@ -84,6 +84,16 @@ bench-quick: setup
 ## The gateway beside echo, direct Triton and a Triton-only cascade (about 12 min; needs wrk).
 bench-serving: setup
 	$(BIN)/python benchmarks/serving.py
+
+## Live delegation control on a real gateway and Triton: traffic shift, teacher overload,
+## shadow estimates (about 8 min; JSON + PNG in benchmarks/results/adaptive).
+bench-adaptive: setup
+	$(BIN)/python benchmarks/adaptive.py
+
+## 11 minutes under load with hot swaps, threshold changes, a Redis and a Triton restart
+## (not in CI): memory, descriptors, tasks at start and end; lost requests and 5xx must be 0.
+soak: setup tools
+	$(BIN)/python benchmarks/soak.py
 
 ## deploy/ validated by the real tools: promtool (rules, rule unit tests, config; Debian's
 ## prometheus package), helm lint + helm template | kubernetes-validate --strict (Helm's Go SDK
