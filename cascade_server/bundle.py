@@ -6,6 +6,7 @@ contract between training and serving, so it lives here (no torch) and both side
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -150,22 +151,43 @@ class Calibration(_Strict):
         return rows
 
     def threshold_for_student_error(self, max_error: float, confidence: float = 0.95) -> float:
-        """The lowest threshold whose upper confidence bound (Clopper-Pearson, one-sided at
-        `confidence`) of the student's error on what it answers alone is within `max_error`.
-        A target the student cannot reach on this split raises, naming the best it can do."""
-        best: tuple[float, CalibrationRow] | None = None
+        """The lowest threshold at which the student's error on what it answers alone is within
+        `max_error` with `confidence`, found by fixed-sequence testing (Learn then Test,
+        Angelopoulos et al. 2021): from the highest threshold down, each row's one-sided
+        Clopper-Pearson bound is tested at `1 - confidence` and the search stops at the first
+        that fails. Picking the lowest passing row among all of them instead would be the best
+        of a hundred tries, not a 95% bound. The sequence starts at the highest threshold that
+        leaves the student enough items for the test to have power (an error rate of half the
+        bound in them would pass): that depends on the margins only, not on the labels, so the
+        test stays valid, and one error among the handful of items the highest thresholds
+        leave does not end it. A target the student cannot reach on this split raises, naming
+        the best it can do."""
+        tested = []
         for row in self._accepted_rows():
             assert row.accepted is not None and row.accepted_errors is not None
-            if row.accepted == 0:
-                continue
-            upper = clopper_pearson_upper(row.accepted_errors, row.accepted, confidence)
-            if upper <= max_error:
-                return row.threshold
-            if best is None or upper < best[0]:
-                best = (upper, row)
-        if best is None:
+            if row.accepted:  # a threshold that leaves nothing to the student tests nothing
+                upper = clopper_pearson_upper(row.accepted_errors, row.accepted, confidence)
+                half = math.ceil(row.accepted * max_error / 2)
+                possible = clopper_pearson_upper(half, row.accepted, confidence) <= max_error
+                tested.append((upper, row, possible))
+        if not tested:
             raise ValueError("the calibration split has no item the student answers alone")
-        upper, row = best
+        chosen = None
+        for upper, row, possible in sorted(tested, key=lambda t: -t[1].threshold):
+            if not possible:
+                continue  # too few items to test; not a hypothesis of the sequence
+            if upper > max_error:
+                break
+            chosen = row
+        if chosen is not None:
+            return chosen.threshold
+        upper, row, _ = min(tested, key=lambda t: t[0])
+        if upper <= max_error:  # within it further down, past a threshold that is not
+            raise ValueError(
+                f"the student's error is within {max_error} on the calibration split only at "
+                f"threshold {row.threshold:.4f}, below higher thresholds that are not (the "
+                "test from the highest threshold down stops at the first that fails)"
+            )
         raise ValueError(
             f"the student cannot keep its error within {max_error} (upper {confidence:.0%} "
             f"bound) on the calibration split ({self.n} items): the best it can do is "

@@ -38,6 +38,9 @@ class Decision:
     margins: np.ndarray  # (batch,); 0 where logits were non-finite
     delegate: np.ndarray  # (batch,) bool
     non_finite: np.ndarray  # (batch,) bool
+    # (batch,) bool: delegated whatever the threshold (non-finite logits, class-based
+    # delegation); what a target delegation rate cannot move.
+    forced: np.ndarray
 
 
 def decide(
@@ -57,14 +60,16 @@ def decide(
     safe = np.where(bad[:, None], 0.0, logits)
     probs = softmax(safe)
     margins = np.where(bad, 0.0, top2_margin(probs))
-    delegate = (margins < threshold) | bad
+    forced = bad
     if abstain_output is not None or in_domain_outputs is not None:
+        forced = bad.copy()
         top = probs.argmax(axis=1)
         if abstain_output is not None:
-            delegate |= top == abstain_output
+            forced |= top == abstain_output
         if in_domain_outputs is not None:
-            delegate |= ~np.asarray(in_domain_outputs, dtype=bool)[top]
-    return Decision(probs=probs, margins=margins, delegate=delegate, non_finite=bad)
+            forced |= ~np.asarray(in_domain_outputs, dtype=bool)[top]
+    delegate = (margins < threshold) | forced
+    return Decision(probs=probs, margins=margins, delegate=delegate, non_finite=bad, forced=forced)
 
 
 def class_probabilities(

@@ -134,7 +134,7 @@ class ImagePreprocessor:
                     f"the request's images hold more than {self.max_request_pixels} "
                     "pixels in all (CASCADE_MAX_REQUEST_PIXELS); send fewer or smaller images"
                 )
-        if img.format == "JPEG":
+        if img.format in ("JPEG", "MPO"):  # an MPO is a JPEG with an MPF header: frame 0 too
             # Counts start-of-scan markers anywhere in the file (an embedded EXIF thumbnail's
             # too): an upper bound on the scans, found without decoding.
             scans = data.count(_SOS)
@@ -321,9 +321,16 @@ def encode_texts(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarr
 class TextPreprocessor:
     modality = "text"
 
-    def __init__(self, spec: TextPreprocess, tokenizer_path: Path, max_chars: int) -> None:
+    def __init__(
+        self,
+        spec: TextPreprocess,
+        tokenizer_path: Path,
+        max_chars: int,
+        inline_chars: int = 4096,
+    ) -> None:
         self.spec = spec
         self.max_chars = max_chars
+        self.inline_chars = inline_chars
         self.tokenizer = load_tokenizer(tokenizer_path, spec)
         # Ids that carry no word: padding, unknown, and the special tokens the tokenizer adds.
         specials = [self.tokenizer.token_to_id(t) for t in ("[UNK]", "[CLS]", "[SEP]", "<unk>")]
@@ -341,6 +348,9 @@ class TextPreprocessor:
         return text
 
     def prepare(self, items: list) -> Batch:
+        return self._tokenize(self._validated(items), len(items))
+
+    def _validated(self, items: list) -> list[str]:
         texts = []
         for i, item in enumerate(items):
             try:
@@ -348,13 +358,16 @@ class TextPreprocessor:
             except (InvalidInput, PayloadTooLarge) as exc:
                 _name_input(exc, i, len(items))
                 raise
+        return texts
+
+    def _tokenize(self, texts: list[str], n: int) -> Batch:
         ids, mask, truncated = encode_texts(self.tokenizer, texts)
         # A text with no word the tokenizer knows ("12345", emoji, "...") is all [UNK] to the
         # student and the teacher alike: any answer would be a guess with a confident margin.
         wordless = np.isin(ids, self._wordless).all(axis=1)
         if wordless.any():
             i = int(np.flatnonzero(wordless)[0])
-            where = f"inputs[{i}]: " if len(items) > 1 else ""
+            where = f"inputs[{i}]: " if n > 1 else ""
             raise InvalidInput(
                 f"{where}text has no word this cascade's vocabulary knows (only unknown "
                 "tokens: digits, symbols, emoji or another script?)"
@@ -362,10 +375,14 @@ class TextPreprocessor:
         return Batch(dict(zip(TEXT_INPUTS, (ids, mask), strict=True)), truncated)
 
     def plan(self, items: list) -> Plan:
-        """Texts are tokenised at once, inline: bounded by CASCADE_MAX_TEXT_CHARS and the
-        batch limit, and cheaper than a thread hop."""
-        batch = self.prepare(items)
-        return Plan(lambda: batch, inline=True)
+        """Every text checked now; short requests tokenised at once (cheaper than a thread
+        hop), longer ones (`inline_chars` in all: up to CASCADE_MAX_BATCH x
+        CASCADE_MAX_TEXT_CHARS) on a thread (the tokenizer releases the GIL)."""
+        texts = self._validated(items)
+        if sum(map(len, texts)) <= self.inline_chars:
+            batch = self._tokenize(texts, len(texts))
+            return Plan(lambda: batch, inline=True)
+        return Plan(lambda: self._tokenize(texts, len(texts)), inline=False)
 
     def sample(self) -> str:
         return "warm up"

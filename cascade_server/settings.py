@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     # Runtime control state (config/control.py): CASCADE_CONTROL_STORE, CASCADE_STATE_DIR, ...
     control_store: Literal["file", "redis"] = _knob(ControlConfig, "kind")
     state_dir: Path = _knob(ControlConfig, "state_dir")
-    redis_url: str = _knob(ControlConfig, "redis_url")
+    redis_url: SecretStr = _knob(ControlConfig, "redis_url")
     control_timeout_s: float = _knob(ControlConfig, "timeout_s")
     control_audit_max_entries: int = _knob(ControlConfig, "audit_max_entries")
     control_health_interval_s: float = _knob(ControlConfig, "health_interval_s")
@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     max_jpeg_scans: int = _knob(DecodeLimits, "max_jpeg_scans")
     decode_inline_bytes: int = _knob(DecodeLimits, "decode_inline_bytes")
     decode_inline_pixels: int = _knob(DecodeLimits, "decode_inline_pixels")
+    decode_inline_chars: int = _knob(DecodeLimits, "decode_inline_chars")
     decode_threads: int = _knob(DecodeLimits, "decode_threads")
     max_text_chars: int = _knob(DecodeLimits, "max_text_chars")
     # Requests being handled per worker; past it new ones get 503 with Retry-After at once.
@@ -153,6 +154,7 @@ class Settings(BaseSettings):
                 max_jpeg_scans=self.max_jpeg_scans,
                 decode_inline_bytes=self.decode_inline_bytes,
                 decode_inline_pixels=self.decode_inline_pixels,
+                decode_inline_chars=self.decode_inline_chars,
                 decode_threads=self.decode_threads,
                 max_text_chars=self.max_text_chars,
             ),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
 class ControlConfig(BaseModel):
@@ -13,7 +13,8 @@ class ControlConfig(BaseModel):
     # `file`: state_dir (one host, or a ReadWriteMany volume); `redis`: every replica.
     kind: Literal["file", "redis"] = "file"
     state_dir: Path = Path(".cascade/state")
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # A secret (it may carry a password): never in a repr, a dump or a log.
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     # The most one store operation (an admin change, a lock) may take, retries included; past
     # it the caller gets 503. Redis socket timeouts are a quarter of it.
     timeout_s: float = Field(default=2.0, gt=0, le=60)

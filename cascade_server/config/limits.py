@@ -30,5 +30,7 @@ class DecodeLimits(BaseModel):
     # does not stall the event loop and its probes; smaller ones inline, cheaper than a hop.
     decode_inline_bytes: int = Field(default=64 * 1024, ge=0)
     decode_inline_pixels: int = Field(default=256 * 256, ge=0)
+    # Texts of a request longer than this in all are tokenised on a thread too.
+    decode_inline_chars: int = Field(default=4096, ge=0)
     decode_threads: int = Field(default=2, ge=1)
     max_text_chars: int = Field(default=10_000, gt=0)

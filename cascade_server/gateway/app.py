@@ -103,7 +103,7 @@ def create_app(
             front.gateway = None
             for cascade in cascades.values():
                 await cascade.close()
-            store.close()
+            await store.close()
             tracing.shutdown()
             metrics.mark_process_dead()
 

@@ -75,6 +75,10 @@ class CircuitBreaker:
             return Ticket(self._epoch, probe=True)
         return None
 
+    def is_open(self) -> bool:
+        """Open and not due for a probe (takes no ticket, changes nothing)."""
+        return self.state is State.OPEN and self._clock() - self._opened_at < self.config.open_s
+
     def success(self, ticket: Ticket) -> None:
         if not self._settle(ticket):
             return

@@ -58,7 +58,7 @@ class Cascade:
         self.classes = m.classes
         self.metrics = metrics
         self.store = store
-        self.students = VersionManager(bundle, config, store, metrics, student, self.threshold)
+        self.students = VersionManager(bundle, config, store, metrics, student, self._flipped)
         self.teacher = TeacherStage(
             m.name, teacher, config.teacher, metrics, len(m.classes), config.load
         )
@@ -67,6 +67,7 @@ class Cascade:
         )
         self.shadow = Shadow(m.name, config.shadow, self.teacher, self.controller.window, metrics)
         self.controller.window.stratified = self.shadow.enabled
+        self.controller.window.version = self.active.version
         self.path = BatchPath(
             m.name,
             len(m.classes),
@@ -90,6 +91,7 @@ class Cascade:
             f"{m.name}-controller", config.controller.interval_s, self._control_step
         )
         self._shown_threshold: tuple[float, str] | None = None
+        self._shown_policy: object = None
 
     # The active version's parts, as the routes and admin see them.
     @property
@@ -121,6 +123,10 @@ class Cascade:
         return self.active.preprocessor
 
     async def setup(self) -> None:
+        # The state this replica serves from, read before it says it is ready (off the loop).
+        await self.store.prime(
+            [self.active.thresholds.key, self.students.rollout.key, self.controller.key]
+        )
         self.students.setup()
         await self.teacher.setup()
         self.metrics.prime(self.name)
@@ -167,13 +173,25 @@ class Cascade:
     def threshold(self) -> float:
         """The threshold in force for the active version (the controller's while it holds an
         online policy), shown in the metrics (written when it changes)."""
-        value = self.controller.threshold_for(self.active.thresholds.current())
-        if (value, self.active.version) != self._shown_threshold:
+        policy = self.active.thresholds.current()
+        value = self.controller.threshold_for(policy)
+        shown = (value, self.active.version)
+        # The store hands back one object per policy: identity is the cheap check.
+        if shown != self._shown_threshold or policy is not self._shown_policy:
             self.metrics.set_threshold(self.name, value)
-            self._shown_threshold = (value, self.active.version)
-            rate = self.active.manifest.calibration.rate_for_threshold(value)
-            self.metrics.set_expected_delegation(self.name, rate)
+            self._shown_threshold, self._shown_policy = shown, policy
+            # What the operator should see delegated: the target while one is held (the
+            # threshold moves so the rate does not), else the calibration's rate there.
+            target = policy.target if policy.mode == "target_delegation_rate" else None
+            if target is None or not self.controller.config.enabled:
+                target = self.active.manifest.calibration.rate_for_threshold(value)
+            self.metrics.set_expected_delegation(self.name, target)
         return value
+
+    def _flipped(self) -> None:
+        """A new student version serves: its own live window, and its threshold shown."""
+        self.controller.reset(self.active.version)
+        self.threshold()
 
     def _threshold_of(self, version: StudentVersion) -> float:
         if version is self.active:

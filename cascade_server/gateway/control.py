@@ -7,8 +7,9 @@ Three modes, each audited when set (who, when, old -> new):
   within `min_threshold`..`max_threshold`;
 - `max_student_error`: the risk accepted on what the student answers alone. It starts at the
   lowest threshold whose upper confidence bound of the student's error on the calibration split
-  is within it (refused, naming the best, when none is), and the controller raises it when the
-  live estimate (shadow samples) says the error is higher.
+  is within it, by fixed-sequence testing (bundle.py; refused, naming the best, when none is),
+  and the controller raises it when the live estimate (shadow samples) says the error is
+  higher.
 
 The state lives in the control store (stores.py); every use reads the store's in-process view,
 so a change made through any worker applies to the next batch on every worker and survives a
@@ -168,7 +169,11 @@ class ThresholdStore:
                     exc,
                 )
                 return self._default
-            state = state.model_copy(update={"threshold": state.clamp(start)})
+            # Resolved for the version served: its stamp names it, so the controller's moves
+            # for another version's start are not carried over a swap.
+            state = state.model_copy(
+                update={"threshold": state.clamp(start), "student_version": self.student_version}
+            )
         elif state.student_version != self.student_version:
             log.warning(
                 "cascade %s: threshold %.4f was set for student %s, now serving %s; keeping it",
@@ -244,8 +249,9 @@ class ThresholdStore:
             }
             return (None if remove else new.model_dump_json().encode()), audit
 
-        await self.store.update(self.key, change)
-        current = self.current()
+        raw = await self.store.update(self.key, change)
+        # What was written, not the cache (a follower's read in flight may land after it).
+        current = self._default if raw is None else self._load(raw)
         old = olds[0]
         log.warning(
             "cascade %s: threshold %.4f -> %.4f (%s%s) by %s",

@@ -6,8 +6,10 @@ state. When the state is due (older than an interval) the worker merges every li
 workers, all replicas) and moves the threshold:
 
 - `target_delegation_rate`: to the margin quantile that delegates the target share of the
-  window (`P(margin < t) = target`), by at most `max_step`, not at all when the change is below
-  `min_change` (hysteresis), within the policy's bounds;
+  window, by at most `max_step`, held within a deadband (hysteresis), within the policy's
+  bounds. Items delegated whatever the threshold (by class, non-finite logits) count first:
+  with a share c of them, the threshold aims at `P(margin < t) = (target - c) / (1 - c)` over
+  the rest;
 - `max_student_error`: up, when the live estimate of the student's error on what it answers
   alone (shadow samples, teacher as reference, held at the calibration's own disagreement at
   the start threshold) is above the target with 90% confidence: to the lowest margin stratum
@@ -15,9 +17,12 @@ workers, all replicas) and moves the threshold:
   step at a time, only after ten steps in a row within the target with 95% confidence; held
   in between.
 
-The write is a compare-and-set without an audit entry (operators' changes are audited; the
-controller's moves are metrics), so whichever worker gets there first moves, once per interval,
-and every worker serves the shared threshold. A move is logged at most once per interval.
+Every worker merges the windows each interval (its estimates and metrics stay fresh); the move
+itself is a compare-and-set on the state's step counter, without an audit entry (operators'
+changes are audited; the controller's moves are metrics): of the workers that find it due, the
+first write wins and the others, which read the same step, make none. Every worker serves the
+shared threshold. A move is logged at most once per interval. Windows of another student
+version (a worker not flipped yet, around a rollout) are left out of the merge.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class ControllerState(BaseModel):
     observed_rate: float | None = None
     items: float = 0.0
     reason: str = ""
+    step: int = 0  # steps taken for this policy: a write succeeds only on the step it read
+    within: int = 0  # error mode: steps in a row with the live error within its target
 
 
 def worker_id() -> str:
@@ -74,14 +81,20 @@ class Controller:
         self.strata = strata
         self.window = Window(config, strata)
         self.key = f"{cascade}.controller"
-        self.live_prefix = f"{cascade}.window."
+        self.live_group = f"{cascade}.window"
         self.me = worker_id()
         self.merged: Summary = Summary.empty(config.relative_accuracy, strata)
         self.student_estimate: Estimate = UNKNOWN
         self.cascade_estimate: Estimate = UNKNOWN
         self._stamp: object = None
         self._state: ControllerState | None = None
-        self._within = 0  # error mode: steps in a row with the live error within its target
+
+    def reset(self, version: str) -> None:
+        """A new student version: its window starts empty (and the policy's stamp, which names
+        the version, leaves the old version's moves behind)."""
+        self.window.reset(version)
+        self.merged = Summary.empty(self.config.relative_accuracy, self.strata)
+        self.student_estimate = self.cascade_estimate = UNKNOWN
 
     # The request path.
     def state(self) -> ControllerState | None:
@@ -89,11 +102,9 @@ class Controller:
         stamp, raw = self.store.read(self.key)
         if stamp != self._stamp:
             self._stamp = stamp
-            try:
-                self._state = ControllerState.model_validate_json(raw) if raw else None
-            except ValueError:
+            self._state = _parse(raw)
+            if raw and self._state is None:
                 log.error("ignoring unreadable controller state %s", self.key)
-                self._state = None
         return self._state
 
     def threshold_for(self, policy: PolicyState) -> float:
@@ -116,9 +127,14 @@ class Controller:
         merged = Summary.empty(self.config.relative_accuracy, self.strata)
         for raw in await self.store.call(self._exchange, local.to_bytes()):
             try:
-                merged.merge(Summary.from_bytes(raw, self.config.relative_accuracy, self.strata))
+                other = Summary.from_bytes(raw, self.config.relative_accuracy, self.strata)
             except (ValueError, KeyError, TypeError):
                 log.warning("cascade %s: skipping an unreadable live window", self.cascade)
+                continue
+            # Around a rollout, a worker still on the other version: its traffic says nothing
+            # of the student this one serves.
+            if not other.version or other.version == self.window.version:
+                merged.merge(other)
         self.merged = merged
         self._estimate(merged)
         threshold = self.threshold_for(policy)
@@ -133,10 +149,11 @@ class Controller:
         if not (policy.online and self.config.enabled):
             return
         state = self.state()
-        if state is not None and state.policy == policy.stamp():
-            if time.time() - state.at < self.config.interval_s * 0.8:
-                return  # another worker moved it this interval
-        desired, reason = self._desired(policy, threshold, merged, calibration)
+        held = state if state is not None and state.policy == policy.stamp() else None
+        if held is not None and time.time() - held.at < self.config.interval_s * 0.8:
+            return  # another worker stepped this interval
+        within = held.within if held is not None else 0
+        desired, reason, within = self._desired(policy, threshold, merged, calibration, within)
         if desired is None:
             return
         new = policy.clamp(
@@ -146,6 +163,7 @@ class Controller:
         if abs(new - threshold) < self.config.min_change:
             new = threshold  # within the hysteresis band: confirm, do not move
         moved = new != threshold
+        step = held.step if held is not None else 0
         record = ControllerState(
             threshold=new,
             policy=policy.stamp(),
@@ -153,8 +171,20 @@ class Controller:
             observed_rate=merged.delegation_rate,
             items=merged.items,
             reason=reason,
+            step=step + 1,
+            within=within,
         )
-        await self.store.update(self.key, lambda _: (record.model_dump_json().encode(), None))
+        value = record.model_dump_json().encode()
+
+        def change(raw: bytes | None) -> tuple[bytes | None, None]:
+            # Compare-and-set on the step this worker read: a worker that stepped meanwhile
+            # (its write not seen here yet) keeps its move, and this one makes none.
+            current = _parse(raw)
+            seen = current.step if current is not None and current.policy == record.policy else 0
+            return (value if seen == step else raw), None
+
+        if await self.store.update(self.key, change) != value:
+            return
         if moved:
             self.metrics.controller_moved(self.cascade)
             log.info(
@@ -172,8 +202,8 @@ class Controller:
     def _exchange(self, local: bytes) -> list[bytes]:
         """On a thread (one hop for both): this worker's window out, every live one in."""
         backend, ttl = self.store.backend, self.config.worker_ttl_s
-        backend.publish(self.live_prefix + self.me, local, ttl)
-        return backend.collect(self.live_prefix, ttl)
+        backend.publish(self.live_group, self.me, local, ttl)
+        return backend.collect(self.live_group, ttl)
 
     def _estimate(self, merged: Summary) -> None:
         self.student_estimate = agreement(
@@ -184,13 +214,24 @@ class Controller:
         )
 
     def _desired(
-        self, policy: PolicyState, threshold: float, merged: Summary, calibration: Calibration
-    ) -> tuple[float | None, str]:
+        self,
+        policy: PolicyState,
+        threshold: float,
+        merged: Summary,
+        calibration: Calibration,
+        within: int,
+    ) -> tuple[float | None, str, int]:
+        """(the threshold wanted or None to wait, why, the error mode's steps within)."""
         if policy.mode == "target_delegation_rate":
             assert policy.target_delegation_rate is not None
             if merged.sketch.count < self.config.min_items:  # sketching has just begun
-                return None, "filling the window"
-            target = policy.target_delegation_rate
+                return None, "filling the window", 0
+            # Items delegated whatever the threshold (by class, non-finite) take their share
+            # first; the threshold moves the rest, whose margins the sketch holds.
+            forced = merged.forced_rate
+            if forced >= policy.target_delegation_rate:
+                return 0.0, f"{forced:.3f} delegated by class alone, above the target", 0
+            target = (policy.target_delegation_rate - forced) / (1.0 - forced)
             # Hysteresis, on the window's own margins (so no lag behind the moves): hold while
             # the threshold in force delegates within the deadband of the target here, or within
             # two standard errors (a window of n items cannot tell a rate closer than that).
@@ -199,16 +240,16 @@ class Controller:
             low = merged.quantile(max(target - band, 0.0))
             high = merged.quantile(min(target + band, 1.0))
             if low is not None and high is not None and low <= threshold <= high:
-                return threshold, f"delegation within {band:.3f} of the target"
+                return threshold, f"delegation within {band:.3f} of the target", 0
             q = merged.quantile(target)
-            return q, f"margin quantile {target:.3f}"
+            return q, f"margin quantile {target:.3f}", 0
         assert policy.max_student_error is not None
         target = live_target(policy, calibration)
         start = int(min(threshold, 0.999999) * self.strata)
         confidence = self.config.confidence
         live = error_above(merged.answered, merged.shadowed, merged.disagreed, start, confidence)
         if not live.known:
-            return None, "no shadow samples yet"
+            return None, "no shadow samples yet", within
         # Asymmetric, as the promise is: raise on a one-sided 90% bound (the live error is
         # above the target with 90% confidence: quick, and the safe direction), come back only
         # after LOWER_AFTER steps in a row with the 95% upper bound below the target, a half
@@ -217,7 +258,6 @@ class Controller:
         # would leave a shift's errors unanswered for thousands of requests.
         quick = error_above(merged.answered, merged.shadowed, merged.disagreed, start, 0.8)
         if live.samples >= _MIN_SAMPLES and quick.lower > target:
-            self._within = 0
             reason = (
                 f"live error {live.value:.4f} (90% lower bound {quick.lower:.4f}) > {target:.4f}"
             )
@@ -226,17 +266,18 @@ class Controller:
                     merged.answered, merged.shadowed, merged.disagreed, edge, confidence
                 )
                 if above.known and above.value <= target:
-                    return edge / self.strata, reason
-            return threshold + self.config.max_step, reason
-        self._within = self._within + 1 if live.upper < target else 0
-        if self._within >= _LOWER_AFTER and threshold > policy.threshold:
-            self._within = 0
+                    return edge / self.strata, reason, 0
+            return threshold + self.config.max_step, reason, 0
+        within = within + 1 if live.upper < target else 0
+        if within >= _LOWER_AFTER and threshold > policy.threshold:
             down = max(policy.threshold, threshold - self.config.max_step / 2)
             return (
                 down,
                 f"live error {live.value:.4f} (upper bound {live.upper:.4f}) < {target:.4f}",
+                0,
             )
-        return threshold, f"live error {live.value:.4f} in [{live.lower:.4f}, {live.upper:.4f}]"
+        reason = f"live error {live.value:.4f} in [{live.lower:.4f}, {live.upper:.4f}]"
+        return threshold, reason, within
 
     def describe(self, calibration: Calibration | None = None) -> dict[str, Any]:
         """What GET /admin/threshold and /cascades show of the live state (the merged window
@@ -276,6 +317,15 @@ def live_target(policy: PolicyState, calibration: Calibration) -> float:
     if row is None or not row.accepted or row.accepted_disagreements is None:
         return policy.max_student_error
     return row.accepted_disagreements / row.accepted
+
+
+def _parse(raw: bytes | None) -> ControllerState | None:
+    if not raw:
+        return None
+    try:
+        return ControllerState.model_validate_json(raw)
+    except ValueError:
+        return None
 
 
 def _estimate_dict(e: Estimate) -> dict[str, float | int] | None:

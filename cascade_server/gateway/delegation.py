@@ -101,10 +101,13 @@ class TeacherStage:
         await asyncio.gather(*self.calls, return_exceptions=True)
         await self.teacher.close()
 
-    def load(self) -> tuple[Load, Ticket | None]:
+    def load(self, with_p95: bool = True) -> tuple[Load, Ticket | None]:
         """The teacher's room now, and the breaker's ticket for a call (None: no call may be
-        made). A ticket not used must be given back with `release`."""
-        p95 = self.p95()
+        made). A ticket not used must be given back with `release`. An open circuit is said
+        first: while hung calls still fill the bounds, the items are degraded, not busy."""
+        p95 = self.p95() if with_p95 else None
+        if self.breaker.is_open():
+            return Load(room=0, circuit_open=True, p95_s=p95), None
         if len(self.calls) >= self.config.max_in_flight:
             return Load(room=0, p95_s=p95), None
         room = int(self.limit) - self.items_in_flight
@@ -199,12 +202,14 @@ class TeacherStage:
             )
         except asyncio.CancelledError:
             self.breaker.release(ticket)  # no outcome: a half-open probe slot comes back
+            # The waiting requests are answered by the student (shutdown cancels calls).
+            self.metrics.teacher_call(self.cascade, n, loop.time() - t0, "cancelled")
+            done(None, "cancelled", None)
             raise
         except Exception as exc:  # a bug, not a teacher outage: those requests answer 500
             error, unexpected = "error", exc
             self.breaker.failure(ticket)
-        finally:
-            seconds = loop.time() - t0
-            self.metrics.teacher_call(self.cascade, n, seconds, error)
+        seconds = loop.time() - t0
+        self.metrics.teacher_call(self.cascade, n, seconds, error)
         self._observed(seconds, n, error is None)
         done(probs, error, unexpected)

@@ -7,7 +7,8 @@ share of student answers in each stratum is known exactly (every answer is count
 agreement inside a stratum is estimated from its samples, and the strata are combined by their
 known weights (post-stratification). Intervals are Clopper-Pearson on the effective sample size
 (Korn & Graubard, 1998): exact for one stratum, conservative and never narrower than the
-sampling allows for several.
+sampling allows for several. Answers in strata without samples count as unknown (see
+`agreement`): the interval widens rather than assume they agree like the sampled ones.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import beta  # at import: its first import costs ~0.5 s, never on the loop
 
 
 @dataclass(frozen=True)
@@ -34,32 +36,22 @@ UNKNOWN = Estimate(float("nan"), 0.0, 1.0, 0)
 
 def _cp(x: float, n: float, confidence: float) -> tuple[float, float]:
     """Clopper-Pearson for a possibly fractional count x of n."""
-    from scipy.stats import beta
-
     tail = (1.0 - confidence) / 2
     lower = 0.0 if x <= 0 else float(beta.ppf(tail, x, n - x + 1))
     upper = 1.0 if x >= n else float(beta.ppf(1 - tail, x + 1, n - x))
     return lower, upper
 
 
-def collapse(
-    answered: np.ndarray, shadowed: np.ndarray, disagreed: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Merges strata without samples into their neighbour above (margins rise with the
-    stratum), so every stratum left with answers also has samples; strata with no answers
-    are dropped."""
-    out_a, out_s, out_d = [], [], []
-    carry_a = carry_s = carry_d = 0
-    for a, s, d in zip(answered.tolist(), shadowed.tolist(), disagreed.tolist(), strict=True):
-        carry_a, carry_s, carry_d = carry_a + a, carry_s + s, carry_d + d
-        if carry_s > 0:
-            out_a.append(carry_a)
-            out_s.append(carry_s)
-            out_d.append(carry_d)
-            carry_a = carry_s = carry_d = 0
-    if carry_a and out_a:  # answers above the last sampled stratum join it
-        out_a[-1] += carry_a
-    return np.array(out_a, float), np.array(out_s, float), np.array(out_d, float)
+def impute(answered: np.ndarray, shadowed: np.ndarray) -> np.ndarray:
+    """For each stratum, the sampled stratum whose agreement stands in for it: itself when
+    sampled, else the nearest sampled one below (lower margins agree less: the pessimistic
+    side), else the nearest above. -1 when no stratum is sampled."""
+    sampled = np.flatnonzero(shadowed > 0)
+    if not sampled.size:
+        return np.full(len(answered), -1)
+    below = np.searchsorted(sampled, np.arange(len(answered)), side="right") - 1
+    out: np.ndarray = np.where(below >= 0, sampled[np.maximum(below, 0)], sampled[0])
+    return out
 
 
 def agreement(
@@ -70,23 +62,38 @@ def agreement(
 ) -> Estimate:
     """The share of all student answers the teacher agrees with, by stratum: `answered[b]`
     student answers, `shadowed[b]` of them sampled, `disagreed[b]` of those answered
-    otherwise by the teacher."""
-    a, s, d = collapse(answered, shadowed, disagreed)
-    if not s.sum():
+    otherwise by the teacher.
+
+    Strata with answers but no sample (sparse ones, or all of them while shadows are dropped
+    under load) are not assumed to agree like the rest: the interval takes their share `u` of
+    the answers as unknown, anywhere in [0, 1] (`[(1-u) L, (1-u) U + u]` around the sampled
+    strata's `[L, U]`), and the point value borrows the agreement of the nearest sampled stratum
+    below. A window of unsampled answers widens the interval; it never narrows it."""
+    answered = np.asarray(answered, float)
+    shadowed = np.asarray(shadowed, float)
+    disagreed = np.asarray(disagreed, float)
+    sampled = shadowed > 0
+    if not sampled.any():
         return UNKNOWN
-    weights = a / a.sum()
-    p = 1.0 - d / s
-    value = float((weights * p).sum())
+    p_all = np.where(sampled, 1.0 - disagreed / np.maximum(shadowed, 1e-12), 0.0)
+    a, s, p = answered[sampled], shadowed[sampled], p_all[sampled]
+    # Samples whose answers left the window (buckets rotate independently): weigh by samples.
+    weights = a / a.sum() if a.sum() > 0 else s / s.sum()
+    value_s = float((weights * p).sum())
     # Variance of the post-stratified mean, with the finite-population correction.
     fpc = np.clip(1.0 - s / np.maximum(a, 1.0), 0.0, 1.0)
     variance = float((weights**2 * p * (1 - p) / s * fpc).sum())
     n = float(s.sum())
-    if variance > 0:
-        n_eff = min(value * (1 - value) / variance, n)
-    else:
-        n_eff = n
-    lower, upper = _cp(value * n_eff, n_eff, confidence)
-    return Estimate(value, lower, upper, int(n))
+    n_eff = min(value_s * (1 - value_s) / variance, n) if variance > 0 else n
+    lower_s, upper_s = _cp(value_s * n_eff, n_eff, confidence)
+    total = float(answered.sum())
+    unsampled = float(answered[~sampled].sum())
+    u = unsampled / total if total > 0 else 0.0
+    if u == 0.0:
+        return Estimate(value_s, lower_s, upper_s, int(n))
+    value = float((answered * p_all[impute(answered, shadowed)]).sum() / total)
+    lower, upper = (1 - u) * lower_s, (1 - u) * upper_s + u
+    return Estimate(min(max(value, lower), upper), lower, upper, int(n))
 
 
 def cascade_agreement(student: Estimate, student_items: float, teacher_items: float) -> Estimate:

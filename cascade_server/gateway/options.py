@@ -60,7 +60,7 @@ def parse_options(
     mode = Mode.AUTO
     if "delegate" in given:
         name = given["delegate"]
-        if name not in _MODES:
+        if not isinstance(name, str) or name not in _MODES:
             raise InvalidInput(f"delegate must be one of auto, never, always; got {name!r}")
         mode = _MODES[name]
         if mode == Mode.NEVER and not config.allow_never:

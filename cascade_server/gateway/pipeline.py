@@ -19,15 +19,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import Overloaded
-from ..policy import class_probabilities, decide
+from ..policy import Decision, class_probabilities, decide
 from ..preprocess import Batch
 from .answers import Answer
 from .batcher import Job
-from .delegation import TeacherStage
+from .breaker import Ticket
+from .delegation import Done, TeacherStage
 from .metrics import Metrics
 from .options import RequestOptions
 from .outcomes import BY_TEACHER, Outcome
-from .routing import Load, Mode, route
+from .routing import Load, Mode, Routes, route
 from .shadow import Shadow
 from .supervise import BurstLog
 from .tracing import RequestTrace, Tracing
@@ -35,7 +36,7 @@ from .version import StudentVersion
 
 log = logging.getLogger(__name__)
 _AUTO, _ALWAYS = int(Mode.AUTO), int(Mode.ALWAYS)  # plain ints: enum lookups cost per batch
-_FAILED = int(Outcome.TEACHER_FAILED)
+_FAILED, _DEADLINE = int(Outcome.TEACHER_FAILED), int(Outcome.DEADLINE)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class BatchObserver(Protocol):
     """Who watches the batches (the live window, shadow sampling). Never fails a request:
     the path calls it through `_observe`, which logs and drops errors."""
 
-    def routed(self, margins: np.ndarray, delegated: int) -> None: ...
+    def routed(self, margins: np.ndarray, delegated: int, forced: int) -> None: ...
     def answered(self, student_margins: np.ndarray, teacher_items: int) -> None: ...
 
 
@@ -84,20 +85,31 @@ class BatchPath:
         self.observer = observer
         self.shadow = shadow
         self.accuracy_floor = accuracy_floor
-        self._floors: dict[int, float] = {}  # per student version: the floor as a threshold
+        self._floors: dict[StudentVersion, float] = {}  # the floor as a threshold, per version
         self._observer_failures = BurstLog(logger=log)
 
     def __call__(self, jobs: list[BatchJob]) -> None:
-        """Jobs by student version (one group, except around a swap)."""
-        first = jobs[0].payload.version
-        if all(job.payload.version is first for job in jobs):
-            self._run(first, jobs)
+        """Jobs by student version (one group, except around a swap). A job whose request is
+        gone (cancelled while it queued) is dropped: nobody waits for it, and its version may be
+        retired already."""
+        live = [job for job in jobs if not job.future.done()]
+        if not live:
+            return
+        first = live[0].payload.version
+        if all(job.payload.version is first for job in live):
+            self._run(first, live)
             return
         groups: dict[int, list[BatchJob]] = {}
-        for job in jobs:
+        for job in live:
             groups.setdefault(id(job.payload.version), []).append(job)
         for group in groups.values():
-            self._run(group[0].payload.version, group)
+            try:
+                self._run(group[0].payload.version, group)
+            except Exception as exc:  # one version's failure is its own requests' 500 only
+                log.exception("cascade %s: a batch failed", self.cascade)
+                for job in group:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
 
     def _run(self, version: StudentVersion, jobs: list[BatchJob]) -> None:
         started = asyncio.get_running_loop().time()
@@ -126,105 +138,237 @@ class BatchPath:
         probs = class_probabilities(decision.probs, version.manifest.output_classes, self.n_classes)
         if probs is decision.probs:
             probs = probs.copy()  # teacher rows are written into it
-        # Step 3: one routing decision per item, against the teacher's load now.
+        self.metrics.student_batch(self.cascade, decision.margins, student_s)
+        # Step 3: one routing decision per item, against the teacher's load now. From here
+        # the breaker's ticket is this batch's until a teacher call holds it.
+        ticket = None
+        try:
+            routes, refused, ticket = self._route(version, decision, items, starts, len(jobs))
+            shown = threshold if items is None else items.threshold
+            answer = Answer(probs, decision.margins, routes.outcome, shown, student_s)
+            sent = routes.send
+            if not sent.size:
+                self.teacher.release(ticket)
+                ticket = None
+            by_student = self._account(version, decision, routes, refused, items, n)
+            # Step 4: answer what is decided; refuse what the accuracy floor does not allow.
+            waiting = _jobs_holding(starts, sent, len(jobs))
+            if refused is not None:
+                self._refuse(jobs, starts, refused)
+            _resolve(jobs, answer, starts, waits, ~waiting)
+            if self.shadow is not None:  # after the answers: a sample never delays one
+                self._offer(version, batch, decision.margins, by_student, probs)
+            if not sent.size:
+                return
+            # Step 5: the teacher, in the background, for what was sent.
+            feeds = version.teacher_feeds(batch.take(sent))
+            spans, headers = self._teacher_spans(jobs, waiting, sent.size)
+            done = self._done(jobs, answer, starts, waits, waiting, sent, spans, decision.margins)
+            if items is not None and np.isfinite(items.deadline).any():
+                self._fall_back_at_deadlines(jobs, answer, starts, waits, waiting, sent, items)
+        except BaseException:
+            self.teacher.release(ticket)  # no call holds it: a half-open probe slot comes back
+            raise
+        assert ticket is not None  # items are sent only with a ticket
+        self.teacher.call(feeds, sent.size, ticket, done, headers)
+
+    def _route(
+        self,
+        version: StudentVersion,
+        decision: Decision,
+        items: _ItemOptions | None,
+        starts: np.ndarray,
+        n_jobs: int,
+    ) -> tuple[Routes, np.ndarray | None, Ticket | None]:
+        """(the routes, the items of requests refused by the accuracy floor or None, the
+        breaker's ticket). A refused request's items are not sent: the teacher's room, scarce
+        just then, goes to the requests that will be answered."""
         wanted = decision.delegate
         if items is not None:
             wanted = wanted | (items.mode == _ALWAYS)
         if wanted.any():
-            load, ticket = self.teacher.load()
+            # The p95 is for deadlines only: not computed for batches that have none.
+            load, ticket = self.teacher.load(with_p95=items is not None)
             if self.accuracy_floor is not None:
                 load = replace(load, floor_threshold=self._floor(version))
         else:
             load, ticket = Load(), None
+        mode = None if items is None else items.mode
+        budget = None if items is None else items.budget(time.perf_counter())
+        routes = route(decision.margins, decision.delegate, load, mode=mode, budget_s=budget)
+        if not routes.shed.any():
+            return routes, None, ticket
+        shed_jobs = _jobs_holding(starts, np.flatnonzero(routes.shed), n_jobs)
+        refused = np.repeat(shed_jobs, np.diff(starts))
+        # The same room without the refused items: whatever was sent stays sent, and kept
+        # items of answered requests may take the room freed (none falls below the floor:
+        # its request would have been refused above).
         routes = route(
-            decision.margins,
-            decision.delegate,
-            load,
-            mode=None if items is None else items.mode,
-            budget_s=None if items is None else items.budget(time.perf_counter()),
+            decision.margins, decision.delegate, load, mode=mode, budget_s=budget, exclude=refused
         )
-        sent = routes.send
-        if not sent.size:
-            self.teacher.release(ticket)
-        shown = threshold if items is None else items.threshold
-        answer = Answer(probs, decision.margins, routes.outcome, shown, student_s)
-        self.metrics.student_batch(self.cascade, decision.margins, student_s)
+        return routes, refused, ticket
+
+    def _account(
+        self,
+        version: StudentVersion,
+        decision: Decision,
+        routes: Routes,
+        refused: np.ndarray | None,
+        items: _ItemOptions | None,
+        n: int,
+    ) -> np.ndarray:
+        """Metrics and the live window for the items answered now (refused requests' items
+        are in neither: they were not served); returns which the student answers alone."""
         settled = np.ones(n, dtype=bool)
-        settled[sent] = False
+        settled[routes.send] = False
+        kept = None if refused is None else ~refused
+        if kept is not None:
+            settled &= kept
         self.metrics.items(self.cascade, routes.outcome[settled])
         calibration = version.manifest.calibration
+        served = n if kept is None else int(kept.sum())
         self.metrics.savings(
-            self.cascade, n, int(sent.size), calibration.cost_student, calibration.cost_teacher
+            self.cascade,
+            served,
+            int(routes.send.size),
+            calibration.cost_student,
+            calibration.cost_teacher,
         )
-        routed = slice(None) if items is None else items.mode == _AUTO
-        self._observe("routed", decision.margins[routed], int(decision.delegate[routed].sum()))
-        by_student = settled & ~BY_TEACHER[routes.outcome]
+        # What the policy routed: not forced by a request, not refused.
+        routed = None if items is None else items.mode == _AUTO
+        if kept is not None:
+            routed = kept if routed is None else routed & kept
+        forced = decision.forced
+        if forced.any():
+            by_threshold = ~forced if routed is None else routed & ~forced
+            n_forced = int(forced.sum() if routed is None else (forced & routed).sum())
+        else:
+            by_threshold, n_forced = routed, 0
+        margins = decision.margins if by_threshold is None else decision.margins[by_threshold]
+        delegated = decision.delegate if routed is None else decision.delegate[routed]
+        self._observe("routed", margins, int(delegated.sum()), n_forced)
+        by_student: np.ndarray = settled & ~BY_TEACHER[routes.outcome]
         self._observe("answered", decision.margins[by_student], 0)
-        if self.shadow is not None:
-            self.shadow.offer(version, batch, decision.margins, by_student, probs)
-        # Step 4: answer what is decided; refuse what the accuracy floor does not allow.
-        waiting = _jobs_holding(starts, sent, len(jobs))
-        shed = _jobs_holding(starts, np.flatnonzero(routes.shed), len(jobs))
-        for j in np.flatnonzero(shed):
-            jobs[j].future.set_exception(
-                Overloaded(
-                    "the teacher is saturated and this input is below the cascade's accuracy "
-                    f"floor; retry after {self.retry_after_s}s",
-                    self.retry_after_s,
+        return by_student
+
+    def _refuse(self, jobs: list[BatchJob], starts: np.ndarray, refused: np.ndarray) -> None:
+        for j in np.flatnonzero(_jobs_holding(starts, np.flatnonzero(refused), len(jobs))):
+            if not jobs[j].future.done():
+                jobs[j].future.set_exception(
+                    Overloaded(
+                        "the teacher is saturated and this input is below the cascade's "
+                        f"accuracy floor; retry after {self.retry_after_s}s",
+                        self.retry_after_s,
+                    )
                 )
-            )
-        _resolve(jobs, answer, starts, waits, ~waiting & ~shed)
-        if not sent.size:
-            return
-        # Step 5: the teacher, in the background, for what was sent.
-        assert ticket is not None
+
+    def _done(
+        self,
+        jobs: list[BatchJob],
+        answer: Answer,
+        starts: np.ndarray,
+        waits: list[float],
+        waiting: np.ndarray,
+        sent: np.ndarray,
+        spans: list[Any],
+        margins: np.ndarray,
+    ) -> Done:
+        """What answers the waiting requests when the teacher call ends. Whatever happens in
+        it, no waiting request is left without an answer."""
         called = time.perf_counter()
-        spans, headers = self._teacher_spans(jobs, waiting, sent.size)
 
         def done(
             teacher_probs: np.ndarray | None, error: str | None, exc: Exception | None
         ) -> None:
-            answer.teacher_s = time.perf_counter() - called
-            for span in spans:
-                span.set_attribute("cascade.teacher.error", error or "")
-                span.end()
-            if exc is not None:
-                for j in np.flatnonzero(waiting & ~shed):
-                    if not jobs[j].future.done():
-                        jobs[j].future.set_exception(exc)
-                return
-            if teacher_probs is None:
-                answer.outcome[sent] = _FAILED
-                self._observe("answered", decision.margins[sent], 0)
-            else:
-                answer.probs[sent] = teacher_probs
-                self._observe("answered", decision.margins[:0], int(sent.size))
-            self.metrics.items(self.cascade, answer.outcome[sent])
-            _resolve(jobs, answer, starts, waits, waiting & ~shed)
+            try:
+                answer.teacher_s = time.perf_counter() - called
+                for span in spans:
+                    span.set_attribute("cascade.teacher.error", error or "")
+                    span.end()
+                if exc is None:
+                    if teacher_probs is None:
+                        answer.outcome[sent] = np.where(
+                            answer.outcome[sent] == _DEADLINE, _DEADLINE, _FAILED
+                        )
+                        self._observe("answered", margins[sent], 0)
+                    else:
+                        answer.probs[sent] = teacher_probs
+                        self._observe("answered", margins[:0], int(sent.size))
+                    self.metrics.items(self.cascade, answer.outcome[sent])
+                    _resolve(jobs, answer, starts, waits, waiting)
+                    return
+            except Exception as bug:
+                log.exception("cascade %s: answering a teacher call failed", self.cascade)
+                exc = bug
+            for j in np.flatnonzero(waiting):
+                if not jobs[j].future.done():
+                    jobs[j].future.set_exception(exc)
 
-        feeds = version.teacher_feeds(batch.take(sent))
-        self.teacher.call(feeds, sent.size, ticket, done, headers)
+        return done
 
-    def _observe(self, what: str, margins: np.ndarray, count: int) -> None:
+    def _fall_back_at_deadlines(
+        self,
+        jobs: list[BatchJob],
+        answer: Answer,
+        starts: np.ndarray,
+        waits: list[float],
+        waiting: np.ndarray,
+        sent: np.ndarray,
+        items: _ItemOptions,
+    ) -> None:
+        """A request with a deadline still waiting on the teacher when it passes is answered
+        then by the student (outcome `deadline`): the call goes on for the others."""
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        for j in np.flatnonzero(waiting):
+            a, b = int(starts[j]), int(starts[j + 1])
+            deadline = float(items.deadline[a])
+            if not np.isfinite(deadline):
+                continue
+            job = jobs[j]
+            rows = sent[(sent >= a) & (sent < b)]
+
+            def fall_back(
+                job: BatchJob = job, a: int = a, b: int = b, rows: np.ndarray = rows, j: int = j
+            ) -> None:
+                if job.future.done():
+                    return
+                answer.outcome[rows] = _DEADLINE
+                mine = answer.rows(a, b, waits[j])
+                # Its own copy: the teacher's answer, when it comes, is written into the batch's.
+                mine.probs, mine.outcome = mine.probs.copy(), mine.outcome.copy()
+                job.future.set_result(mine)
+
+            handle = loop.call_later(max(deadline - now, 0.0), fall_back)
+            job.future.add_done_callback(lambda _f, h=handle: h.cancel())
+
+    def _observe(self, what: str, margins: np.ndarray, *counts: int) -> None:
         if self.observer is None:
             return
         try:
-            getattr(self.observer, what)(margins, count)
+            getattr(self.observer, what)(margins, *counts)
         except Exception as exc:  # an observer never fails a request
             self._observer_failures("cascade %s: observer failed: %r", self.cascade, exc)
+
+    def _offer(self, version: StudentVersion, batch: Batch, *args: np.ndarray) -> None:
+        assert self.shadow is not None
+        try:
+            self.shadow.offer(version, batch, *args)
+        except Exception as exc:  # shadow sampling never fails a request
+            self._observer_failures("cascade %s: shadow sampling failed: %r", self.cascade, exc)
 
     def _floor(self, version: StudentVersion) -> float:
         """The accuracy floor as a threshold for this version: items below it are not left to
         the student alone under load."""
-        key = id(version)
-        if key not in self._floors:
+        value = self._floors.get(version)
+        if value is None:
             assert self.accuracy_floor is not None
             try:
                 value = version.manifest.calibration.threshold_for_accuracy(self.accuracy_floor)
             except ValueError:  # the calibration never reaches it: every delegated item counts
                 value = 1.0
-            self._floors = {key: value}  # one version at a time (two around a swap)
-        return self._floors[key]
+            self._floors = {version: value}  # one version at a time (two around a swap)
+        return value
 
     def _teacher_spans(
         self, jobs: list[BatchJob], waiting: np.ndarray, n: int

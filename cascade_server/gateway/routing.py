@@ -63,10 +63,12 @@ def route(
     load: Load,
     mode: np.ndarray | None = None,
     budget_s: np.ndarray | None = None,
+    exclude: np.ndarray | None = None,
 ) -> Routes:
     """`wanted`: the policy's delegation per item (margin below the item's threshold, or a
     class that delegates). `mode`: per-item Mode codes (None: all AUTO). `budget_s`: per-item
-    time left before the request's deadline (None or inf: no deadline)."""
+    time left before the request's deadline (None or inf: no deadline). `exclude`: items not to
+    send whatever they want (their requests are refused), which take no room."""
     n = len(margins)
     outcome = np.where(wanted, _DELEGATED, _CONFIDENT).astype(np.int8)
     if mode is not None:
@@ -79,6 +81,8 @@ def route(
         late = bound & (budget_s < load.p95_s)
         outcome[late] = _DEADLINE
         bound &= ~late
+    if exclude is not None:
+        bound &= ~exclude
     candidates = np.flatnonzero(bound)
     shed = np.zeros(n, dtype=bool)
     if not candidates.size:

@@ -58,6 +58,7 @@ class Shadow:
         self._queue: deque[_Sample] = deque()
         self._queued = 0
         self._wake = asyncio.Event()
+        self._slot = asyncio.Event()  # a shadow call ended: room for the next
         self._calls: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._failures = BurstLog(logger=log)
@@ -127,12 +128,17 @@ class Shadow:
                     self.metrics.shadowed(self.cascade, "dropped", dropped)
                     break
                 if len(self._calls) >= self.config.max_in_flight:
-                    await asyncio.sleep(0.005)
+                    self._slot.clear()
+                    await self._slot.wait()
                     continue
                 sample = self._take()
                 task = asyncio.get_running_loop().create_task(self._call(sample))
                 self._calls.add(task)
-                task.add_done_callback(self._calls.discard)
+                task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._calls.discard(task)
+        self._slot.set()
 
     def _take(self) -> _Sample:
         """Up to `batch` queued samples as one call."""

@@ -28,6 +28,7 @@ import fcntl
 import json
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +36,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..config.control import ControlConfig
 from ..errors import ServiceUnavailable
@@ -43,23 +44,35 @@ from ..errors import ServiceUnavailable
 log = logging.getLogger(__name__)
 _RACY_NS = 100_000_000
 CHANNEL = "cascade:control"
+_SECRET_PARAMS = {"password", "pass", "pwd", "token", "secret"}
+_STAMP = struct.Struct(">d")  # a live value's publication time, ahead of its bytes
 # change(current value) -> (new value or None to delete, audit entry or None for no audit)
 Update = Callable[[bytes | None], tuple[bytes | None, dict[str, Any] | None]]
 T = TypeVar("T")
 
 
 def redact(url: str) -> str:
-    """`url` with any password (and user) replaced: safe to log and to answer with."""
+    """`url` with any password (and user) replaced, in the authority and in the query string
+    (redis-py reads `?password=`): safe to log and to answer with."""
     try:
         parts = urlsplit(url)
+        port = parts.port
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+    if parts.password is not None or parts.username is not None:
+        host = parts.hostname or ""
+        if ":" in host:  # IPv6: the brackets the authority needs
+            host = f"[{host}]"
+        if port is not None:
+            host = f"{host}:{port}"
+        parts = parts._replace(netloc=f"***@{host}")
+    if parts.query:
+        query = [
+            (k, "***" if k.lower() in _SECRET_PARAMS else v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 @contextmanager
@@ -101,7 +114,12 @@ class StateBackend(Protocol):
 
     def read(self, key: str) -> tuple[object, bytes | None]:
         """(a stamp that changes when the value does, the value or None). Never blocks on
-        the network once the key has been read."""
+        the network: a key not read yet answers None until the background has read it."""
+        ...
+
+    def prime(self, keys: list[str]) -> None:
+        """Reads `keys` now (start-up, off the event loop): until each has been read once the
+        store is not `synced`. Blocking."""
         ...
 
     def update(self, key: str, change: Update) -> bytes | None:
@@ -110,13 +128,13 @@ class StateBackend(Protocol):
         returns the new value. Blocking: call it through `ControlStore`."""
         ...
 
-    def publish(self, key: str, value: bytes, ttl_s: float) -> None:
-        """A short-lived value of this process (a worker's window), replaced on every call and
-        gone after `ttl_s` unless refreshed. Blocking."""
+    def publish(self, group: str, member: str, value: bytes, ttl_s: float) -> None:
+        """A short-lived value of this process (a worker's window) in `group`, replaced on
+        every call and ignored after `ttl_s` unless refreshed. Blocking."""
         ...
 
-    def collect(self, prefix: str, ttl_s: float) -> list[bytes]:
-        """Every live value published under keys starting with `prefix`. Blocking."""
+    def collect(self, group: str, ttl_s: float) -> list[bytes]:
+        """Every live value of `group` (one per member published within `ttl_s`). Blocking."""
         ...
 
     def healthy(self) -> bool: ...
@@ -190,18 +208,22 @@ class FileBackend:
             ) from None
         return new
 
-    def publish(self, key: str, value: bytes, ttl_s: float) -> None:
-        path = self.state_dir / "live" / f"{key}.bin"
-        path.parent.mkdir(exist_ok=True)
+    def prime(self, keys: list[str]) -> None:
+        for key in keys:
+            self.read(key)
+
+    def publish(self, group: str, member: str, value: bytes, ttl_s: float) -> None:
+        path = self.state_dir / "live" / group / f"{member}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(value)
         os.replace(tmp, path)
 
-    def collect(self, prefix: str, ttl_s: float) -> list[bytes]:
-        live = self.state_dir / "live"
+    def collect(self, group: str, ttl_s: float) -> list[bytes]:
+        live = self.state_dir / "live" / group
         out = []
         horizon = time.time() - ttl_s
-        for path in live.glob(f"{prefix}*.bin") if live.is_dir() else ():
+        for path in live.glob("*.bin") if live.is_dir() else ():
             try:
                 if path.stat().st_mtime < horizon:
                     if path.stat().st_mtime < horizon - 10 * ttl_s:
@@ -263,7 +285,8 @@ class RedisBackend:
             retry=Retry(ExponentialBackoff(cap=socket_s / 4, base=0.01), 1),
         )
         self._cache: dict[str, tuple[int, bytes | None]] = {}
-        self._unread: set[str] = set()  # keys in use never read from Redis yet
+        self._unread: set[str] = set()  # primed keys never read from Redis yet
+        self._wanted: set[str] = set()  # keys first used on the loop: the follower reads them
         self._generation = 0
         self._lock = threading.Lock()
         self._on_health = on_health
@@ -278,23 +301,33 @@ class RedisBackend:
 
     def read(self, key: str) -> tuple[object, bytes | None]:
         entry = self._cache.get(key)
-        if entry is None:  # first use of a key (start-up): one fetch when up, then the cache
+        if entry is None:  # first use: never a network call here (this is the event loop)
+            with self._lock:
+                entry = self._cache.setdefault(key, (0, None))
+                self._wanted.add(key)
+        return entry
+
+    def prime(self, keys: list[str]) -> None:
+        for key in keys:
+            with self._lock:
+                self._cache.setdefault(key, (0, None))
+                self._unread.add(key)
             if self.up:
                 self._fetch(key)
-            with self._lock:
-                if key not in self._cache:
-                    self._cache[key] = (0, None)
-                    self._unread.add(key)
-            entry = self._cache[key]
-        return entry
 
     def _fetch(self, key: str) -> None:
         try:
             value = self._get(key)
-        except self._redis.RedisError as exc:
+        except (self._redis.RedisError, OSError) as exc:
             log.warning("control store %s: cannot read %s: %s", self.url, key, exc)
             return
         self._store(key, value)
+
+    def _fetch_wanted(self) -> None:
+        with self._lock:
+            wanted, self._wanted = self._wanted, set()
+        for key in wanted:
+            self._store(key, self._get(key))
 
     def _get(self, key: str) -> bytes | None:
         value = self._client.get(self.prefix + key)
@@ -303,6 +336,7 @@ class RedisBackend:
     def _store(self, key: str, value: bytes | None) -> None:
         with self._lock:
             self._unread.discard(key)
+            self._wanted.discard(key)
             old = self._cache.get(key)
             if old is None or old[1] != value:
                 self._generation += 1
@@ -342,26 +376,45 @@ class RedisBackend:
         self._store(key, new)
         return new
 
-    def publish(self, key: str, value: bytes, ttl_s: float) -> None:
+    def publish(self, group: str, member: str, value: bytes, ttl_s: float) -> None:
+        """One hash per group (a field per worker, stamped with its time): collecting is one
+        HGETALL of the group's workers, never a scan of a shared keyspace. Fields of workers
+        gone are removed by `collect`; the hash itself expires when nobody publishes."""
+        name = f"{self.prefix}live:{group}"
         try:
-            self._client.set(f"{self.prefix}live:{key}", value, px=max(int(ttl_s * 1000), 1))
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hset(name, member, _STAMP.pack(time.time()) + value)
+            pipe.pexpire(name, max(int(ttl_s * 10_000), 1))
+            pipe.execute()
         except (self._redis.RedisError, OSError) as exc:
             raise ServiceUnavailable(f"control store ({self.url}): {type(exc).__name__}") from None
 
-    def collect(self, prefix: str, ttl_s: float) -> list[bytes]:
+    def collect(self, group: str, ttl_s: float) -> list[bytes]:
+        name = f"{self.prefix}live:{group}"
         try:
-            pattern = f"{self.prefix}live:{prefix}*"
-            keys = list(self._client.scan_iter(match=pattern, count=100))
-            values = self._client.mget(keys) if keys else []
+            fields = self._client.hgetall(name)
+            horizon = time.time() - ttl_s
+            out, gone = [], []
+            for member, raw in fields.items():
+                if len(raw) < _STAMP.size:
+                    gone.append(member)
+                    continue
+                (at,) = _STAMP.unpack_from(raw)
+                if at >= horizon:
+                    out.append(raw[_STAMP.size :])
+                elif at < horizon - 10 * ttl_s:
+                    gone.append(member)  # a worker long gone
+            if gone:
+                self._client.hdel(name, *gone)
         except (self._redis.RedisError, OSError) as exc:
             raise ServiceUnavailable(f"control store ({self.url}): {type(exc).__name__}") from None
-        return [v for v in values if v is not None]  # expired by Redis itself past ttl_s
+        return out
 
     def healthy(self) -> bool:
         return self.up
 
     def synced(self) -> bool:
-        """Every key in use has been read from Redis at least once."""
+        """Every primed key (the state a replica serves from) has been read from Redis."""
         return self._synced_once and not self._unread
 
     def _set_up(self, up: bool) -> None:
@@ -399,6 +452,12 @@ class RedisBackend:
                 log.debug("control store %s: %s", self.url, exc)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
+            except Exception:  # a bug here must not leave the store "up" and followed by no one
+                log.exception("control store %s: the follower failed; reconnecting", self.url)
+                self._set_up(False)
+                self._tried.set()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
             finally:
                 try:
                     pubsub.close()
@@ -424,6 +483,8 @@ class RedisBackend:
             if clock >= next_resync:
                 self._resync()
                 next_resync = clock + self.resync_s
+            if self._wanted:
+                self._fetch_wanted()
 
     def close(self) -> None:
         self._stop.set()
@@ -436,7 +497,7 @@ def make_backend(
 ) -> StateBackend:
     if config.kind == "redis":
         return RedisBackend(
-            config.redis_url,
+            config.redis_url.get_secret_value(),
             on_health=on_health,
             timeout_s=config.timeout_s,
             audit_max_entries=config.audit_max_entries,
@@ -461,6 +522,14 @@ class ControlStore:
     def read(self, key: str) -> tuple[object, bytes | None]:
         return self.backend.read(key)
 
+    async def prime(self, keys: list[str]) -> None:
+        """Start-up: the state this replica serves from, read once (bounded, off the loop). A
+        store that does not answer leaves it unsynced (readiness 503), not the loop stalled."""
+        try:
+            await self.call(self.backend.prime, keys)
+        except ServiceUnavailable as exc:
+            log.warning("control store: start-up read did not finish: %s", exc.message)
+
     async def update(self, key: str, change: Update) -> bytes | None:
         return await self.call(self.backend.update, key, change)
 
@@ -475,17 +544,12 @@ class ControlStore:
                 f"{self.timeout_s * 1.5:.1f}s; the change may not have been applied: read it back"
             ) from None
 
-    async def publish(self, key: str, value: bytes, ttl_s: float) -> None:
-        await self.call(self.backend.publish, key, value, ttl_s)
-
-    async def collect(self, prefix: str, ttl_s: float) -> list[bytes]:
-        return await self.call(self.backend.collect, prefix, ttl_s)
-
     def healthy(self) -> bool:
         return self.backend.healthy()
 
     def synced(self) -> bool:
         return self.backend.synced()
 
-    def close(self) -> None:
-        self.backend.close()
+    async def close(self) -> None:
+        """The follower stopped and joined off the loop (it may sit in a socket read)."""
+        await asyncio.to_thread(self.backend.close)

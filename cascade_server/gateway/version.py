@@ -36,7 +36,10 @@ class StudentVersion:
         self.preprocessor: Preprocessor
         if isinstance(m.preprocess, TextPreprocess):
             self.preprocessor = TextPreprocessor(
-                m.preprocess, bundle.path / m.preprocess.tokenizer_file, limits.max_text_chars
+                m.preprocess,
+                bundle.path / m.preprocess.tokenizer_file,
+                limits.max_text_chars,
+                inline_chars=limits.decode_inline_chars,
             )
         else:
             self.preprocessor = ImagePreprocessor(

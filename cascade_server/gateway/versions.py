@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +52,13 @@ class VersionManager:
         self._on_flip = on_flip
         self._lock = asyncio.Lock()
         self._follow_failures = BurstLog(every_s=60.0, logger=log)
+        # The recorded state that failed to load, and when to try it again: not every watch
+        # interval (an ONNX session and a warm-up on every worker), but after a backoff that
+        # doubles to a minute (a bundle copied to this replica late is followed), or at once
+        # when the record changes.
+        self._failed: tuple[str, str] | None = None
+        self._retry_at = 0.0
+        self._retry_s = 0.0
 
     def setup(self) -> None:
         self.active.setup()
@@ -65,16 +73,24 @@ class VersionManager:
             state = self.rollout.read()
             if state is None or Path(state.bundle) == self.active.bundle.path:
                 self.follow_error = None
+                self._failed = None
                 return
+            record = (state.updated_at, state.bundle)
+            clock = time.monotonic()
+            if record == self._failed and clock < self._retry_at:
+                return  # still the record that could not be loaded: follow_error says so
             try:
                 new = await self._load(Path(state.bundle))
             except InvalidInput as exc:
+                self._retry_s = min(self._retry_s * 2, 60.0) if record == self._failed else 2.0
+                self._failed, self._retry_at = record, clock + self._retry_s
                 self.follow_error = (
                     f"the recorded student {state.version} ({state.bundle}) cannot be followed; "
                     f"serving {self.active.version}: {exc.message}"
                 )
                 self._follow_failures("cascade %s: %s", self.name, self.follow_error)
                 return
+            self._failed = None
             self.follow_error = None
             log.warning("cascade %s: following rollout to %s", self.name, state.bundle)
             self._flip(new)

@@ -51,12 +51,15 @@ class Summary:
     sketch: DDSketch
     items: float = 0.0  # items routed by the policy (not forced by a request)
     delegated: float = 0.0  # of those, delegated
+    # Of those, delegated whatever the threshold (by class, non-finite): not in the sketch.
+    forced: float = 0.0
     teacher_answered: float = 0.0  # items the teacher answered (all routes)
     student_answered: float = 0.0  # items the student answered (all routes)
     answered: np.ndarray = field(default_factory=lambda: np.zeros(0))  # student answers/stratum
     shadowed: np.ndarray = field(default_factory=lambda: np.zeros(0))
     disagreed: np.ndarray = field(default_factory=lambda: np.zeros(0))
     workers: int = 1
+    version: str = ""  # the student version observed ("" when merged or unknown)
 
     @classmethod
     def empty(cls, relative_accuracy: float, strata: int) -> Summary:
@@ -73,6 +76,7 @@ class Summary:
         self.sketch.merge(other.sketch)
         self.items += other.items
         self.delegated += other.delegated
+        self.forced += other.forced
         self.teacher_answered += other.teacher_answered
         self.student_answered += other.student_answered
         self.answered = self.answered + other.answered
@@ -83,6 +87,10 @@ class Summary:
     @property
     def delegation_rate(self) -> float | None:
         return self.delegated / self.items if self.items else None
+
+    @property
+    def forced_rate(self) -> float:
+        return self.forced / self.items if self.items else 0.0
 
     def quantile(self, q: float) -> float | None:
         if self.sketch.count == 0:
@@ -97,6 +105,8 @@ class Summary:
                 "sketch": base64.b64encode(proto).decode(),
                 "items": self.items,
                 "delegated": self.delegated,
+                "forced": self.forced,
+                "version": self.version,
                 "teacher_answered": self.teacher_answered,
                 "student_answered": self.student_answered,
                 "answered": self.answered.tolist(),
@@ -121,11 +131,13 @@ class Summary:
             sketch,
             float(data["items"]),
             float(data["delegated"]),
+            float(data.get("forced", 0.0)),
             float(data.get("teacher_answered", 0.0)),
             float(data.get("student_answered", 0.0)),
             counts("answered"),
             counts("shadowed"),
             counts("disagreed"),
+            version=str(data.get("version", "")),
         )
 
 
@@ -146,18 +158,33 @@ class Window:
         self.stratified = False
         self.bucket_items = max(config.window_items // config.buckets, 1)
         self.bucket_s = config.window_s / config.buckets
+        self.version = ""
         self._buckets: list[_Bucket] = []
         self._pending_margins: list[np.ndarray] = []
-        self._pending = Summary.empty(config.relative_accuracy, strata)
-        self._pending.workers = 1
+        self._pending = self._empty()
+
+    def _empty(self) -> Summary:
+        summary = Summary.empty(self.config.relative_accuracy, self.strata)
+        summary.workers = 1
+        return summary
+
+    def reset(self, version: str) -> None:
+        """A new student version: what the old one was seen doing says nothing of it."""
+        self.version = version
+        self._buckets = []
+        self._pending_margins = []
+        self._pending = self._empty()
 
     # The request path: appends only.
-    def routed(self, margins: np.ndarray, delegated: int) -> None:
-        """Items the policy routed (not forced): their margins, and how many it delegated."""
+    def routed(self, margins: np.ndarray, delegated: int, forced: int = 0) -> None:
+        """Items the policy routed (not forced by a request): the margins of those the
+        threshold decides, how many of all were delegated, and how many of those were
+        delegated whatever the threshold (`forced`, not in `margins`)."""
         if self.sketching:
             self._pending_margins.append(margins)
-        self._pending.items += len(margins)
+        self._pending.items += len(margins) + forced
         self._pending.delegated += delegated
+        self._pending.forced += forced
 
     def answered(self, student_margins: np.ndarray, teacher_items: int) -> None:
         """Answers given: the student's by margin stratum, and how many the teacher gave."""
@@ -179,11 +206,7 @@ class Window:
     def roll(self, now: float | None = None) -> Summary:
         """Folds what was observed into the open bucket, rotates, and returns the window."""
         now = time.monotonic() if now is None else now
-        pending, self._pending = (
-            self._pending,
-            Summary.empty(self.config.relative_accuracy, self.strata),
-        )
-        self._pending.workers = 1
+        pending, self._pending = self._pending, self._empty()
         margins, self._pending_margins = self._pending_margins, []
         if margins and self.sketching:
             add_margins(pending.sketch, np.concatenate(margins))
@@ -208,6 +231,7 @@ class Window:
         for bucket in self._buckets:
             window.merge(bucket.summary)
         window.workers = 1
+        window.version = self.version
         return window
 
     def _full(self, bucket: _Bucket, now: float) -> bool:

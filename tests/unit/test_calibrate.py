@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -102,17 +104,33 @@ def test_rows_count_what_the_student_answers_alone_and_its_errors():
         assert row.accepted_disagreements == row.accepted_errors  # the teacher is the labels
 
 
-def test_max_student_error_is_the_lowest_threshold_whose_upper_bound_fits():
+def test_max_student_error_tests_from_the_highest_threshold_down_and_stops_at_a_failure():
     from cascade_server.bundle import clopper_pearson_upper
 
     student, teacher, labels = _informative()
     cal = calibrate(student, teacher, labels, target_delegation_rate=0.2, cost_student=0.1)
     t = cal.threshold_for_student_error(0.15)
-    rows = list(cal.table)
-    chosen = next(r for r in rows if r.threshold == t)
-    assert clopper_pearson_upper(chosen.accepted_errors, chosen.accepted) <= 0.15
-    before = [r for r in rows if r.threshold < t and r.accepted]
-    assert all(clopper_pearson_upper(r.accepted_errors, r.accepted) > 0.15 for r in before)
+    rows = [r for r in cal.table if r.accepted]
+
+    def passes(r):
+        return clopper_pearson_upper(r.accepted_errors, r.accepted) <= 0.15
+
+    # The sequence: rows with items enough that half the bound's error rate would pass
+    # (chosen on the margins alone), highest threshold first.
+    sequence = sorted(
+        (
+            r
+            for r in rows
+            if clopper_pearson_upper(math.ceil(r.accepted * 0.075), r.accepted) <= 0.15
+        ),
+        key=lambda r: -r.threshold,
+    )
+    assert len(sequence) < len(rows)  # the highest thresholds leave too few items to test
+    at = next(i for i, r in enumerate(sequence) if r.threshold == t)
+    assert all(passes(r) for r in sequence[: at + 1])  # every row tested so far passed
+    assert at + 1 == len(sequence) or not passes(sequence[at + 1])  # and the next one fails
+    # Lower thresholds past that first failure may pass again: they are not chosen (that would
+    # be the best of many tries, not a 95% bound).
     # The bound is stricter than the point estimate: with a looser target, a lower threshold.
     assert cal.threshold_for_student_error(0.3) <= t
 

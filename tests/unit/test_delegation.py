@@ -41,11 +41,12 @@ def test_a_cancelled_half_open_probe_does_not_leave_the_teacher_refused():
         stage.call({"x": np.zeros((1, 2))}, 1, probe, lambda *a: outcomes.append(a))
         await teacher.started.wait()
         assert stage.load()[1] is None  # the probe is out: nobody else may call
-        await stage.close()  # shutdown cancels the call: no outcome
+        await stage.close()  # shutdown cancels the call: no breaker outcome
         return stage, outcomes
 
     stage, outcomes = asyncio.run(main())
-    assert outcomes == []
+    # The requests waiting on it are answered (by the student: no probabilities), not left.
+    assert outcomes == [(None, "cancelled", None)]
     again = stage.breaker.allow()
     assert again is not None  # the slot came back
     stage.breaker.success(again)

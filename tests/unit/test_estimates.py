@@ -7,8 +7,8 @@ import pytest
 from cascade_server.gateway.estimates import (
     agreement,
     cascade_agreement,
-    collapse,
     error_above,
+    impute,
 )
 
 
@@ -53,13 +53,35 @@ def test_more_samples_narrow_the_interval():
     assert widths[0] > widths[1] > widths[2]
 
 
-def test_strata_without_samples_join_their_neighbour():
-    a, s, d = collapse(
-        np.array([5, 10, 0, 20.0]), np.array([0, 2, 0, 3.0]), np.array([0, 1, 0, 0.0])
-    )
-    assert a.tolist() == [15, 20] and s.tolist() == [2, 3] and d.tolist() == [1, 0]
+def test_unsampled_strata_borrow_from_below_and_widen_the_interval():
+    # Stratum 0 has answers and no sample (the low margins, say, while shadows were dropped):
+    # nothing says how well the student does there.
+    answered = np.array([40.0, 10.0, 0.0, 50.0])
+    shadowed = np.array([0.0, 10.0, 0.0, 50.0])
+    disagreed = np.array([0.0, 5.0, 0.0, 0.0])
+    assert impute(answered, shadowed).tolist() == [1, 1, 1, 3]  # none below 1: from above
+    est = agreement(answered, shadowed, disagreed)
+    sampled_only = agreement(answered[1:], shadowed[1:], disagreed[1:])
+    assert est.value == pytest.approx((40 * 0.5 + 10 * 0.5 + 50 * 1.0) / 100)
+    # 40% of the answers are unknown: anywhere in [0, 1] for them.
+    assert est.lower == pytest.approx(0.6 * sampled_only.lower)
+    assert est.upper == pytest.approx(min(0.6 * sampled_only.upper + 0.4, 1.0))
+    assert est.upper - est.lower > sampled_only.upper - sampled_only.lower
     empty = agreement(np.array([5.0, 5.0]), np.zeros(2), np.zeros(2))
     assert not empty.known and empty.lower == 0 and empty.upper == 1
+
+
+def test_dropped_shadows_in_the_low_strata_do_not_make_the_estimate_optimistic():
+    # The low, poorly-agreeing strata go unsampled (shadows dropped under load): the interval
+    # must still hold the true agreement, which a borrow-from-above estimate would overstate.
+    rng = np.random.default_rng(3)
+    stratum, agrees = population(rng)
+    truth = agrees.mean()
+    answered, shadowed, disagreed = sample(rng, stratum, agrees, 0.05)
+    shadowed[:5] = disagreed[:5] = 0.0
+    est = agreement(answered, shadowed, disagreed)
+    assert est.lower <= truth <= est.upper
+    assert est.value <= agreement(answered[5:], shadowed[5:], disagreed[5:]).value
 
 
 def test_the_cascade_counts_the_teachers_own_answers_as_agreeing():
