@@ -44,7 +44,8 @@ class LoadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     # Items in flight to the teacher per cascade and worker: the bound starts at the maximum
     # and, with an SLO, follows the teacher's observed latency (AIMD: shrinks by `backoff` when
-    # a call is slower than the SLO, grows by one batch's worth when faster). Items past the
+    # a call is slower than the SLO, grows by n/limit for a call of n items within it: about one
+    # item per limit's worth answered, as TCP's congestion window does). Items past the
     # bound are answered by the student (`teacher_busy`), lowest margins sent first.
     max_items_in_flight: int = Field(default=512, ge=1)
     min_items_in_flight: int = Field(default=1, ge=1)

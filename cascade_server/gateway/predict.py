@@ -108,7 +108,7 @@ class PredictEndpoints:
         path = scope["path"]
         if path == "/predict":
             if scope["method"] != "POST":
-                allow = [(b"allow", b"POST")]
+                allow = [(b"allow", b"POST"), _request_id_header(scope)]
                 await self._error(send, 405, "method_not_allowed", "use POST", False, allow)
                 return
 
@@ -120,7 +120,7 @@ class PredictEndpoints:
         match = _INFER.match(path) if path.startswith("/v2/models/") else None
         if match is not None:
             if scope["method"] != "POST":
-                allow = [(b"allow", b"POST")]
+                allow = [(b"allow", b"POST"), _request_id_header(scope)]
                 await self._error(send, 405, "method_not_allowed", "use POST", True, allow)
                 return
             name, version = match.group(1), match.group(2)
@@ -158,9 +158,13 @@ class PredictEndpoints:
         Retry-After, an explicit refusal the client can retry, not a queue that grows), the
         in-flight count, and the one mapping of errors to answers and metrics. `protocol`: errors
         in the Open Inference Protocol's shape instead of ours."""
+        # Every answer of these routes, refusals included, carries the request id.
+        rid = request_id(scope["headers"])
+        rid_header = (b"x-request-id", rid.encode())
         gateway = self.gateway
         if gateway is None:
-            await self._error(send, 503, "not_ready", "the gateway is starting", protocol)
+            retry = [(b"retry-after", str(self.retry_after_s).encode()), rid_header]
+            await self._error(send, 503, "not_ready", "the gateway is starting", protocol, retry)
             return
         metrics = gateway.metrics
         if self.in_flight >= self.max_in_flight:
@@ -169,15 +173,13 @@ class PredictEndpoints:
                 f"the gateway is at its limit of {self.max_in_flight} requests in flight; "
                 f"retry after {self.retry_after_s}s"
             )
-            retry = [(b"retry-after", str(self.retry_after_s).encode())]
+            retry = [(b"retry-after", str(self.retry_after_s).encode()), rid_header]
             await self._error(send, 503, "overloaded", message, protocol, retry)
             return
         started = time.perf_counter()
         self.in_flight += 1
         metrics.request_started()
-        rid = request_id(scope["headers"])
         rid_token = REQUEST_ID.set(rid)
-        rid_header = (b"x-request-id", rid.encode())
         trace = None
         if gateway.tracing.enabled:
             trace = gateway.tracing.request(f"POST {scope['path']}", scope["headers"], rid)
@@ -281,3 +283,7 @@ async def _answer(
         cascade.name, predictions.preprocess_s, a.queue_s, total, a.student_s + a.teacher_s
     )
     return predictions, total
+
+
+def _request_id_header(scope: Scope) -> tuple[bytes, bytes]:
+    return (b"x-request-id", request_id(scope["headers"]).encode())

@@ -227,6 +227,50 @@ def test_a_replica_started_while_redis_is_down_is_not_ready_until_it_has_read(de
     assert after.status_code == 200 and after.json()["control_store"]["synced"] is True
 
 
+def test_a_redis_outage_keeps_listing_predicting_and_ready(demo, tmp_path):
+    """Once synced, a replica whose Redis goes away serves the last values: `/cascades` (which
+    reads the controller's and the windows' keys) answers, predictions answer, readiness holds;
+    only changes are refused."""
+    server = RedisServer(tmp_path / "redis").start()
+    payload = {"image": b64(png_bytes(demo.images[0]))}
+
+    async def main():
+        settings = Settings(
+            bundles=[demo.bundle], control_store="redis", redis_url=server.url,
+            control_timeout_s=0.5, admin_token=TOKEN, controller={"interval_s": 0.05},
+        )  # fmt: skip
+        app = create_app(settings, teacher_factory=lambda s, b: FakeTeacher())
+        async with serving_in_process(app) as client:
+            r = await client.put(
+                "/admin/threshold", json={"target_delegation_rate": 0.3}, headers=AUTH
+            )
+            assert r.status_code == 200, r.text
+            for _ in range(20):
+                assert (await client.post("/predict", json=payload)).status_code == 200
+            server.kill()
+            for _ in range(100):  # until the store is seen down
+                ready = await client.get("/readyz")
+                if not ready.json()["control_store"]["up"]:
+                    break
+                await asyncio.sleep(0.05)
+            listing = await client.get("/cascades")
+            predicted = await client.post("/predict", json=payload)
+            ready = await client.get("/readyz")
+            change = await client.put("/admin/threshold", json={"threshold": 0.5}, headers=AUTH)
+            return listing, predicted, ready, change
+
+    try:
+        listing, predicted, ready, change = asyncio.run(main())
+    finally:
+        server.kill()
+    assert listing.status_code == 200, listing.text
+    assert listing.json()["cascades"][0]["policy"] == "target_delegation_rate"
+    assert predicted.status_code == 200
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["control_store"] == {"kind": "redis", "up": False, "synced": True}
+    assert change.status_code == 503
+
+
 def test_following_another_worker_and_an_admin_swap_never_race(demo, tmp_path):
     """The watch loop follows a version another worker recorded (v3) while an admin swaps this
     worker to v2: the two loads take turns, and what is served ends equal to what is recorded,

@@ -214,3 +214,61 @@ def test_the_password_never_leaves_the_process(tmp_path, caplog):
         assert secret not in backend.url
     finally:
         backend.close()
+
+
+def test_a_key_first_read_on_the_loop_is_fetched_by_the_follower(redis_server):
+    """`read` runs on the event loop: a key nobody primed answers at once (as unknown) and the
+    follower thread fetches it, never the caller."""
+    backend = RedisBackend(redis_server.url)
+    try:
+        wait_for(backend.healthy, 3)
+        backend._client.set("cascade:late.key", b"written elsewhere")
+        calls = []
+        real_get = backend._client.get
+        caller = threading.get_ident()
+
+        def get(name):
+            calls.append(threading.get_ident())
+            return real_get(name)
+
+        backend._client.get = get
+        assert backend.read("late.key") == (0, None)  # unknown yet, and no wait
+        wait_for(lambda: backend.read("late.key")[1] == b"written elsewhere", 3)
+        assert calls and caller not in calls  # fetched on the follower's thread only
+    finally:
+        backend.close()
+
+
+def test_primed_keys_hold_synced_until_each_is_read(tmp_path):
+    server = RedisServer(tmp_path / "late")
+    backend = RedisBackend(server.url)  # Redis not up yet
+    try:
+        backend.prime(["a.threshold", "a.controller"])
+        assert not backend.synced()
+        server.start()
+        wait_for(backend.synced, 10)
+        backend.read("b.other")  # a key first used later does not make the replica unsynced
+        assert backend.synced()
+    finally:
+        backend.close()
+        server.kill()
+
+
+def test_live_windows_expire_and_gone_workers_are_removed(redis_server):
+    backend = RedisBackend(redis_server.url)
+    try:
+        wait_for(backend.healthy, 3)
+        backend.publish("toy.window", "w1", b"one", ttl_s=0.2)
+        backend.publish("toy.window", "w2", b"two", ttl_s=0.2)
+        assert sorted(backend.collect("toy.window", ttl_s=0.2)) == [b"one", b"two"]
+        time.sleep(0.3)
+        backend.publish("toy.window", "w2", b"two again", ttl_s=0.2)
+        assert backend.collect("toy.window", ttl_s=0.2) == [b"two again"]  # w1 is stale
+        assert backend._client.hexists("cascade:live:toy.window", "w1")  # kept a while
+        time.sleep(2.0)  # past 10 x ttl: w1 is gone for good
+        backend.publish("toy.window", "w2", b"two", ttl_s=0.2)
+        backend.collect("toy.window", ttl_s=0.2)
+        assert not backend._client.hexists("cascade:live:toy.window", "w1")
+        assert 0 < backend._client.pttl("cascade:live:toy.window") <= 2000  # the hash expires
+    finally:
+        backend.close()

@@ -99,6 +99,22 @@ def test_oip_parameters_that_are_not_objects_are_422(gateway):
                 _err(client.post(INFER, json=body), 422, "must be a JSON object")
 
 
+def test_oip_request_options_of_the_wrong_type_are_422(gateway):
+    """The OIP request's `parameters` carry the per-request options: a list, object or number
+    where a string is expected used to escape as a TypeError (500)."""
+    with gateway(overrides={"enabled": True, "allow_always": True}) as (client, _):
+        for bad in (["always"], {"mode": "always"}, 1, True):
+            r = client.post(INFER, json=_infer(parameters={"delegate": bad}))
+            _err(r, 422, "delegate must be one of")
+        for bad in ([0.5], {"t": 0.5}, True):
+            r = client.post(INFER, json=_infer(parameters={"threshold": bad}))
+            _err(r, 422, "threshold must be a number")
+        ok = client.post(INFER, json=_infer(parameters={"delegate": "always"}))
+        assert ok.status_code == 200, ok.text
+        outputs = {o["name"]: o["data"] for o in ok.json()["outputs"]}
+        assert outputs["delegated"] == [True] and outputs["answered_by"] == ["teacher"]
+
+
 def test_oip_an_output_name_that_is_not_a_string_is_422(gateway):
     with gateway() as (client, _):
         for name in (["label"], {"label": 1}, None, 5):

@@ -66,6 +66,37 @@ def test_the_threshold_follows_the_new_calibration_for_a_target_rate(gateway, de
         assert fixed["threshold"] == 0.3
 
 
+def test_a_swap_under_an_online_policy_starts_the_live_window_afresh(gateway, demo, tmp_path):
+    """The window's margins are the old student's: after the flip the controller forgets them
+    (they would steer the new student's threshold for up to a minute)."""
+    import time
+
+    v2_path = second_version(demo, tmp_path)
+    payloads = [{"image": b64(png_bytes(demo.images[i]))} for i in range(60)]
+
+    def window(client):
+        return client.get("/admin/threshold", headers=AUTH).json()["window"]["items"]
+
+    def until(predicate, what):
+        deadline = time.monotonic() + 15
+        while not predicate():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+    with gateway(controller={"interval_s": 0.05}) as (client, _):
+        r = client.put("/admin/threshold", json={"target_delegation_rate": 0.3}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        for p in payloads:
+            assert client.post("/predict", json=p).status_code == 200
+        until(lambda: window(client) == 60, "the window holds the old student's 60 items")
+        r = client.put("/admin/student", json={"bundle": str(v2_path)}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        until(lambda: window(client) == 0, "the window starts afresh after the flip")
+        for p in payloads[:10]:
+            assert client.post("/predict", json=p).json()["versions"]["student"] == "v2"
+        until(lambda: window(client) == 10, "the new student's items fill it")
+
+
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [

@@ -25,6 +25,18 @@ def _payload(demo, i):
     return {"image": b64(png_bytes(demo.images[i]))}
 
 
+async def eventually(probe, timeout_s: float = 15.0):
+    """Polls `probe` (an async callable) until it returns something truthy: what the
+    controller's steps or the shadow calls do in the background, waited for without guessing
+    a sleep."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        found = await probe()
+        if found or asyncio.get_running_loop().time() > deadline:
+            return found
+        await asyncio.sleep(0.02)
+
+
 def _settings(demo, tmp_path, **overrides):
     return Settings(
         bundles=[demo.bundle], state_dir=tmp_path / "state", admin_token=TOKEN, **overrides
@@ -98,6 +110,7 @@ def test_the_controller_holds_a_target_rate_on_live_traffic(demo, tmp_path):
     to the traffic's own median margin, and the window's delegation comes to the target."""
     margins = student_margins(demo)
     payloads = [_payload(demo, i) for i in range(400)]
+    median = float(np.quantile(margins[:400], 0.5))
 
     async def main():
         settings = _settings(
@@ -111,13 +124,20 @@ def test_the_controller_holds_a_target_rate_on_live_traffic(demo, tmp_path):
             start = r.json()["threshold"]
             for _ in range(3):
                 await asyncio.gather(*(client.post("/predict", json=p) for p in payloads))
-                await asyncio.sleep(0.2)  # a few controller steps
-            state = (await client.get("/admin/threshold", headers=AUTH)).json()
+
+            async def settled():
+                state = (await client.get("/admin/threshold", headers=AUTH)).json()
+                moved = abs(state["threshold_in_force"] - median) < 0.03
+                return state if moved and state["controller"] else None
+
+            state = (
+                await eventually(settled)
+                or (await client.get("/admin/threshold", headers=AUTH)).json()
+            )
             text = (await client.get("/metrics")).text
             return start, state, text
 
     start, state, text = asyncio.run(main())
-    median = float(np.quantile(margins[:400], 0.5))
     assert state["threshold"] == start  # the policy's own start is unchanged ...
     assert state["threshold_in_force"] == pytest.approx(median, abs=0.03)  # ... it was moved
     assert state["controller"]["reason"].startswith(("margin quantile", "delegation within"))
@@ -159,7 +179,11 @@ def test_below_the_accuracy_floor_a_saturated_teacher_means_503(demo, tmp_path):
         app = create_app(settings, teacher_factory=lambda s, b: teacher)
         async with serving_in_process(app) as client:
             first = asyncio.create_task(client.post("/predict", json=_payload(demo, hard[0])))
-            await asyncio.sleep(0.05)  # the teacher's one item of room is taken
+
+            async def taken():  # the teacher's one item of room
+                return teacher.calls
+
+            await eventually(taken)
             second = await client.post("/predict", json=_payload(demo, hard[1]))
             return (await first), second, (await client.get("/metrics")).text
 
@@ -256,7 +280,11 @@ def test_shadow_samples_never_delay_an_answer_and_are_not_delegation(demo, tmp_p
         app = create_app(settings, teacher_factory=lambda s, b: teacher)
         async with serving_in_process(app) as client:
             answers = [await client.post("/predict", json=_payload(demo, i)) for i in easy]
-            await asyncio.sleep(0.05)
+
+            async def shadowed():
+                return teacher.shadow_calls
+
+            await eventually(shadowed)
             return answers, (await client.get("/metrics")).text
 
     answers, text = asyncio.run(
@@ -281,8 +309,19 @@ def test_shadow_agreement_is_estimated_and_exported(demo, tmp_path):
         app = create_app(settings, teacher_factory=lambda s, b: FakeTeacher(answer=3))
         async with serving_in_process(app) as client:
             await asyncio.gather(*(client.post("/predict", json=p) for p in payloads))
-            await asyncio.sleep(0.5)
-            return (await client.get("/metrics")).text, (await client.get("/cascades")).json()
+
+            async def estimated():  # every shadow answered and merged by a controller step
+                listing = (await client.get("/cascades")).json()
+                live = listing["cascades"][0]["live_student_agreement"]
+                text = (await client.get("/metrics")).text
+                done = metric_in(text, "cascade_shadow_items_total", result="agree")
+                done += metric_in(text, "cascade_shadow_items_total", result="disagree")
+                return (text, listing) if live and live["samples"] == done else None
+
+            return await eventually(estimated) or (
+                (await client.get("/metrics")).text,
+                (await client.get("/cascades")).json(),
+            )
 
     text, listing = asyncio.run(main())
     shadowed = metric_in(text, "cascade_shadow_items_total", result="agree") + metric_in(
@@ -305,10 +344,15 @@ def test_what_the_cascade_saved_is_counted(gateway, demo):
     with gateway(controller={"interval_s": 0.05}) as (client, teacher):
         for i in range(50):
             client.post("/predict", json=_payload(demo, i))
-        time.sleep(0.3)  # a controller step merges the window
         sent = sum(teacher.calls)
+        deadline = time.monotonic() + 15
+        while True:  # until a controller step has merged the window of all 50
+            listing = client.get("/cascades").json()["cascades"][0]
+            if listing.get("savings") and listing["window"]["items"] == 50:
+                break
+            assert time.monotonic() < deadline, listing
+            time.sleep(0.02)
         text = client.get("/metrics").text
-        listing = client.get("/cascades").json()["cascades"][0]
     assert 0 < sent < 50
     assert metric_in(text, "cascade_teacher_items_avoided_total") == 50 - sent
     assert metric_in(text, "cascade_compute_units_total", tier="teacher_only") == pytest.approx(50)

@@ -136,6 +136,97 @@ def test_two_workers_merge_their_windows_and_move_once_per_interval(tmp_path):
     # b found the state a had just written (not due): one move per interval, one threshold.
     assert a.threshold_for(POLICY) == b.threshold_for(POLICY)
     assert a.threshold_for(POLICY) == pytest.approx(0.2, abs=0.03)
+    # One write per interval, all a's: b, stepping right after it, wrote none.
+    assert a.state() is not None and a.state().step == 5
+
+
+def test_a_worker_deciding_on_a_stale_step_makes_no_write(tmp_path):
+    """Two workers find the state due at once (b has not seen a's write when it decides): the
+    compare-and-set on the step counter keeps a's move, and b's is dropped."""
+    rng = np.random.default_rng(11)
+    a, b = controller(tmp_path, interval_s=0.2), controller(tmp_path, interval_s=0.2)
+
+    async def main():
+        feed(a, rng.uniform(0, 1, 300))
+        await a.step(POLICY, CAL)
+        stale = b.state()
+        assert stale is not None and stale.step == 1
+        await asyncio.sleep(0.21)
+        feed(a, rng.uniform(0, 0.3, 300))
+        await a.step(POLICY, CAL)
+        written = (tmp_path / f"{a.key}.json").read_bytes()
+        assert a.state().step == 2
+        b.state = lambda: stale  # b decides from the state before a's second step
+        feed(b, rng.uniform(0.7, 1.0, 300))  # and would move elsewhere
+        await b.step(POLICY, CAL)
+        assert (tmp_path / f"{a.key}.json").read_bytes() == written
+
+    asyncio.run(main())
+
+
+def test_items_delegated_by_class_take_their_share_of_the_target_first(tmp_path):
+    """A fifth of the traffic is delegated whatever the threshold: with a target of 40% the
+    threshold delegates a quarter of the rest, (0.4 - 0.2) / (1 - 0.2), so the teacher's
+    share is the target and not 0.2 + 0.4."""
+    rng = np.random.default_rng(12)
+    c = controller(tmp_path, window_items=5000)  # a window large enough to pin 0.25 to 0.03
+    target = policy(target=0.4)
+
+    def feed_forced(margins):
+        t = c.threshold_for(target)
+        forced = len(margins) // 4  # 20% of all items
+        c.window.routed(margins, int((margins < t).sum()) + forced, forced)
+
+    async def main():
+        for _ in range(30):
+            feed_forced(rng.uniform(0, 1, 2000))
+            await asyncio.sleep(0.01)
+            await c.step(target, CAL)
+
+    asyncio.run(main())
+    assert c.threshold_for(target) == pytest.approx(0.25, abs=0.03)
+    assert c.merged.forced_rate == pytest.approx(0.2)
+    assert c.merged.delegation_rate == pytest.approx(0.4, abs=0.03)
+
+
+def test_a_class_share_above_the_target_takes_the_threshold_to_its_floor(tmp_path):
+    c = controller(tmp_path, max_step=1.0)
+    target = policy(target=0.1)
+
+    async def main():
+        for _ in range(3):
+            margins = np.linspace(0.01, 0.99, 300)
+            c.window.routed(margins, 100, 100)  # a quarter forced, above the 10% target
+            await asyncio.sleep(0.01)
+            await c.step(target, CAL)
+
+    asyncio.run(main())
+    assert c.threshold_for(target) == 0.0
+    assert "delegated by class alone" in c.state().reason
+
+
+def test_a_new_student_version_starts_an_empty_window_and_ignores_the_olds(tmp_path):
+    """After a swap the window restarts, and a worker still on the old version (not flipped
+    yet) is left out of the merge: its margins are another model's."""
+    rng = np.random.default_rng(13)
+    a, b = controller(tmp_path), controller(tmp_path)
+    a.window.reset("v1")
+    b.window.reset("v1")
+
+    async def main():
+        feed(a, rng.uniform(0, 1, 300))
+        feed(b, rng.uniform(0, 1, 300))
+        await a.step(POLICY, CAL)
+        await b.step(POLICY, CAL)
+        assert b.merged.workers == 2 and b.merged.items == 600
+        a.reset("v2")  # a flipped to the new student; b has not yet
+        assert a.merged.items == 0 and a.window.roll().items == 0
+        feed(a, rng.uniform(0, 1, 100))
+        await asyncio.sleep(0.01)
+        await a.step(POLICY, CAL)
+        assert a.merged.workers == 1 and a.merged.items == 100  # b's v1 window left out
+
+    asyncio.run(main())
 
 
 def test_a_fixed_threshold_is_never_moved(tmp_path):

@@ -118,6 +118,23 @@ def test_a_progressive_jpeg_with_too_many_scans_is_refused_before_decoding(monke
     assert loads == []  # refused from the header, no pixel decoded
 
 
+def test_an_mpo_scan_bomb_is_refused_like_a_jpeg():
+    """An MPO (a JPEG with an MPF header, frames after it) opens as format "MPO", not "JPEG";
+    its first frame's scans cost the same and count against the same limit."""
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "MPO", save_all=True, append_images=[img], progressive=True)
+    mpo = buf.getvalue()
+    end = mpo.index(b"\xff\xd9")  # the first frame's end
+    last = mpo.rindex(b"\xff\xda", 0, end)
+    bomb = mpo[:end] + mpo[last:end] * 200 + mpo[end:]
+    assert Image.open(io.BytesIO(bomb)).format == "MPO"
+    pre = ImagePreprocessor(RGB, 10**6, max_jpeg_scans=64)
+    assert pre([mpo]).shape == (1, 3, 4, 6)
+    with pytest.raises(PayloadTooLarge, match=r"JPEG has \d+ scans"):
+        pre.plan([bomb])
+
+
 def test_the_scan_limit_is_the_operators():
     bomb = with_repeated_scans(progressive_jpeg(), 100)
     assert ImagePreprocessor(RGB, 10**6, max_jpeg_scans=1000)([bomb]).shape == (1, 3, 4, 6)
