@@ -89,23 +89,23 @@ class CalibrationRow(_Strict):
 
 def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Exact two-sided interval for a binomial proportion k/n (each tail (1-confidence)/2)."""
-    from scipy.stats import beta
+    from scipy.special import betaincinv  # the beta quantile
 
     if n <= 0:
         return 0.0, 1.0
     tail = (1.0 - confidence) / 2
-    lower = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
-    upper = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
+    lower = 0.0 if k == 0 else float(betaincinv(k, n - k + 1, tail))
+    upper = 1.0 if k == n else float(betaincinv(k + 1, n - k, 1 - tail))
     return lower, upper
 
 
 def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
     """One-sided upper bound: the proportion is below it with `confidence`."""
-    from scipy.stats import beta
+    from scipy.special import betaincinv  # the beta quantile
 
     if n <= 0 or k >= n:
         return 1.0
-    return float(beta.ppf(confidence, k + 1, n - k))
+    return float(betaincinv(k + 1, n - k, confidence))
 
 
 class Calibration(_Strict):
