@@ -17,7 +17,7 @@ labelled test images (../shared/data/fashion_mnist). Three scenarios, JSON + PNG
   alone, at 1%, 5% and 20% sampling, against the true agreement (every answer checked against
   the teacher offline) and the label accuracy beside it.
 
-    python benchmarks/adaptive.py                    # about 10 minutes on 2 cores
+    python benchmarks/adaptive.py          # about 4 minutes on 2 cores, after the first build
     python benchmarks/adaptive.py --scenarios shadow --requests 3000
 """
 

@@ -14,8 +14,8 @@ workers, all replicas) and moves the threshold:
   alone (shadow samples, teacher as reference, held at the calibration's own disagreement at
   the start threshold) is above the target with 90% confidence: to the lowest margin stratum
   whose estimate fits, by at most `max_step`; back down towards the calibrated start, half a
-  step at a time, only after ten steps in a row within the target with 95% confidence; held
-  in between.
+  step per interval, once ten steps in a row have been within the target with 95% confidence
+  and for as long as they stay so; held in between.
 
 Every worker merges the windows each interval (its estimates and metrics stay fresh); the move
 itself is a compare-and-set on the state's step counter, without an audit entry (operators'
@@ -270,11 +270,14 @@ class Controller:
             return threshold + self.config.max_step, reason, 0
         within = within + 1 if live.upper < target else 0
         if within >= _LOWER_AFTER and threshold > policy.threshold:
+            # The count is kept: the next step goes on down while the bound still fits. It
+            # covers the strata just opened to the student, whose few samples widen it, so
+            # the descent stops by itself where the evidence is thin.
             down = max(policy.threshold, threshold - self.config.max_step / 2)
             return (
                 down,
                 f"live error {live.value:.4f} (upper bound {live.upper:.4f}) < {target:.4f}",
-                0,
+                within,
             )
         reason = f"live error {live.value:.4f} in [{live.lower:.4f}, {live.upper:.4f}]"
         return threshold, reason, within
