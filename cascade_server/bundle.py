@@ -181,7 +181,10 @@ class Calibration(_Strict):
             chosen = row
         if chosen is not None:
             return chosen.threshold
-        upper, row, _ = min(tested, key=lambda t: t[0])
+        # The best among the sequence's hypotheses (rows with too few items to test are not
+        # ones: a handful of error-free items would name a threshold the test never judged).
+        candidates = [t for t in tested if t[2]] or tested
+        upper, row, _ = min(candidates, key=lambda t: t[0])
         if upper <= max_error:  # within it further down, past a threshold that is not
             raise ValueError(
                 f"the student's error is within {max_error} on the calibration split only at "

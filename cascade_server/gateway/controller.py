@@ -14,8 +14,8 @@ workers, all replicas) and moves the threshold:
   alone (shadow samples, teacher as reference, held at the calibration's own disagreement at
   the start threshold) is above the target with 90% confidence: to the lowest margin stratum
   whose estimate fits, by at most `max_step`; back down towards the calibrated start, half a
-  step per interval, once ten steps in a row have been within the target with 95% confidence
-  and for as long as they stay so; held in between.
+  step at a time, each after ten steps in a row within the target with 95% confidence; held
+  in between.
 
 Every worker merges the windows each interval (its estimates and metrics stay fresh); the move
 itself is a compare-and-set on the state's step counter, without an audit entry (operators'
@@ -27,8 +27,10 @@ version (a worker not flipped yet, around a rollout) are left out of the merge.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import socket
 import time
 from typing import Any
@@ -47,6 +49,7 @@ from .window import Summary, Window
 
 log = logging.getLogger(__name__)
 _MIN_SAMPLES = 30  # shadow samples above the threshold before the error mode raises it
+_PLAIN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # a version usable as it is in a key (file name)
 _LOWER_AFTER = 10  # steps in a row within the bound before it comes down (a probe)
 
 
@@ -80,7 +83,6 @@ class Controller:
         self.metrics = metrics
         self.strata = strata
         self.window = Window(config, strata)
-        self.key = f"{cascade}.controller"
         self.live_group = f"{cascade}.window"
         self.me = worker_id()
         self.merged: Summary = Summary.empty(config.relative_accuracy, strata)
@@ -89,10 +91,23 @@ class Controller:
         self._stamp: object = None
         self._state: ControllerState | None = None
 
+    @property
+    def key(self) -> str:
+        """The shared state's key, one per student version: around a rollout, replicas still on
+        the old version hold their own threshold instead of overwriting the new version's
+        state every interval (each would restart the other from its start)."""
+        version = self.window.version
+        if not version:
+            return f"{self.cascade}.controller"
+        if not _PLAIN.match(version):
+            version = hashlib.sha256(version.encode()).hexdigest()[:16]
+        return f"{self.cascade}.controller.{version}"
+
     def reset(self, version: str) -> None:
         """A new student version: its window starts empty (and the policy's stamp, which names
         the version, leaves the old version's moves behind)."""
         self.window.reset(version)
+        self._stamp, self._state = None, None  # the new version's key: read afresh
         self.merged = Summary.empty(self.config.relative_accuracy, self.strata)
         self.student_estimate = self.cascade_estimate = UNKNOWN
 
@@ -270,14 +285,13 @@ class Controller:
             return threshold + self.config.max_step, reason, 0
         within = within + 1 if live.upper < target else 0
         if within >= _LOWER_AFTER and threshold > policy.threshold:
-            # The count is kept: the next step goes on down while the bound still fits. It
-            # covers the strata just opened to the student, whose few samples widen it, so
-            # the descent stops by itself where the evidence is thin.
+            # The count starts again: the strata just opened to the student have few samples
+            # in the window yet, and the next move waits for ten steps of evidence on them.
             down = max(policy.threshold, threshold - self.config.max_step / 2)
             return (
                 down,
                 f"live error {live.value:.4f} (upper bound {live.upper:.4f}) < {target:.4f}",
-                within,
+                0,
             )
         reason = f"live error {live.value:.4f} in [{live.lower:.4f}, {live.upper:.4f}]"
         return threshold, reason, within

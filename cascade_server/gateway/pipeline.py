@@ -293,7 +293,9 @@ class BatchPath:
                         self._observe("answered", margins[sent], 0)
                     else:
                         answer.probs[sent] = teacher_probs
-                        self._observe("answered", margins[:0], int(sent.size))
+                        # Rows answered by the student at their deadline stay the student's.
+                        late = answer.outcome[sent] == _DEADLINE
+                        self._observe("answered", margins[sent][late], int((~late).sum()))
                     self.metrics.items(self.cascade, answer.outcome[sent])
                     _resolve(jobs, answer, starts, waits, waiting)
                     return

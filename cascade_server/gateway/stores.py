@@ -320,14 +320,23 @@ class RedisBackend:
             value = self._get(key)
         except (self._redis.RedisError, OSError) as exc:
             log.warning("control store %s: cannot read %s: %s", self.url, key, exc)
+            with self._lock:
+                self._wanted.add(key)  # the follower tries again within a poll
             return
         self._store(key, value)
 
     def _fetch_wanted(self) -> None:
         with self._lock:
             wanted, self._wanted = self._wanted, set()
-        for key in wanted:
-            self._store(key, self._get(key))
+        pending = list(wanted)
+        try:
+            while pending:
+                self._store(pending[0], self._get(pending[0]))
+                pending.pop(0)
+        finally:
+            if pending:  # the connection failed part way: the rest wait for the next try
+                with self._lock:
+                    self._wanted.update(pending)
 
     def _get(self, key: str) -> bytes | None:
         value = self._client.get(self.prefix + key)
