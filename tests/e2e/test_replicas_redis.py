@@ -15,23 +15,28 @@ from .conftest import AUTH, TOKEN, serving, wait_until
 pytestmark = pytest.mark.e2e
 
 
+def _replica_env(redis: RedisServer, tmp_path, name: str, **extra: str) -> dict[str, str]:
+    """A replica's environment: its own state directory (not shared: Redis is), one Redis."""
+    (tmp_path / name).mkdir(exist_ok=True)
+    return {
+        **os.environ,
+        "CASCADE_ADMIN_TOKEN": TOKEN,
+        "CASCADE_CONTROL_STORE": "redis",
+        "CASCADE_REDIS_URL": redis.url,
+        "CASCADE_STATE_DIR": str(tmp_path / name / "state"),
+        "CASCADE_LOG_LEVEL": "warning",
+        **extra,
+    }
+
+
 def test_two_replicas_share_runtime_control_through_redis(demo, triton, tmp_path):
     redis = RedisServer(tmp_path / "redis").start()
     payload = {"image": b64(png_bytes(demo.images[0]))}
     args = ["--bundle", str(demo.bundle), "--triton-url", triton.grpc_url]
 
     def env(name):
-        return {
-            **os.environ,
-            "CASCADE_ADMIN_TOKEN": TOKEN,
-            "CASCADE_CONTROL_STORE": "redis",
-            "CASCADE_REDIS_URL": redis.url,
-            "CASCADE_STATE_DIR": str(tmp_path / name / "state"),  # not shared: Redis is
-            "CASCADE_LOG_LEVEL": "warning",
-        }
+        return _replica_env(redis, tmp_path, name)
 
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
     try:
         with (
             serving(args, tmp_path / "a", env("a")) as a,
@@ -86,22 +91,17 @@ def test_live_windows_merge_across_workers_and_replicas(demo, triton, tmp_path):
     args = ["--workers", "2", "--bundle", str(demo.bundle), "--triton-url", triton.grpc_url]
 
     def env(name):
-        return {
-            **os.environ,
-            "CASCADE_ADMIN_TOKEN": TOKEN,
-            "CASCADE_CONTROL_STORE": "redis",
-            "CASCADE_REDIS_URL": redis.url,
-            "CASCADE_STATE_DIR": str(tmp_path / name / "state"),
-            "CASCADE_LOG_LEVEL": "warning",
-            "CASCADE_EXPOSE_WORKER_ID": "true",
-            "CASCADE_CONTROLLER__INTERVAL_S": "0.3",
-            "CASCADE_CONTROLLER__MIN_ITEMS": "50",
-            "CASCADE_CONTROLLER__MAX_STEP": "0.5",
-        }
+        return _replica_env(
+            redis,
+            tmp_path,
+            name,
+            CASCADE_EXPOSE_WORKER_ID="true",
+            CASCADE_CONTROLLER__INTERVAL_S="0.3",
+            CASCADE_CONTROLLER__MIN_ITEMS="50",
+            CASCADE_CONTROLLER__MAX_STEP="0.5",
+        )
 
     payloads = [{"image": b64(png_bytes(demo.images[i]))} for i in range(400)]
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
     try:
         with (
             serving(args, tmp_path / "a", env("a")) as a,

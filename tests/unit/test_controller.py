@@ -40,15 +40,11 @@ def controller(tmp_path, name="c", **knobs):
     return c
 
 
-def policy(target=0.2, **bounds):
+def policy(target=0.2, **fields):
+    """An admin's online policy for student v1: a target rate by default."""
+    base = {"mode": "target_delegation_rate", "threshold": 0.5, "target_delegation_rate": target}
     return PolicyState(
-        mode="target_delegation_rate",
-        threshold=0.5,
-        target_delegation_rate=target,
-        source="admin",
-        student_version="v1",
-        updated_at="t0",
-        **bounds,
+        **{**base, "source": "admin", "student_version": "v1", "updated_at": "t0", **fields}
     )
 
 
@@ -272,13 +268,11 @@ def test_a_new_policy_starts_from_its_own_start_not_the_old_moves(tmp_path):
 
 
 def _error_policy(target=0.1):
-    return PolicyState(
+    return policy(
         mode="max_student_error",
         threshold=0.3,
+        target_delegation_rate=None,
         max_student_error=target,
-        source="admin",
-        student_version="v1",
-        updated_at="t0",
     )
 
 
