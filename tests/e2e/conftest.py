@@ -21,7 +21,10 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="session")
-def triton(demo, tmp_path_factory):
+def triton(demo, text_demo, tmp_path_factory):
+    # Both demos are in the repository before it is copied: a Triton started for an image-only
+    # test first would otherwise lack the intents teacher, and the session's gateway (both
+    # cascades) would never be ready.
     workdir = tmp_path_factory.mktemp("triton")
     repo = python_backend_repository(demo.repository, workdir / "repository")
     server = TritonServer(repo, workdir)
