@@ -67,7 +67,7 @@ class Cascade:
         )
         self.shadow = Shadow(m.name, config.shadow, self.teacher, self.controller.window, metrics)
         self.controller.window.stratified = self.shadow.enabled
-        self.controller.window.version = self.active.version
+        self.controller.reset(self.active.version)
         self.path = BatchPath(
             m.name,
             len(m.classes),

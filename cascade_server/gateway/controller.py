@@ -90,13 +90,13 @@ class Controller:
         self.cascade_estimate: Estimate = UNKNOWN
         self._stamp: object = None
         self._state: ControllerState | None = None
+        self.key = self._key_of("")
 
-    @property
-    def key(self) -> str:
+    def _key_of(self, version: str) -> str:
         """The shared state's key, one per student version: around a rollout, replicas still on
         the old version hold their own threshold instead of overwriting the new version's
-        state every interval (each would restart the other from its start)."""
-        version = self.window.version
+        state every interval (each would restart the other from its start). Set once per
+        version (here and in `reset`), not per batch."""
         if not version:
             return f"{self.cascade}.controller"
         if not _PLAIN.match(version):
@@ -107,6 +107,7 @@ class Controller:
         """A new student version: its window starts empty (and the policy's stamp, which names
         the version, leaves the old version's moves behind)."""
         self.window.reset(version)
+        self.key = self._key_of(version)
         self._stamp, self._state = None, None  # the new version's key: read afresh
         self.merged = Summary.empty(self.config.relative_accuracy, self.strata)
         self.student_estimate = self.cascade_estimate = UNKNOWN
@@ -139,8 +140,12 @@ class Controller:
     async def step(self, policy: PolicyState, calibration: Calibration) -> None:
         self.window.sketching = self.config.enabled and policy.mode == "target_delegation_rate"
         local = self.window.roll()
+        version = self.window.version
         merged = Summary.empty(self.config.relative_accuracy, self.strata)
-        for raw in await self.store.call(self._exchange, local.to_bytes()):
+        collected = await self.store.call(self._exchange, local.to_bytes())
+        if self.window.version != version:
+            return  # a flip while the windows were exchanged: this step was the old version's
+        for raw in collected:
             try:
                 other = Summary.from_bytes(raw, self.config.relative_accuracy, self.strata)
             except (ValueError, KeyError, TypeError):

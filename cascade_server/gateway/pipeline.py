@@ -37,6 +37,7 @@ from .version import StudentVersion
 log = logging.getLogger(__name__)
 _AUTO, _ALWAYS = int(Mode.AUTO), int(Mode.ALWAYS)  # plain ints: enum lookups cost per batch
 _FAILED, _DEADLINE = int(Outcome.TEACHER_FAILED), int(Outcome.DEADLINE)
+_BUSY = int(Outcome.TEACHER_BUSY)
 
 
 @dataclass(frozen=True)
@@ -193,20 +194,29 @@ class BatchPath:
                 load = replace(load, floor_threshold=self._floor(version))
         else:
             load, ticket = Load(), None
-        mode = None if items is None else items.mode
-        budget = None if items is None else items.budget(time.perf_counter())
-        routes = route(decision.margins, decision.delegate, load, mode=mode, budget_s=budget)
-        if not routes.shed.any():
-            return routes, None, ticket
-        shed_jobs = _jobs_holding(starts, np.flatnonzero(routes.shed), n_jobs)
-        refused = np.repeat(shed_jobs, np.diff(starts))
-        # The same room without the refused items: whatever was sent stays sent, and kept
-        # items of answered requests may take the room freed (none falls below the floor:
-        # its request would have been refused above).
-        routes = route(
-            decision.margins, decision.delegate, load, mode=mode, budget_s=budget, exclude=refused
-        )
-        return routes, refused, ticket
+        try:
+            mode = None if items is None else items.mode
+            budget = None if items is None else items.budget(time.perf_counter())
+            routes = route(decision.margins, decision.delegate, load, mode=mode, budget_s=budget)
+            if not routes.shed.any():
+                return routes, None, ticket
+            shed_jobs = _jobs_holding(starts, np.flatnonzero(routes.shed), n_jobs)
+            refused = np.repeat(shed_jobs, np.diff(starts))
+            # The same room without the refused items: whatever was sent stays sent, and kept
+            # items of answered requests may take the room freed (none falls below the floor:
+            # its request would have been refused above).
+            routes = route(
+                decision.margins,
+                decision.delegate,
+                load,
+                mode=mode,
+                budget_s=budget,
+                exclude=refused,
+            )
+            return routes, refused, ticket
+        except BaseException:
+            self.teacher.release(ticket)  # not returned to `_run`: released here
+            raise
 
     def _account(
         self,
@@ -287,8 +297,11 @@ class BatchPath:
                     span.end()
                 if exc is None:
                     if teacher_probs is None:
+                        # A call cancelled (shutdown) did not fail: the student's answer, not
+                        # degraded, as when the teacher has no room.
+                        missing = _BUSY if error == "cancelled" else _FAILED
                         answer.outcome[sent] = np.where(
-                            answer.outcome[sent] == _DEADLINE, _DEADLINE, _FAILED
+                            answer.outcome[sent] == _DEADLINE, _DEADLINE, missing
                         )
                         self._observe("answered", margins[sent], 0)
                     else:

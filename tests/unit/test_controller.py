@@ -207,8 +207,8 @@ def test_replicas_on_two_student_versions_keep_their_own_state(tmp_path):
     step their own state: neither restarts the other from its start every interval."""
     rng = np.random.default_rng(14)
     a, b = controller(tmp_path), controller(tmp_path)
-    a.window.reset("v1")
-    b.window.reset("v2")
+    a.reset("v1")
+    b.reset("v2")
     pol_a, pol_b = POLICY, POLICY.model_copy(update={"student_version": "v2"})
 
     async def main():
@@ -230,8 +230,8 @@ def test_a_new_student_version_starts_an_empty_window_and_ignores_the_olds(tmp_p
     yet) is left out of the merge: its margins are another model's."""
     rng = np.random.default_rng(13)
     a, b = controller(tmp_path), controller(tmp_path)
-    a.window.reset("v1")
-    b.window.reset("v1")
+    a.reset("v1")
+    b.reset("v1")
 
     async def main():
         feed(a, rng.uniform(0, 1, 300))
