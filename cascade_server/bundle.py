@@ -228,6 +228,88 @@ class StudentStage(_Strict):
     pass_rate: float = Field(ge=0.0, le=1.0)
 
 
+STAGE_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+# The names of the two ends of every cascade: a tier between them cannot take either.
+RESERVED_STAGES = ("student", "teacher")
+
+
+class TierRef(_Strict):
+    """A model between the student and the teacher (an N-stage cascade): it answers only the
+    items every stage before it was unsure about, and passes on those it is unsure about too.
+    `onnx`: a graph in the bundle, run in the gateway with ONNX Runtime; `triton`: a model on
+    the teacher's Triton, called as the teacher is (its own breaker and in-flight bounds)."""
+
+    name: str = Field(pattern=STAGE_NAME)
+    runtime: Literal["onnx", "triton"] = "onnx"
+    # onnx: the graph's file, in the bundle directory itself (no path: a bundle stays one dir)
+    file: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\.onnx$")
+    model: TeacherRef | None = None  # triton: the model and its tensor contract
+    input_name: str = "input"  # onnx image tiers (text tiers take input_ids, attention_mask)
+    output: str = "logits"
+    # onnx: a graph input fed the previous stage's logits. Anytime ensembles (B-DISTIL) export
+    # member k as F_k = F_{k-1} + eta_k f_k(x), so a later member costs one member, not k.
+    prev_input: str | None = None
+    threshold: float = Field(ge=0.0, le=1.0)
+    # Relative cost of one item here (the teacher alone = 1.0, as in the calibration).
+    cost: float = Field(ge=0.0)
+    # Share of the items reaching this tier that move on, on the calibration split.
+    pass_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _runtime(self) -> TierRef:
+        if self.name in RESERVED_STAGES:
+            raise ValueError(f"a tier cannot be named {self.name!r}")
+        if self.runtime == "onnx" and not self.file:
+            raise ValueError(f"tier {self.name}: an onnx tier needs its file")
+        if self.runtime == "triton" and (self.model is None or self.prev_input is not None):
+            raise ValueError(f"tier {self.name}: a triton tier needs its model and no prev_input")
+        return self
+
+
+class FrontierRow(_Strict):
+    """One setting of every threshold of an N-stage cascade, measured on the calibration split:
+    `thresholds[k]` for stage k (the student first, the teacher takes what the last leaves)."""
+
+    thresholds: tuple[float, ...]
+    # Share of all items answered by each stage, the teacher last (sums to 1).
+    answered: tuple[float, ...]
+    cascade_accuracy: float
+    expected_cost: float  # per item, the teacher alone = 1.0
+
+    @property
+    def teacher_rate(self) -> float:
+        return self.answered[-1]
+
+
+class Frontier(_Strict):
+    """The accuracy-vs-cost frontier of an N-stage cascade: the threshold settings no other
+    setting beats on both (higher accuracy at no higher cost), sorted by cost."""
+
+    split: str
+    n: int
+    rows: tuple[FrontierRow, ...] = Field(min_length=1)
+
+    def for_accuracy(self, accuracy: float) -> FrontierRow:
+        """The cheapest setting whose cascade accuracy reaches `accuracy`."""
+        for row in self.rows:
+            if row.cascade_accuracy >= accuracy:
+                return row
+        raise ValueError(
+            f"no setting reaches cascade accuracy {accuracy} on the calibration split "
+            f"(best {self.rows[-1].cascade_accuracy:.4f})"
+        )
+
+    def for_cost(self, budget: float) -> FrontierRow:
+        """The most accurate setting whose expected cost is within `budget`."""
+        within = [r for r in self.rows if r.expected_cost <= budget]
+        if not within:
+            raise ValueError(
+                f"no setting costs {budget} or less per item on the calibration split "
+                f"(cheapest {self.rows[0].expected_cost:.4f})"
+            )
+        return within[-1]
+
+
 class Manifest(_Strict):
     format_version: int = FORMAT_VERSION
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -251,6 +333,10 @@ class Manifest(_Strict):
     default_threshold: float = Field(ge=0.0, le=1.0)
     calibration: Calibration
     teacher: TeacherRef
+    # N-stage cascades: the models between the student and the teacher, in order (empty: the
+    # two-stage cascade). `frontier`: every threshold calibrated at once (calibrate.py).
+    tiers: tuple[TierRef, ...] = ()
+    frontier: Frontier | None = None
     training: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -267,6 +353,14 @@ class Manifest(_Strict):
                 raise ValueError("abstain_output must map to -1 in output_classes")
         elif self.abstain_output is not None:
             raise ValueError("an abstain output needs output_classes")
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError("tier names must be unique")
+        if self.frontier is not None and any(
+            len(r.thresholds) != len(self.tiers) + 1 or len(r.answered) != len(self.tiers) + 2
+            for r in self.frontier.rows
+        ):
+            raise ValueError("frontier rows need a threshold per stage but the teacher")
         if self.in_domain_classes is not None and any(
             not 0 <= c < n for c in self.in_domain_classes
         ):
@@ -302,6 +396,15 @@ class Bundle:
     def student_path(self) -> Path:
         return self.path / self.manifest.student_file
 
+    def tier_path(self, tier: TierRef) -> Path:
+        assert tier.file is not None
+        return self.path / tier.file
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The stages in order, as answers and metrics name them."""
+        return ("student", *(t.name for t in self.manifest.tiers), "teacher")
+
     @classmethod
     def load(cls, path: str | Path) -> Bundle:
         path = Path(path)
@@ -319,6 +422,11 @@ class Bundle:
             raise FileNotFoundError(
                 f"bundle {path} names {manifest.student_file}, which is missing"
             )
+        for tier in manifest.tiers:
+            if tier.runtime == "onnx" and not bundle.tier_path(tier).is_file():
+                raise FileNotFoundError(
+                    f"bundle {path}: tier {tier.name} names {tier.file}, which is missing"
+                )
         return bundle
 
     def save(self) -> None:
