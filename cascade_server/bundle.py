@@ -210,6 +210,20 @@ class Calibration(_Strict):
                 return row
         return rows[-1]
 
+    def frontier(self) -> Frontier:
+        """The two-stage cascade's frontier: the table's rows that no other beats on both
+        accuracy and cost, by cost."""
+        rows = [
+            FrontierRow(
+                thresholds=(r.threshold,),
+                answered=(1.0 - r.delegation_rate, r.delegation_rate),
+                cascade_accuracy=r.cascade_accuracy,
+                expected_cost=r.expected_cost,
+            )
+            for r in self.table
+        ]
+        return Frontier(split=self.split, n=self.n, rows=tuple(pareto(rows)))
+
     def rate_for_threshold(self, threshold: float) -> float:
         rates = np.array([r.delegation_rate for r in self.table])
         thresholds = np.array([r.threshold for r in self.table])
@@ -279,6 +293,16 @@ class FrontierRow(_Strict):
     @property
     def teacher_rate(self) -> float:
         return self.answered[-1]
+
+
+def pareto(rows: list[FrontierRow]) -> list[FrontierRow]:
+    """The rows no other beats (at least as accurate at no more cost), by cost: accuracy
+    rises strictly along them."""
+    out: list[FrontierRow] = []
+    for row in sorted(rows, key=lambda r: (r.expected_cost, -r.cascade_accuracy)):
+        if not out or row.cascade_accuracy > out[-1].cascade_accuracy:
+            out.append(row)
+    return out
 
 
 class Frontier(_Strict):

@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .config.batching import BatchingConfig
 from .config.breaker import BreakerConfig
+from .config.cache import CacheConfig
+from .config.capture import CaptureConfig
 from .config.cascade import CascadeConfig
 from .config.control import ControlConfig
 from .config.delegation import ControllerConfig, LoadConfig, OverridesConfig, ShadowConfig
@@ -100,6 +102,12 @@ class Settings(BaseSettings):
     load: LoadConfig = Field(default_factory=LoadConfig)
     shadow: ShadowConfig = Field(default_factory=ShadowConfig)
     overrides: OverridesConfig = Field(default_factory=OverridesConfig)
+    # Capture of delegated items for training (config/capture.py; stores user inputs, so off
+    # unless CASCADE_CAPTURE__DIRECTORY is set): CASCADE_CAPTURE__FRACTION, __MAX_BYTES, ...
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    # The response cache of both tiers (config/cache.py; off by default):
+    # CASCADE_CACHE__ENABLED, __MAX_BYTES, __TIERS.
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     # OpenTelemetry traces: CASCADE_TRACING__ENDPOINT (OTLP), __SAMPLE_RATIO, ...
     tracing: TracingConfig = Field(default_factory=TracingConfig)
@@ -171,5 +179,7 @@ class Settings(BaseSettings):
             load=self.load,
             shadow=self.shadow,
             overrides=self.overrides,
+            capture=self.capture,
+            cache=self.cache,
             watch_interval_s=self.readiness_interval_s,
         )

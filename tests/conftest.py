@@ -164,3 +164,48 @@ def _data_cache(tmp_path_factory):
     import os
 
     os.environ["CASCADE_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+
+
+def three_stage_bundle(demo: Demo, root: Path, tier_threshold: float = 0.99, frontier=None):
+    """The demo's MLP student, its CNN teacher's graph as a tier run in the gateway ("cnn"),
+    and the teacher on Triton: a three-stage cascade from one bundle."""
+    import shutil
+
+    from cascade_server.bundle import Bundle, TierRef
+    from cascade_server.train.demo import DEMO_TEACHER
+
+    path = root / "digits3"
+    shutil.copytree(demo.bundle, path)
+    shutil.copyfile(demo.repository / DEMO_TEACHER / "1" / "model.onnx", path / "cnn.onnx")
+    bundle = Bundle.load(path)
+    tier = TierRef(name="cnn", file="cnn.onnx", threshold=tier_threshold, cost=0.5)
+    manifest = bundle.manifest.model_copy(
+        update={"tiers": (tier,), "frontier": frontier, "version": "digits3-test"}
+    )
+    bundle = Bundle(path, type(manifest).model_validate(manifest.model_dump()))
+    bundle.save()
+    return Bundle.load(path)
+
+
+def tier_logits(bundle, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Every stage's logits but the teacher's, computed outside the gateway."""
+    import onnxruntime as ort
+
+    from cascade_server.preprocess import normalize
+
+    x = normalize(images, bundle.manifest.preprocess)
+    out = {}
+    prev = None
+    for name, path, output in [
+        ("student", bundle.student_path, bundle.manifest.student_output),
+        *[(t.name, bundle.tier_path(t), t.output) for t in bundle.manifest.tiers],
+    ]:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {"input": x}
+        if prev is not None and name != "student":
+            tier = next(t for t in bundle.manifest.tiers if t.name == name)
+            if tier.prev_input:
+                feeds[tier.prev_input] = prev
+        (prev,) = session.run([output], feeds)
+        out[name] = prev
+    return out

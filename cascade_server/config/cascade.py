@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from .batching import BatchingConfig
+from .cache import CacheConfig
+from .capture import CaptureConfig
 from .delegation import ControllerConfig, LoadConfig, OverridesConfig, ShadowConfig
 from .limits import DecodeLimits
 from .student import StudentConfig
@@ -21,6 +23,8 @@ class CascadeConfig(BaseModel):
     load: LoadConfig = Field(default_factory=LoadConfig)
     shadow: ShadowConfig = Field(default_factory=ShadowConfig)
     overrides: OverridesConfig = Field(default_factory=OverridesConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     # How often the background watch checks the teacher's readiness and follows student
     # versions rolled out through another worker.
     watch_interval_s: float = Field(default=2.0, gt=0)

@@ -71,15 +71,34 @@ class ThresholdUpdate(BaseModel):
         description="the error accepted on what the student answers alone (upper confidence "
         "bound), held online with shadow samples",
     )
+    target_accuracy: Unit | None = Field(
+        default=None,
+        description="the cascade accuracy to reach at the least expected cost: every stage's "
+        "threshold from the calibrated accuracy-vs-cost frontier",
+    )
+    cost_budget: Annotated[
+        float | None, Field(strict=True, ge=0.0, le=1e6, allow_inf_nan=False)
+    ] = Field(
+        default=None,
+        description="the expected cost per item to stay within (the teacher alone = 1.0) at the "
+        "highest accuracy: every stage's threshold from the frontier",
+    )
     min_threshold: Unit = Field(default=0.0, description="bound on the controller's moves")
     max_threshold: Unit = Field(default=1.0, description="bound on the controller's moves")
 
     @model_validator(mode="after")
     def _one(self) -> ThresholdUpdate:
-        given = (self.threshold, self.target_delegation_rate, self.max_student_error)
+        given = (
+            self.threshold,
+            self.target_delegation_rate,
+            self.max_student_error,
+            self.target_accuracy,
+            self.cost_budget,
+        )
         if sum(v is not None for v in given) != 1:
             raise ValueError(
-                "give exactly one of `threshold`, `target_delegation_rate` and `max_student_error`"
+                "give exactly one of `threshold`, `target_delegation_rate`, `max_student_error`, "
+                "`target_accuracy` and `cost_budget`"
             )
         if self.min_threshold > self.max_threshold:
             raise ValueError("min_threshold must not exceed max_threshold")
@@ -97,6 +116,9 @@ def _describe(cascade: Cascade) -> dict[str, Any]:
         # while it holds an online policy.
         "threshold_in_force": in_force,
         "default_threshold": cascade.manifest.default_threshold,
+        # N-stage cascades: the stages in order and each tier's threshold in force.
+        "stages": list(cascade.active.stage_names),
+        "tier_thresholds_in_force": list(cascade.active.tier_thresholds()),
         # What the calibration split says this threshold delegates.
         "expected_delegation_rate": calibration.rate_for_threshold(in_force),
         **cascade.controller.describe(calibration),
@@ -136,15 +158,19 @@ async def put_threshold(
     """Set the delegation policy: a fixed threshold; a target delegation rate (started from the
     calibration table, then held online on live margins); or a bound on the student's error on
     what it answers alone (started from the calibration's upper confidence bound, then checked
-    live with shadow samples; a target the student cannot reach is refused, naming the best).
-    Applies to every worker and replica and survives restarts. The body is read after the token
-    is checked: an unauthenticated caller learns nothing about what a valid body is."""
+    live with shadow samples; a target the student cannot reach is refused, naming the best);
+    or a target accuracy or cost budget, which sets every stage's threshold from the calibrated
+    frontier (a two-stage bundle's is its threshold table), refused when out of reach. Applies
+    to every worker and replica and survives restarts. The body is read after the token is
+    checked: an unauthenticated caller learns nothing about what a valid body is."""
     update = await _read_body(request, ThresholdUpdate)
     target = request.app.state.gateway.resolve(_one_cascade(update.cascade, cascade))
     old, _ = await target.thresholds.set(
         threshold=update.threshold,
         target_delegation_rate=update.target_delegation_rate,
         max_student_error=update.max_student_error,
+        target_accuracy=update.target_accuracy,
+        cost_budget=update.cost_budget,
         min_threshold=update.min_threshold,
         max_threshold=update.max_threshold,
         actor=actor,

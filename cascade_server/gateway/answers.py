@@ -29,6 +29,12 @@ class Answer:
     student_s: float  # the student call that served this request's batch
     teacher_s: float = 0.0  # the teacher call, 0 when nothing of this request was sent
     queue_s: float = 0.0  # how long the request waited for its batch to start
+    # N-stage cascades: the stage whose answer each row holds (indexes `stage_names`: the
+    # student, the tiers, the teacher), and the tier calls of the batch. None: two stages,
+    # where the outcome says who answered.
+    stage: np.ndarray | None = None
+    stage_names: tuple[str, ...] = ("student", "teacher")
+    tiers_s: float = 0.0
 
     def __len__(self) -> int:
         return len(self.margins)
@@ -45,6 +51,12 @@ class Answer:
     def delegated(self) -> np.ndarray:
         return np.asarray(DELEGATED[self.outcome])
 
+    def stages(self) -> np.ndarray:
+        """(n,) the answering stage's index into `stage_names`."""
+        if self.stage is not None:
+            return self.stage
+        return np.asarray(BY_TEACHER[self.outcome], dtype=np.int8)
+
     def rows(self, start: int, end: int, queue_s: float) -> Answer:
         s = slice(start, end)
         threshold = self.threshold
@@ -60,6 +72,9 @@ class Answer:
             self.student_s,
             self.teacher_s,
             queue_s,
+            None if self.stage is None else self.stage[s],
+            self.stage_names,
+            self.tiers_s,
         )
 
 
@@ -89,6 +104,9 @@ class Predictions:
             "teacher": round(a.teacher_s * 1e3, 3),
             "total": round(total_s * 1e3, 3),
         }
+        if a.stage is not None:
+            timings["tiers"] = round(a.tiers_s * 1e3, 3)
+        answered = None if a.stage is None else [a.stage_names[c] for c in a.stage.tolist()]
         probs, margins, outcomes = a.probs.tolist(), a.margins.tolist(), a.outcome.tolist()
         threshold = a.threshold
         thresholds = threshold.tolist() if isinstance(threshold, np.ndarray) else None
@@ -104,7 +122,7 @@ class Predictions:
                 "margin": margins[i],
                 "threshold": threshold if thresholds is None else thresholds[i],
                 "delegated": _DELEGATED[o],
-                "answered_by": _BY[o],
+                "answered_by": _BY[o] if answered is None else answered[i],
                 "outcome": NAMES[o],
                 "degraded": _DEGRADED[o],
                 "cascade": cascade,

@@ -129,7 +129,7 @@ class Cascade:
         )
         self.students.setup()
         await self.teacher.setup()
-        self.metrics.prime(self.name)
+        self.metrics.prime(self.name, self.active.stage_names)
         self.threshold()
         self.batcher.start()
         # A version rolled out earlier (through any worker) survives restarts; one that can no

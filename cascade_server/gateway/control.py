@@ -19,17 +19,22 @@ restart. The controller's moves are not here: they are its own state, and metric
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from ..bundle import Calibration
+from ..bundle import Calibration, Frontier
 from ..errors import InvalidInput
 from .stores import ControlStore, now
 
 log = logging.getLogger(__name__)
-Mode = Literal["threshold", "target_delegation_rate", "max_student_error"]
+Mode = Literal[
+    "threshold", "target_delegation_rate", "max_student_error", "target_accuracy", "cost_budget"
+]
 ONLINE: tuple[Mode, ...] = ("target_delegation_rate", "max_student_error")
+# Every stage's threshold from the calibrated frontier (bundle.py), resolved per version.
+ON_FRONTIER: tuple[Mode, ...] = ("target_accuracy", "cost_budget")
 
 
 class PolicyState(BaseModel):
@@ -39,6 +44,11 @@ class PolicyState(BaseModel):
     threshold: float = Field(ge=0.0, le=1.0)
     target_delegation_rate: float | None = Field(default=None, ge=0.0, le=1.0)
     max_student_error: float | None = Field(default=None, ge=0.0, le=1.0)
+    target_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    cost_budget: float | None = Field(default=None, ge=0.0)
+    # The tiers' thresholds chosen with the student's (N-stage cascades, frontier modes);
+    # None: the bundle's.
+    tier_thresholds: tuple[float, ...] | None = None
     # Bounds on the controller's moves (and on the resolved start).
     min_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
     max_threshold: float = Field(default=1.0, ge=0.0, le=1.0)
@@ -66,12 +76,14 @@ class PolicyState(BaseModel):
         return self.mode in ONLINE
 
     @property
+    def resolved(self) -> bool:
+        """Its thresholds are resolved through each version's calibration."""
+        return self.mode in ONLINE or self.mode in ON_FRONTIER
+
+    @property
     def target(self) -> float | None:
-        return (
-            self.target_delegation_rate
-            if self.mode == "target_delegation_rate"
-            else (self.max_student_error if self.mode == "max_student_error" else None)
-        )
+        value: float | None = None if self.mode == "threshold" else getattr(self, self.mode)
+        return value
 
     def stamp(self) -> str:
         """Identifies this policy: the controller's moves are for one policy only."""
@@ -81,31 +93,58 @@ class PolicyState(BaseModel):
         return min(max(value, self.min_threshold), self.max_threshold)
 
 
+@dataclass(frozen=True)
+class Resolved:
+    mode: Mode
+    threshold: float  # the student's (the controller's start in the online modes)
+    tiers: tuple[float, ...] | None = None  # every tier's, in the frontier modes
+
+
 def resolve(
     calibration: Calibration,
     *,
     threshold: float | None = None,
     target_delegation_rate: float | None = None,
     max_student_error: float | None = None,
+    target_accuracy: float | None = None,
+    cost_budget: float | None = None,
+    frontier: Frontier | None = None,
     confidence: float = 0.95,
-) -> tuple[Mode, float]:
-    """The mode asked for and its starting threshold on this calibration."""
-    given = [v is not None for v in (threshold, target_delegation_rate, max_student_error)]
-    if sum(given) != 1:
-        raise ValueError(
-            "give exactly one of threshold, target_delegation_rate and max_student_error"
-        )
+) -> Resolved:
+    """The mode asked for and its thresholds on this calibration (and frontier: a two-stage
+    bundle's is its calibration table's)."""
+    asked = {
+        "threshold": threshold,
+        "target_delegation_rate": target_delegation_rate,
+        "max_student_error": max_student_error,
+        "target_accuracy": target_accuracy,
+        "cost_budget": cost_budget,
+    }
+    given = [k for k, v in asked.items() if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {', '.join(asked)}")
     if threshold is not None:
-        return "threshold", threshold
+        return Resolved("threshold", threshold)
     if target_delegation_rate is not None:
-        return "target_delegation_rate", calibration.threshold_for_rate(target_delegation_rate)
-    assert max_student_error is not None
-    try:
-        return "max_student_error", calibration.threshold_for_student_error(
-            max_student_error, confidence
+        return Resolved(
+            "target_delegation_rate", calibration.threshold_for_rate(target_delegation_rate)
         )
+    try:
+        if max_student_error is not None:
+            return Resolved(
+                "max_student_error",
+                calibration.threshold_for_student_error(max_student_error, confidence),
+            )
+        on = frontier or calibration.frontier()
+        if target_accuracy is not None:
+            row = on.for_accuracy(target_accuracy)
+        else:
+            assert cost_budget is not None
+            row = on.for_cost(cost_budget)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
+    mode: Mode = "target_accuracy" if target_accuracy is not None else "cost_budget"
+    return Resolved(mode, row.thresholds[0], row.thresholds[1:] if frontier else None)
 
 
 class ThresholdStore:
@@ -120,12 +159,14 @@ class ThresholdStore:
         default_threshold: float,
         calibration: Calibration,
         student_version: str,
+        frontier: Frontier | None = None,
         confidence: float = 0.95,
     ) -> None:
         self.store = store
         self.cascade = cascade
         self.key = f"{cascade}.threshold"
         self.calibration = calibration
+        self.frontier = frontier
         self.student_version = student_version
         self.confidence = confidence
         self._default = PolicyState(
@@ -150,11 +191,12 @@ class ThresholdStore:
         except ValueError as exc:
             log.error("ignoring unreadable threshold state %s: %s", self.key, exc)
             return self._default
-        if state.online:
+        if state.resolved:
             try:
-                _, start = resolve(
+                got = resolve(
                     self.calibration,
                     **{state.mode: state.target},
+                    frontier=self.frontier,
                     confidence=self.confidence,
                 )
             except (ValueError, InvalidInput) as exc:
@@ -171,8 +213,13 @@ class ThresholdStore:
                 return self._default
             # Resolved for the version served: its stamp names it, so the controller's moves
             # for another version's start are not carried over a swap.
+            threshold = state.clamp(got.threshold) if state.online else got.threshold
             state = state.model_copy(
-                update={"threshold": state.clamp(start), "student_version": self.student_version}
+                update={
+                    "threshold": threshold,
+                    "tier_thresholds": got.tiers,
+                    "student_version": self.student_version,
+                }
             )
         elif state.student_version != self.student_version:
             log.warning(
@@ -190,27 +237,35 @@ class ThresholdStore:
         threshold: float | None = None,
         target_delegation_rate: float | None = None,
         max_student_error: float | None = None,
+        target_accuracy: float | None = None,
+        cost_budget: float | None = None,
         min_threshold: float = 0.0,
         max_threshold: float = 1.0,
         actor: str,
     ) -> tuple[PolicyState, PolicyState]:
-        """Set a fixed threshold, or a target held online; returns (old, new)."""
+        """Set a fixed threshold, a target held online, or a target on the frontier (every
+        stage's threshold); returns (old, new)."""
         if min_threshold > max_threshold:
             raise InvalidInput("min_threshold must not exceed max_threshold")
-        mode, start = resolve(
+        got = resolve(
             self.calibration,
             threshold=threshold,
             target_delegation_rate=target_delegation_rate,
             max_student_error=max_student_error,
+            target_accuracy=target_accuracy,
+            cost_budget=cost_budget,
+            frontier=self.frontier,
             confidence=self.confidence,
         )
+        start, mode = got.threshold, got.mode
         new = PolicyState(
             mode=mode,
-            threshold=start
-            if mode == "threshold"
-            else min(max(start, min_threshold), max_threshold),
+            threshold=min(max(start, min_threshold), max_threshold) if mode in ONLINE else start,
             target_delegation_rate=target_delegation_rate,
             max_student_error=max_student_error,
+            target_accuracy=target_accuracy,
+            cost_budget=cost_budget,
+            tier_thresholds=got.tiers,
             min_threshold=min_threshold,
             max_threshold=max_threshold,
             source="admin",
@@ -244,6 +299,9 @@ class ThresholdStore:
                 "source": new.source,
                 "target_delegation_rate": new.target_delegation_rate,
                 "max_student_error": new.max_student_error,
+                "target_accuracy": new.target_accuracy,
+                "cost_budget": new.cost_budget,
+                "tier_thresholds": new.tier_thresholds,
                 "min_threshold": new.min_threshold,
                 "max_threshold": new.max_threshold,
             }
@@ -259,7 +317,7 @@ class ThresholdStore:
             old.threshold,
             current.threshold,
             current.mode,
-            f" {current.target}" if current.online else "",
+            f" {current.target}" if current.resolved else "",
             actor,
         )
         return old, current

@@ -220,7 +220,9 @@ def _tensors(predictions: Predictions) -> dict[str, np.ndarray]:
         "class_id": top.astype(np.int64),
         "probability": a.probs[rows, top].astype(np.float32),
         "margin": a.margins.astype(np.float32),
-        "answered_by": _ANSWERED_BY[a.outcome],
+        "answered_by": _ANSWERED_BY[a.outcome]
+        if a.stage is None
+        else np.array([a.stage_names[c].encode() for c in a.stage.tolist()], dtype=object),
         "outcome": _OUTCOMES[a.outcome],
         "delegated": a.delegated.astype(bool),
         "degraded": a.degraded.astype(bool),

@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 STATUSES = ("ok", "rejected", "failed", "shed")
 # Why a teacher call failed (its items are answered degraded).
 TEACHER_FAILURES = ("timeout", "unavailable", "error")
+# Why captured items (gateway/capture.py) were not kept: the queue was full, the format refused
+# them, a write failed (disk full, no permission), or the gateway stopped before writing them.
+CAPTURE_DROPS = ("queue_full", "invalid", "write_error", "shutdown")
+# Why capture shards were deleted: older than retention_s, or beyond max_bytes.
+CAPTURE_DELETIONS = ("retention", "size_cap")
 UNROUTED = "none"  # the cascade label of a request refused before a cascade was chosen
 _LATENCY_BUCKETS = (
     0.0001,
@@ -140,6 +145,13 @@ class Metrics:
             ["cascade"],
             registry=reg,
             multiprocess_mode="livemostrecent",
+        )
+        self.stage_items = Counter(
+            "cascade_stage_items",
+            "Answered items by the stage whose answer was returned: student, each tier of an "
+            "N-stage cascade by its name, teacher",
+            ["cascade", "stage"],
+            registry=reg,
         )
         self.latency = Histogram(
             "cascade_stage_seconds",
@@ -253,6 +265,27 @@ class Metrics:
             ["cascade", "result"],
             registry=reg,
         )
+        self.capture_items = Counter(
+            "cascade_capture_items",
+            "Delegated items and shadow samples captured for training (after the sampling "
+            "draw), by result: kept (written), dropped (with a reason: queue_full, invalid, "
+            "write_error, shutdown)",
+            ["cascade", "result", "reason"],
+            registry=reg,
+        )
+        self.capture_size = Gauge(
+            "cascade_capture_bytes",
+            "Size of the cascade's capture directory, at the last write or sweep",
+            ["cascade"],
+            registry=reg,
+            multiprocess_mode="livemostrecent",  # every worker sees the same directory
+        )
+        self.capture_deletions = Counter(
+            "cascade_capture_shards_deleted",
+            "Capture shards deleted, by why: retention (older than retention_s), size_cap",
+            ["cascade", "why"],
+            registry=reg,
+        )
         # What the cascade saved against teacher-only serving, in the calibration's cost units
         # (teacher = 1 per item): cascade:compute_saved_ratio:rate5m in the rules.
         self.teacher_limit_gauge = Gauge(
@@ -282,6 +315,35 @@ class Metrics:
             "what teacher-only serving would have spent (teacher_only)",
             ["cascade", "tier"],
             registry=reg,
+        )
+        # The response cache (cache.py): one per cascade and worker, so the sizes add up.
+        self.cache_requests = Counter(
+            "cascade_cache_requests",
+            "Response cache lookups per item, by tier (student, teacher, a stage) and result: "
+            "hit, miss",
+            ["cascade", "tier", "result"],
+            registry=reg,
+        )
+        self.cache_evictions = Counter(
+            "cascade_cache_evictions",
+            "Response cache entries evicted (least recently used, past max_entries or "
+            "max_bytes), by tier",
+            ["cascade", "tier"],
+            registry=reg,
+        )
+        self.cache_entries = Gauge(
+            "cascade_cache_entries",
+            "Entries in the response cache (all workers)",
+            ["cascade"],
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.cache_bytes = Gauge(
+            "cascade_cache_bytes",
+            "Bytes the response cache counts against max_bytes (all workers)",
+            ["cascade"],
+            registry=reg,
+            multiprocess_mode="livesum",
         )
         if reg is not None:
             reg.register(_DelegationRatio(self.answered_items.collect))
@@ -329,12 +391,14 @@ class Metrics:
                 observe_many(self._child(self.latency, cascade, stage), rows[:, j])
 
     @_never_raises
-    def prime(self, cascade: str) -> None:
+    def prime(self, cascade: str, stages: tuple[str, ...] = ("student", "teacher")) -> None:
         """Create every labelled series at 0, so dashboards and rate() see them from the start."""
         for status in STATUSES:
             self.requests.labels(cascade, status)
         for outcome in NAMES:
             self.answered_items.labels(cascade, outcome)
+        for stage in stages:
+            self.stage_items.labels(cascade, stage)
         for kind in TEACHER_FAILURES:
             self.teacher_errors.labels(cascade, kind)
         self.threshold_changes.labels(cascade)
@@ -344,6 +408,11 @@ class Metrics:
             self.compute_units.labels(cascade, tier)
         for result in ("agree", "disagree", "dropped", "failed"):
             self.shadow_items.labels(cascade, result)
+        self.capture_items.labels(cascade, "kept", "")
+        for reason in CAPTURE_DROPS:
+            self.capture_items.labels(cascade, "dropped", reason)
+        for why in CAPTURE_DELETIONS:
+            self.capture_deletions.labels(cascade, why)
         self.circuit_state.labels(cascade).set(0)
 
     def request_started(self) -> None:
@@ -399,6 +468,31 @@ class Metrics:
         for code, count in enumerate(counts(outcomes).tolist()):
             if count:
                 self._child(self.answered_items, cascade, NAMES[code]).inc(count)
+
+    @_never_raises
+    def answered_by(self, cascade: str, names: tuple[str, ...], stages: np.ndarray) -> None:
+        """Items answered, by the stage that answered (codes index `names`)."""
+        if len(stages) == 0:
+            return
+        for code, count in enumerate(np.bincount(stages, minlength=len(names)).tolist()):
+            if count:
+                self._child(self.stage_items, cascade, names[code]).inc(count)
+
+    @_never_raises
+    def tier_calls(
+        self,
+        cascade: str,
+        names: tuple[str, ...],
+        rows: list[int],
+        seconds: list[float],
+        costs: tuple[float, ...],
+    ) -> None:
+        """One micro-batch's tier calls (N-stage cascades): latency, size and compute."""
+        for name, n, s, cost in zip(names, rows, seconds, costs, strict=True):
+            if n:
+                self._child(self.latency, cascade, name).observe(s)
+                self._child(self.batch_size, cascade, name).observe(n)
+                self._child(self.compute_units, cascade, name).inc(n * cost)
 
     def request_done(
         self, cascade: str, preprocess: float, queue: float, total: float, models: float
@@ -480,6 +574,22 @@ class Metrics:
             self.shadow_items.labels(cascade, result).inc(n)
 
     @_never_raises
+    def captured(self, cascade: str, result: str, n: int, reason: str = "") -> None:
+        """Captured items `kept`, or `dropped` for `reason` (CAPTURE_DROPS). Thread-safe: the
+        capture writer records from its own thread."""
+        if n:
+            self._child(self.capture_items, cascade, result, reason).inc(n)
+
+    @_never_raises
+    def capture_bytes(self, cascade: str, n: int) -> None:
+        self._child(self.capture_size, cascade).set(n)
+
+    @_never_raises
+    def capture_deleted(self, cascade: str, why: str, n: int) -> None:
+        if n:
+            self._child(self.capture_deletions, cascade, why).inc(n)
+
+    @_never_raises
     def savings(
         self, cascade: str, items: int, sent: int, cost_student: float, cost_teacher: float
     ) -> None:
@@ -489,6 +599,20 @@ class Metrics:
         if sent:
             self._child(self.compute_units, cascade, "teacher").inc(sent * cost_teacher)
         self._child(self.compute_units, cascade, "teacher_only").inc(items * cost_teacher)
+
+    @_never_raises
+    def cache(self, cascade: str, tier: str, hits: int, misses: int) -> None:
+        """One response cache lookup of hits + misses items (0, 0 creates the series)."""
+        self._child(self.cache_requests, cascade, tier, "hit").inc(hits)
+        self._child(self.cache_requests, cascade, tier, "miss").inc(misses)
+
+    @_never_raises
+    def cache_size(self, cascade: str, entries: int, nbytes: int, evicted: dict[str, int]) -> None:
+        """The response cache's size after a change, and its evictions by tier since the last."""
+        self._child(self.cache_entries, cascade).set(entries)
+        self._child(self.cache_bytes, cascade).set(nbytes)
+        for tier, n in evicted.items():
+            self._child(self.cache_evictions, cascade, tier).inc(n)
 
     @_never_raises
     def event_loop_tasks(self) -> None:

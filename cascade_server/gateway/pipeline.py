@@ -31,6 +31,7 @@ from .outcomes import BY_TEACHER, Outcome
 from .routing import Load, Mode, Routes, route
 from .shadow import Shadow
 from .supervise import BurstLog
+from .tiers import ChainResult
 from .tracing import RequestTrace, Tracing
 from .version import StudentVersion
 
@@ -140,18 +141,27 @@ class BatchPath:
         if probs is decision.probs:
             probs = probs.copy()  # teacher rows are written into it
         self.metrics.student_batch(self.cascade, decision.margins, student_s)
+        # Step 2b (N-stage cascades): the tiers, each on what was left unsure before it.
+        chain = None
+        if version.tiers:
+            chain = self._tiers(version, batch, logits, decision, items, probs)
         # Step 3: one routing decision per item, against the teacher's load now. From here
         # the breaker's ticket is this batch's until a teacher call holds it.
         ticket = None
         try:
-            routes, refused, ticket = self._route(version, decision, items, starts, len(jobs))
+            routes, refused, ticket = self._route(
+                version, decision, items, starts, len(jobs), chain
+            )
             shown = threshold if items is None else items.threshold
             answer = Answer(probs, decision.margins, routes.outcome, shown, student_s)
+            if chain is not None:
+                answer.stage, answer.stage_names = chain.stage, version.stage_names
+                answer.tiers_s = sum(chain.seconds)
             sent = routes.send
             if not sent.size:
                 self.teacher.release(ticket)
                 ticket = None
-            by_student = self._account(version, decision, routes, refused, items, n)
+            by_student = self._account(version, decision, routes, refused, items, n, answer)
             # Step 4: answer what is decided; refuse what the accuracy floor does not allow.
             waiting = _jobs_holding(starts, sent, len(jobs))
             if refused is not None:
@@ -164,7 +174,9 @@ class BatchPath:
             # Step 5: the teacher, in the background, for what was sent.
             feeds = version.teacher_feeds(batch.take(sent))
             spans, headers = self._teacher_spans(jobs, waiting, sent.size)
-            done = self._done(jobs, answer, starts, waits, waiting, sent, spans, decision.margins)
+            done = self._done(
+                jobs, answer, starts, waits, waiting, sent, spans, decision.margins, version
+            )
             if items is not None and np.isfinite(items.deadline).any():
                 self._fall_back_at_deadlines(jobs, answer, starts, waits, waiting, sent, items)
         except BaseException:
@@ -180,11 +192,16 @@ class BatchPath:
         items: _ItemOptions | None,
         starts: np.ndarray,
         n_jobs: int,
+        chain: ChainResult | None = None,
     ) -> tuple[Routes, np.ndarray | None, Ticket | None]:
         """(the routes, the items of requests refused by the accuracy floor or None, the
         breaker's ticket). A refused request's items are not sent: the teacher's room, scarce
-        just then, goes to the requests that will be answered."""
-        wanted = decision.delegate
+        just then, goes to the requests that will be answered. With tiers, the teacher is
+        wanted for what the last tier left unsure, least sure (by its margin) first."""
+        delegate, margins = decision.delegate, decision.margins
+        if chain is not None:
+            delegate, margins = chain.unsure, chain.margins
+        wanted = delegate
         if items is not None:
             wanted = wanted | (items.mode == _ALWAYS)
         if wanted.any():
@@ -197,7 +214,7 @@ class BatchPath:
         try:
             mode = None if items is None else items.mode
             budget = None if items is None else items.budget(time.perf_counter())
-            routes = route(decision.margins, decision.delegate, load, mode=mode, budget_s=budget)
+            routes = route(margins, delegate, load, mode=mode, budget_s=budget)
             if not routes.shed.any():
                 return routes, None, ticket
             shed_jobs = _jobs_holding(starts, np.flatnonzero(routes.shed), n_jobs)
@@ -206,8 +223,8 @@ class BatchPath:
             # items of answered requests may take the room freed (none falls below the floor:
             # its request would have been refused above).
             routes = route(
-                decision.margins,
-                decision.delegate,
+                margins,
+                delegate,
                 load,
                 mode=mode,
                 budget_s=budget,
@@ -226,6 +243,7 @@ class BatchPath:
         refused: np.ndarray | None,
         items: _ItemOptions | None,
         n: int,
+        answer: Answer,
     ) -> np.ndarray:
         """Metrics and the live window for the items answered now (refused requests' items
         are in neither: they were not served); returns which the student answers alone."""
@@ -235,6 +253,7 @@ class BatchPath:
         if kept is not None:
             settled &= kept
         self.metrics.items(self.cascade, routes.outcome[settled])
+        self.metrics.answered_by(self.cascade, answer.stage_names, answer.stages()[settled])
         calibration = version.manifest.calibration
         served = n if kept is None else int(kept.sum())
         self.metrics.savings(
@@ -258,6 +277,8 @@ class BatchPath:
         delegated = decision.delegate if routed is None else decision.delegate[routed]
         self._observe("routed", margins, int(delegated.sum()), n_forced)
         by_student: np.ndarray = settled & ~BY_TEACHER[routes.outcome]
+        if answer.stage is not None:  # a tier's answer is not the student's
+            by_student &= answer.stage == 0
         self._observe("answered", decision.margins[by_student], 0)
         return by_student
 
@@ -282,6 +303,7 @@ class BatchPath:
         sent: np.ndarray,
         spans: list[Any],
         margins: np.ndarray,
+        version: StudentVersion,
     ) -> Done:
         """What answers the waiting requests when the teacher call ends. Whatever happens in
         it, no waiting request is left without an answer."""
@@ -305,11 +327,16 @@ class BatchPath:
                         )
                         self._observe("answered", margins[sent], 0)
                     else:
-                        answer.probs[sent] = teacher_probs
                         # Rows answered by the student at their deadline stay the student's.
                         late = answer.outcome[sent] == _DEADLINE
+                        answer.probs[sent[~late]] = teacher_probs[~late]
+                        if answer.stage is not None:
+                            answer.stage[sent[~late]] = len(answer.stage_names) - 1
                         self._observe("answered", margins[sent][late], int((~late).sum()))
                     self.metrics.items(self.cascade, answer.outcome[sent])
+                    self.metrics.answered_by(
+                        self.cascade, answer.stage_names, answer.stages()[sent]
+                    )
                     _resolve(jobs, answer, starts, waits, waiting)
                     return
             except Exception as bug:
@@ -356,6 +383,26 @@ class BatchPath:
 
             handle = loop.call_later(max(deadline - now, 0.0), fall_back)
             job.future.add_done_callback(lambda _f, h=handle: h.cancel())
+
+    def _tiers(
+        self,
+        version: StudentVersion,
+        batch: Batch,
+        logits: np.ndarray,
+        decision: Decision,
+        items: _ItemOptions | None,
+        probs: np.ndarray,
+    ) -> ChainResult:
+        """The tiers on what the student left unsure, for requests the policy routes (a
+        request's `delegate: always` goes straight to the teacher, `never` stays with the
+        student)."""
+        unsure = decision.delegate if items is None else decision.delegate & (items.mode == _AUTO)
+        chain = version.tiers.run(
+            batch.tensors, logits, decision.margins, unsure, probs, version.tier_thresholds()
+        )
+        costs = tuple(t.cost for t in version.manifest.tiers)
+        self.metrics.tier_calls(self.cascade, version.tiers.names, chain.ran, chain.seconds, costs)
+        return chain
 
     def _observe(self, what: str, margins: np.ndarray, *counts: int) -> None:
         if self.observer is None:

@@ -61,6 +61,9 @@ class StageTimings(BaseModel):
     student: float = Field(description="the student call that served this request's batch, ms")
     teacher: float = Field(description="the teacher call, 0 when nothing was delegated, ms")
     total: float = Field(description="the whole request inside the gateway, ms")
+    tiers: float | None = Field(
+        default=None, description="N-stage cascades: the tier calls of this request's batch, ms"
+    )
 
 
 class Prediction(BaseModel):
@@ -75,7 +78,10 @@ class Prediction(BaseModel):
         "gave one)"
     )
     delegated: bool = Field(description="the policy wanted the teacher for this input")
-    answered_by: str = Field(description="student | teacher")
+    answered_by: str = Field(
+        description="the stage whose answer this is: student | teacher, or a tier's name in an "
+        "N-stage cascade"
+    )
     outcome: str = Field(
         description="why: confident | delegated | forced_teacher | forced_student | "
         "teacher_failed | circuit_open | teacher_busy | deadline"

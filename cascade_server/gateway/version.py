@@ -16,6 +16,7 @@ from ..preprocess import Batch, ImagePreprocessor, Preprocessor, TextPreprocesso
 from .control import ThresholdStore
 from .stores import ControlStore
 from .student import OnnxStudent, Student
+from .tiers import LocalTier, TierChain
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,23 @@ class StudentVersion:
             device=config.student.device,
             threads=config.student.threads,
         )
+        for ref in m.tiers:
+            if ref.runtime != "onnx":
+                raise ValueError(
+                    f"bundle {bundle.path}: tier {ref.name} runs on {ref.runtime}; this gateway "
+                    "serves tiers on ONNX Runtime (the teacher is the one Triton stage)"
+                )
+        self.tiers = TierChain(
+            [LocalTier(bundle, ref, config.student, len(m.classes)) for ref in m.tiers]
+        )
+        self.stage_names = bundle.stage_names
         self.thresholds = ThresholdStore(
             store,
             m.name,
             default_threshold=m.default_threshold,
             calibration=m.calibration,
             student_version=m.version,
+            frontier=m.frontier,
         )
         teacher_version = m.teacher.model_version or "latest"
         self.versions = {
@@ -89,9 +101,11 @@ class StudentVersion:
                 f"{self.bundle.student_path} has {logits.shape[1]} outputs; the manifest says "
                 f"{self.manifest.student_outputs}"
             )
+        self.tiers.setup(batch.tensors, logits)
 
     def close(self) -> None:
         self.student.close()
+        self.tiers.close()
 
     def feeds(self, batch: Batch) -> dict[str, np.ndarray]:
         if self.manifest.modality == "image":
@@ -108,6 +122,18 @@ class StudentVersion:
     def threshold(self) -> float:
         value: float = self.thresholds.current().threshold
         return value
+
+    def tier_thresholds(self) -> tuple[float, ...]:
+        """Each tier's threshold: the policy's when it set every stage's (a target accuracy or
+        cost budget on the frontier), else the bundle's calibrated ones."""
+        chosen = self.thresholds.current().tier_thresholds
+        if chosen is not None and len(chosen) == len(self.tiers):
+            return chosen
+        return self._tier_defaults
+
+    @property
+    def _tier_defaults(self) -> tuple[float, ...]:
+        return tuple(t.threshold for t in self.manifest.tiers)
 
     def check_replaces(self, current: StudentVersion) -> None:
         """A new version must be the same cascade: same name, modality, classes and teacher."""

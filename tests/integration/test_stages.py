@@ -1,0 +1,227 @@
+"""N-stage cascades from one bundle: the demo's MLP student, its CNN teacher's graph as a tier in
+the gateway ("cnn"), and the (fake) teacher last. Real ONNX Runtime sessions for both local
+stages; the tier's session records what it was given."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from cascade_server.gateway import tiers as tiers_module
+from cascade_server.gateway.app import create_app
+from cascade_server.gateway.student import OnnxStudent
+from cascade_server.policy import softmax, top2_margin
+from cascade_server.settings import Settings
+
+from ..conftest import b64, png_bytes, three_stage_bundle, tier_logits
+from .conftest import AUTH, TOKEN, FakeTeacher
+from .test_predict import metric
+
+TIER_THRESHOLD = 0.99
+
+
+class Recording(OnnxStudent):
+    """A real tier session that keeps every batch it ran on."""
+
+    seen: ClassVar[list[np.ndarray]] = []
+
+    def predict(self, feeds):
+        Recording.seen.append(feeds["input"].copy())
+        return super().predict(feeds)
+
+
+@pytest.fixture(scope="module")
+def bundle(demo, tmp_path_factory):
+    return three_stage_bundle(demo, tmp_path_factory.mktemp("stages"), TIER_THRESHOLD)
+
+
+@pytest.fixture
+def stages(bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr(tiers_module, "OnnxStudent", Recording)
+    Recording.seen = []
+    teacher = FakeTeacher(answer=3)
+    settings = Settings(
+        bundles=[bundle.path],
+        state_dir=tmp_path / "state",
+        admin_token=TOKEN,
+        overrides={"enabled": True, "allow_always": True},
+    )
+    app = create_app(settings, teacher_factory=lambda s, b: teacher)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        Recording.seen = []  # the warm-up's row is not traffic
+        yield client, teacher
+
+
+def _inputs(demo, idx) -> dict:
+    return {"inputs": [{"image": b64(png_bytes(demo.images[i]))} for i in idx]}
+
+
+def _mix(bundle, demo, n: int = 20) -> list[int]:
+    """Up to n images each for the student, the tier and the teacher, interleaved."""
+    who, _, _ = _expected(bundle, demo, list(range(len(demo.images))))
+    groups = [np.flatnonzero(who == w)[:n] for w in ("student", "cnn", "teacher")]
+    assert all(len(g) >= 3 for g in groups), "the demo data needs all three stages"
+    return sorted(int(i) for g in groups for i in g)
+
+
+def _expected(bundle, demo, idx):
+    """Who should answer each image, from the stages' own logits outside the gateway."""
+    logits = tier_logits(bundle, demo.images[idx])
+    student_m = top2_margin(softmax(logits["student"]))
+    cnn_p = softmax(logits["cnn"])
+    cnn_m = top2_margin(cnn_p)
+    threshold = bundle.manifest.default_threshold
+    who = np.where(
+        student_m >= threshold, "student", np.where(cnn_m >= TIER_THRESHOLD, "cnn", "teacher")
+    )
+    return who, student_m, cnn_p
+
+
+def test_each_stage_sees_only_what_was_left_unsure_before_it(stages, bundle, demo):
+    client, teacher = stages
+    idx = _mix(bundle, demo)
+    who, student_m, cnn_p = _expected(bundle, demo, idx)
+    assert {"student", "cnn", "teacher"} <= set(who), "the sample needs all three stages"
+    r = client.post("/predict", json=_inputs(demo, idx))
+    assert r.status_code == 200, r.text
+    answers = r.json()["outputs"]
+    # Answers in request order, each by the stage the margins say.
+    assert [a["answered_by"] for a in answers] == who.tolist()
+    # The tier ran once for this batch, on exactly the rows the student was unsure of.
+    assert len(Recording.seen) == 1
+    assert len(Recording.seen[0]) == int((who != "student").sum())
+    # The teacher got exactly the rows the tier was unsure of.
+    assert sum(teacher.calls) == int((who == "teacher").sum())
+    for a, w, p, m in zip(answers, who, cnn_p, student_m, strict=True):
+        assert a["margin"] == pytest.approx(m, abs=1e-5)  # the student's margin, always
+        if w == "cnn":  # the tier's own probabilities
+            assert a["class_id"] == int(p.argmax())
+            assert a["top_k"][0]["probability"] == pytest.approx(p.max(), abs=1e-5)
+            assert a["outcome"] == "confident" and not a["delegated"]
+        elif w == "teacher":
+            assert a["class_id"] == 3 and a["outcome"] == "delegated"
+        assert "tiers" in a["timings_ms"]
+
+
+def test_an_item_the_student_is_sure_of_never_runs_the_tier(stages, bundle, demo):
+    client, teacher = stages
+    who, _, _ = _expected(bundle, demo, list(range(200)))
+    easy = [i for i, w in enumerate(who) if w == "student"][:5]
+    r = client.post("/predict", json=_inputs(demo, easy))
+    assert r.status_code == 200
+    assert {a["answered_by"] for a in r.json()["outputs"]} == {"student"}
+    assert Recording.seen == [] and teacher.calls == []
+
+
+def test_busy_or_failing_teacher_leaves_the_tiers_answer(stages, bundle, demo):
+    client, teacher = stages
+    idx = _mix(bundle, demo)
+    who, _, cnn_p = _expected(bundle, demo, idx)
+    hard = [i for i, w in zip(idx, who, strict=True) if w == "teacher"][:3]
+    teacher.fail = "unavailable"
+    r = client.post("/predict", json=_inputs(demo, hard))
+    assert r.status_code == 200
+    for a, i in zip(r.json()["outputs"], hard, strict=True):
+        assert a["answered_by"] == "cnn" and a["degraded"]
+        assert a["outcome"] == "teacher_failed"
+        assert a["class_id"] == int(cnn_p[idx.index(i)].argmax())
+
+
+def test_request_options_bypass_the_tiers(stages, bundle, demo):
+    client, _ = stages
+    who, _, _ = _expected(bundle, demo, list(range(200)))
+    unsure = [i for i, w in enumerate(who) if w != "student"][:2]
+    never = client.post("/predict", json={**_inputs(demo, unsure), "delegate": "never"})
+    assert {a["answered_by"] for a in never.json()["outputs"]} == {"student"}
+    always = client.post("/predict", json={**_inputs(demo, unsure), "delegate": "always"})
+    assert {a["answered_by"] for a in always.json()["outputs"]} == {"teacher"}
+    assert Recording.seen == []
+
+
+def test_metrics_name_the_stage_that_answered(stages, bundle, demo):
+    client, _ = stages
+    idx = _mix(bundle, demo)
+    who, _, _ = _expected(bundle, demo, idx)
+    client.post("/predict", json=_inputs(demo, idx))
+    for stage in ("student", "cnn", "teacher"):
+        got = metric(client, "cascade_stage_items_total", cascade="digits", stage=stage)
+        assert got == int((who == stage).sum()), stage
+    assert metric(client, "cascade_stage_seconds_count", cascade="digits", stage="cnn") == 1
+    assert metric(client, "cascade_batch_size_sum", cascade="digits", model="cnn") == int(
+        (who != "student").sum()
+    )
+    assert metric(client, "cascade_compute_units_total", cascade="digits", tier="cnn") == (
+        pytest.approx(0.5 * int((who != "student").sum()))
+    )
+
+
+def test_open_inference_outputs_name_the_stage(stages, bundle, demo):
+    client, _ = stages
+    idx = _mix(bundle, demo, 10)
+    who, _, _ = _expected(bundle, demo, idx)
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "BYTES",
+                "shape": [len(idx)],
+                "data": [b64(png_bytes(demo.images[i])) for i in idx],
+                "parameters": {"content_type": "base64"},
+            }
+        ],
+        "outputs": [{"name": "answered_by"}],
+    }
+    r = client.post("/v2/models/digits/infer", json=body)
+    assert r.status_code == 200, r.text
+    (out,) = r.json()["outputs"]
+    assert out["data"] == who.tolist()
+
+
+def test_two_stage_bundles_answer_as_before(gateway, demo):
+    """The demo bundle (no tiers): who answers and the fields are what they always were."""
+    with gateway() as (client, teacher):
+        r = client.post("/predict", json=_inputs(demo, range(60)))
+        text = client.get("/metrics").text
+    answers = r.json()["outputs"]
+    assert {a["answered_by"] for a in answers} <= {"student", "teacher"}
+    assert all("tiers" not in a["timings_ms"] for a in answers)
+    by_teacher = sum(a["answered_by"] == "teacher" for a in answers)
+    assert sum(teacher.calls) == by_teacher
+    line = f'cascade_stage_items_total{{cascade="digits",stage="teacher"}} {by_teacher:.1f}'
+    assert line in text
+
+
+def test_a_target_accuracy_sets_every_stages_threshold(demo, tmp_path):
+    from cascade_server.bundle import Frontier, FrontierRow
+
+    rows = (
+        FrontierRow(
+            thresholds=(0.2, 0.5),
+            answered=(0.8, 0.15, 0.05),
+            cascade_accuracy=0.9,
+            expected_cost=0.2,
+        ),
+        FrontierRow(
+            thresholds=(0.6, 0.9),
+            answered=(0.6, 0.25, 0.15),
+            cascade_accuracy=0.95,
+            expected_cost=0.4,
+        ),
+    )
+    bundle = three_stage_bundle(demo, tmp_path, frontier=Frontier(split="val", n=100, rows=rows))
+    settings = Settings(bundles=[bundle.path], state_dir=tmp_path / "state", admin_token=TOKEN)
+    app = create_app(settings, teacher_factory=lambda s, b: FakeTeacher())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.put("/admin/threshold", json={"target_accuracy": 0.93}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert r.json()["mode"] == "target_accuracy"
+        assert r.json()["threshold"] == 0.6 and r.json()["tier_thresholds"] == [0.9]
+        r = client.put("/admin/threshold", json={"cost_budget": 0.3}, headers=AUTH)
+        assert r.json()["threshold"] == 0.2 and r.json()["tier_thresholds"] == [0.5]
+        r = client.put("/admin/threshold", json={"target_accuracy": 0.99}, headers=AUTH)
+        assert r.status_code == 422 and "best 0.9500" in r.json()["error"]["message"]
+        r = client.put("/admin/threshold", json={"cost_budget": 0.1}, headers=AUTH)
+        assert r.status_code == 422 and "cheapest" in r.json()["error"]["message"]
