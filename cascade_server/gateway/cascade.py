@@ -20,6 +20,8 @@ from ..config.cascade import CascadeConfig
 from ..preprocess import Preprocessor
 from .answers import Answer, Predictions
 from .batcher import MicroBatcher
+from .cache import ResponseCache
+from .capture import Capture
 from .control import ThresholdStore
 from .controller import Controller
 from .delegation import TeacherStage
@@ -68,6 +70,9 @@ class Cascade:
         self.shadow = Shadow(m.name, config.shadow, self.teacher, self.controller.window, metrics)
         self.controller.window.stratified = self.shadow.enabled
         self.controller.reset(self.active.version)
+        self.cache = ResponseCache(config.cache, metrics, m.name)
+        self.capture = Capture(m.name, config.capture, metrics, m.modality, tuple(m.classes))
+        self.shadow.capture = self.capture if self.capture.enabled else None
         self.path = BatchPath(
             m.name,
             len(m.classes),
@@ -79,6 +84,8 @@ class Cascade:
             observer=self.controller.window,
             shadow=self.shadow if self.shadow.enabled else None,
             accuracy_floor=config.load.accuracy_floor,
+            cache=self.cache,
+            capture=self.capture,
         )
         self.batcher: MicroBatcher[Work, Answer] = MicroBatcher(
             self.path, config.batching, name=f"{m.name}-batcher"
@@ -132,6 +139,7 @@ class Cascade:
         self.metrics.prime(self.name, self.active.stage_names)
         self.threshold()
         self.batcher.start()
+        self.capture.start()
         # A version rolled out earlier (through any worker) survives restarts; one that can no
         # longer be loaded is reported, and the configured bundle serves.
         await self.students.follow()
@@ -162,6 +170,7 @@ class Cascade:
         await self.shadow.close()
         await self._watch.stop()
         await self.batcher.close()
+        await self.capture.close()  # what the last answers queued is written first
         await self.teacher.close()
         self.students.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)

@@ -24,7 +24,10 @@ from ..preprocess import Batch
 from .answers import Answer
 from .batcher import Job
 from .breaker import Ticket
+from .cache import ResponseCache
+from .capture import Capture
 from .delegation import Done, TeacherStage
+from .keeper import Keeper, Kept
 from .metrics import Metrics
 from .options import RequestOptions
 from .outcomes import BY_TEACHER, Outcome
@@ -76,6 +79,8 @@ class BatchPath:
         observer: BatchObserver | None = None,
         shadow: Shadow | None = None,
         accuracy_floor: float | None = None,
+        cache: ResponseCache | None = None,
+        capture: Capture | None = None,
     ) -> None:
         self.tracing = tracing
         self.cascade = cascade
@@ -87,6 +92,7 @@ class BatchPath:
         self.observer = observer
         self.shadow = shadow
         self.accuracy_floor = accuracy_floor
+        self.keeper = Keeper(cache, capture)
         self._floors: dict[StudentVersion, float] = {}  # the floor as a threshold, per version
         self._observer_failures = BurstLog(logger=log)
 
@@ -120,9 +126,10 @@ class BatchPath:
         batch = Batch.concat([w.batch for w in payloads])
         n = len(batch)
         starts = np.cumsum([0] + [job.size for job in jobs])
-        # Step 1: the student.
+        # Step 1: the student (what the response cache does not hold already).
+        keys = self.keeper.keys(batch)
         t0, t0_ns = time.perf_counter(), time.time_ns()
-        logits = version.student.predict(version.feeds(batch))
+        logits = self.keeper.student(version, batch, keys)
         student_s = time.perf_counter() - t0
         tracing = self.tracing is not None and self.tracing.enabled
         traced = [w.trace for w in payloads if w.trace is not None] if tracing else None
@@ -157,6 +164,10 @@ class BatchPath:
             if chain is not None:
                 answer.stage, answer.stage_names = chain.stage, version.stage_names
                 answer.tiers_s = sum(chain.seconds)
+            if keys is not None and routes.send.size:  # teacher answers held by the cache
+                held = self.keeper.teacher_hits(version, routes, answer, keys)
+                if held:
+                    self._observe("answered", answer.margins[:0], held)
             sent = routes.send
             if not sent.size:
                 self.teacher.release(ticket)
@@ -172,10 +183,12 @@ class BatchPath:
             if not sent.size:
                 return
             # Step 5: the teacher, in the background, for what was sent.
-            feeds = version.teacher_feeds(batch.take(sent))
+            taken = batch.take(sent)
+            feeds = version.teacher_feeds(taken)
             spans, headers = self._teacher_spans(jobs, waiting, sent.size)
+            keep = self.keeper.kept(taken, answer, sent, keys)
             done = self._done(
-                jobs, answer, starts, waits, waiting, sent, spans, decision.margins, version
+                jobs, answer, starts, waits, waiting, sent, spans, decision.margins, version, keep
             )
             if items is not None and np.isfinite(items.deadline).any():
                 self._fall_back_at_deadlines(jobs, answer, starts, waits, waiting, sent, items)
@@ -304,6 +317,7 @@ class BatchPath:
         spans: list[Any],
         margins: np.ndarray,
         version: StudentVersion,
+        keep: Kept,
     ) -> Done:
         """What answers the waiting requests when the teacher call ends. Whatever happens in
         it, no waiting request is left without an answer."""
@@ -333,6 +347,7 @@ class BatchPath:
                         if answer.stage is not None:
                             answer.stage[sent[~late]] = len(answer.stage_names) - 1
                         self._observe("answered", margins[sent][late], int((~late).sum()))
+                        self.keeper.keep(version, keep, ~late, teacher_probs, margins[sent])
                     self.metrics.items(self.cascade, answer.outcome[sent])
                     self.metrics.answered_by(
                         self.cascade, answer.stage_names, answer.stages()[sent]

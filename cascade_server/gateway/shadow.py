@@ -21,8 +21,10 @@ import numpy as np
 
 from ..config.delegation import ShadowConfig
 from ..errors import TeacherUnavailable
+from ..policy import softmax
 from ..preprocess import Batch
 from .breaker import State
+from .capture import Capture
 from .delegation import TeacherStage
 from .metrics import Metrics
 from .supervise import BurstLog
@@ -37,6 +39,10 @@ class _Sample:
     feeds: dict[str, np.ndarray]
     margins: np.ndarray
     classes: np.ndarray  # the student's answers
+    # For the capture (when on): the canonical inputs, the student's probabilities, versions.
+    tensors: dict[str, np.ndarray] | None = None
+    probs: np.ndarray | None = None
+    versions: tuple[str, str] = ("", "")
 
 
 class Shadow:
@@ -62,6 +68,7 @@ class Shadow:
         self._calls: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._failures = BurstLog(logger=log)
+        self.capture: Capture | None = None  # samples the teacher answered are offered to it
 
     @property
     def enabled(self) -> bool:
@@ -102,9 +109,11 @@ class Shadow:
         if self._queued + picked.size > self.config.queue:
             self.metrics.shadowed(self.cascade, "dropped", int(picked.size))
             return
-        sample = _Sample(
-            version.teacher_feeds(batch.take(picked)), margins[picked], probs[picked].argmax(1)
-        )
+        tensors = batch.take(picked)
+        sample = _Sample(version.teacher_feeds(tensors), margins[picked], probs[picked].argmax(1))
+        if self.capture is not None:
+            sample.tensors, sample.probs = tensors, probs[picked]
+            sample.versions = (version.version, version.versions["teacher"])
         self._queue.append(sample)
         self._queued += picked.size
         self._wake.set()
@@ -151,11 +160,22 @@ class Shadow:
         if len(parts) == 1:
             return parts[0]
         feeds = {k: np.concatenate([p.feeds[k] for p in parts]) for k in parts[0].feeds}
-        return _Sample(
+        merged = _Sample(
             feeds,
             np.concatenate([p.margins for p in parts]),
             np.concatenate([p.classes for p in parts]),
         )
+        first = parts[0]
+        if first.tensors is not None and all(
+            p.tensors is not None and p.versions == first.versions for p in parts
+        ):
+            merged.tensors = {
+                k: np.concatenate([p.tensors[k] for p in parts if p.tensors is not None])
+                for k in first.tensors
+            }
+            merged.probs = np.concatenate([p.probs for p in parts if p.probs is not None])
+            merged.versions = first.versions
+        return merged
 
     async def _call(self, sample: _Sample) -> None:
         n = sample.margins.size
@@ -170,6 +190,20 @@ class Shadow:
             self._failures("cascade %s: a shadow call failed: %s", self.cascade, exc)
             return
         agrees = np.asarray(logits).argmax(1) == sample.classes
+        if self.capture is not None and sample.tensors is not None and sample.probs is not None:
+            try:
+                teacher_probs = softmax(np.asarray(logits))
+            except ValueError:  # non-finite: nothing worth keeping
+                teacher_probs = None
+            if teacher_probs is not None:
+                self.capture.offer(
+                    sample.tensors,
+                    teacher_probs,
+                    sample.probs,
+                    sample.margins,
+                    "shadow",
+                    *sample.versions,
+                )
         self.window.shadowed(sample.margins, agrees)
         self.metrics.shadowed(self.cascade, "agree", int(agrees.sum()))
         self.metrics.shadowed(self.cascade, "disagree", int((~agrees).sum()))

@@ -169,9 +169,27 @@ def distill(
         ),
     ] = None,
     sets: SetOpt = None,
+    capture: Annotated[
+        Path | None,
+        typer.Option(
+            help="also distil from captured traffic: the gateway's CASCADE_CAPTURE__DIRECTORY "
+            "(shards under DIR/<cascade>/), then calibrate on val + the held-back part",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
+    capture_holdout: Annotated[
+        float, typer.Option(min=0, max=0.9, help="share of captured items held back to calibrate")
+    ] = 0.2,
+    capture_repeat: Annotated[
+        int, typer.Option(min=1, help="each captured training item counts this many times")
+    ] = 1,
 ) -> None:
-    """Train a student from the run's teacher."""
+    """Train a student from the run's teacher (and captured traffic, with --capture)."""
+    from .capture_data import load_capture
+    from .capture_data import summary as capture_summary
     from .engine import init_distributed
+    from .stages import calibrate as calibrate_stage
     from .stages import distill as distill_stage
     from .stages import prepare
     from .teachers import load_teacher
@@ -182,13 +200,20 @@ def distill(
     cfg = override(cfg, [f"method.params.{p}" for p in params or []])
     init_distributed(cfg.device)
     prep = prepare(cfg, run)
+    mix = None
+    if capture is not None:  # checked before anything is written
+        mix = load_capture(capture, prep, holdout=capture_holdout, repeat=capture_repeat)
     if _is_rank0():
         (run / RunDir.CONFIG).write_text(dump_config(cfg))
     needs_teacher = METHODS.get(cfg.method.name).needs_teacher
     distill_stage(
         prep, run, load_teacher(run, cfg.device) if needs_teacher else None,
-        progress=ctx.obj.progress,
+        progress=ctx.obj.progress, capture=mix,
     )  # fmt: skip
+    if mix is not None and _is_rank0():  # the last calibration was another student's
+        cal = calibrate_stage(prep, run)
+        print(json.dumps({"threshold": cal.threshold, "split": cal.split, "n": cal.n,
+                          "capture": capture_summary(mix.info)}))  # fmt: skip
 
 
 @app.command()
@@ -220,13 +245,13 @@ def calibrate(
 @app.command()
 def evaluate(
     runs: Annotated[list[Path], typer.Argument(help="run directories to compare on one plot")],
-    out: Annotated[Path, typer.Option(help="directory for curves.json and curves.png")] = Path(
-        "evaluation"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="directory for curves.json, curves.png and frontier.png")
+    ] = Path("evaluation"),
 ) -> None:
-    """Accuracy-vs-delegation curves (JSON + PNG) and summaries."""
+    """Accuracy-vs-delegation curves, the accuracy-vs-cost frontier (JSON + PNG) and summaries."""
     from .stages import evaluate as evaluate_stage
-    from .stages import plot, prepare
+    from .stages import plot, plot_frontier, prepare
 
     curves = {}
     for run in runs:
@@ -235,6 +260,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     (out / "curves.json").write_text(json.dumps(curves, indent=2))
     plot(curves, out / "curves.png")
+    plot_frontier(curves, out / "frontier.png")
     for name, ev in curves.items():
         print(name, json.dumps(ev["summary"]))
 
@@ -244,14 +270,100 @@ def export(
     run: RunArg,
     bundles: BundlesOpt = Path("bundles"),
     repository: RepositoryOpt = Path("model_repository"),
+    sets: SetOpt = None,
 ) -> None:
-    """The cascade bundle and the teacher's Triton model entry."""
+    """The cascade bundle and the teacher's Triton model entry (an anytime student's stages as
+    tiers, or as one graph with --set export.anytime=graph)."""
     from .stages import export as export_stage
     from .stages import prepare
 
-    cfg = _from_run(run)
+    cfg = _from_run(run, sets)
     bundle = export_stage(prepare(cfg, run), run, bundles=bundles, repository=repository)
     print(f"bundle: {bundle.path}  threshold: {bundle.manifest.default_threshold:.4f}")
+
+
+@app.command()
+def publish(
+    bundle: Annotated[
+        Path,
+        typer.Argument(help="the bundle to serve (read here: version, cascade)", file_okay=False),
+    ],
+    gateway: Annotated[str, typer.Option(help="the gateway's URL, e.g. http://127.0.0.1:8000")],
+    cascade: Annotated[str | None, typer.Option(help="default: the bundle's name")] = None,
+    path_on_gateway: Annotated[
+        str | None, typer.Option(help="BUNDLE as the gateway sees it (default: its absolute path)")
+    ] = None,
+    timeout: Annotated[float, typer.Option(min=0.1, help="seconds for the whole rollout")] = 60.0,
+) -> None:
+    """Hot-swap a running gateway's student to BUNDLE (PUT /admin/student, the token from
+    CASCADE_ADMIN_TOKEN) and wait until it serves it; prints the new and previous version."""
+    from .publish import command
+
+    code = command(
+        bundle, gateway, cascade=cascade, path_on_gateway=path_on_gateway, timeout_s=timeout
+    )
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def compose(
+    student: Annotated[
+        Path, typer.Argument(help="the bundle whose student is stage 0", file_okay=False)
+    ],
+    tier: Annotated[
+        list[Path],
+        typer.Option(
+            metavar="BUNDLE",
+            help="a bundle of the same cascade whose student is the next stage (repeat)",
+        ),
+    ],
+    data: Annotated[
+        Path, typer.Option(help="the run directory or experiment YAML of the validation split")
+    ],
+    out: Annotated[Path, typer.Option(help="the new bundle's directory")],
+    tier_name: Annotated[
+        list[str] | None,
+        typer.Option(metavar="NAME", help="per --tier (default: its student's arch)"),
+    ] = None,
+    tier_cost: Annotated[
+        list[float] | None,
+        typer.Option(metavar="COST", help="per --tier, relative to the teacher (default: MACs)"),
+    ] = None,
+    target_accuracy: Annotated[
+        float | None, typer.Option(min=0, max=1, help="cheapest setting reaching this accuracy")
+    ] = None,
+    cost_budget: Annotated[
+        float | None, typer.Option(min=0, help="most accurate setting within this cost per item")
+    ] = None,
+    repository: RepositoryOpt = Path("model_repository"),
+    version: Annotated[str | None, typer.Option(help="default: <student's>-<tier names>")] = None,
+    force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    sets: SetOpt = None,
+) -> None:
+    """An N-stage cascade from bundles: every threshold from the frontier on the validation
+    split (default target: the teacher's accuracy alone minus 0.5 pt)."""
+    from ..bundle import Bundle
+    from .stages import TierSource, compose_data
+    from .stages import compose as compose_stage
+
+    names, costs = tier_name or [], tier_cost or []
+    for given, what in ((names, "--tier-name"), (costs, "--tier-cost")):
+        if given and len(given) != len(tier):
+            raise typer.BadParameter(f"give {what} once per --tier or not at all")
+    sources = [
+        TierSource(path, names[i] if names else None, costs[i] if costs else None)
+        for i, path in enumerate(tier)
+    ]
+    prep = compose_data(data, sets or [], Bundle.load(student))
+    bundle = compose_stage(
+        student, sources, prep, repository=repository, out=out,
+        target_accuracy=target_accuracy, cost_budget=cost_budget, version=version, force=force,
+    )  # fmt: skip
+    m = bundle.manifest
+    thresholds = [m.default_threshold, *(t.threshold for t in m.tiers)]
+    shown = ", ".join(f"{n} {t:.4f}" for n, t in zip(bundle.stage_names, thresholds, strict=False))
+    print(f"bundle: {bundle.path}  thresholds: {shown}")
 
 
 @app.command()

@@ -107,6 +107,10 @@ class ExportConfig(_Section):
     version: str | None = None  # default: <name>-<method>-<data fingerprint>-s<seed>
     teacher_name: str | None = None  # Triton model name; default <name>_teacher
     max_batch_size: int = 64
+    # Anytime students (B-DISTIL): `tiers` serves member 1 as the student and each later member
+    # as a tier of an N-stage cascade (its graph adds its logits to the previous stage's);
+    # `graph` exports the whole ensemble as one graph with every stage as an output.
+    anytime: Literal["tiers", "graph"] = "tiers"
 
 
 class ExperimentConfig(_Section):

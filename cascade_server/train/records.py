@@ -8,6 +8,7 @@ fields, not dictionary keys.
     teacher_logits.npz    the teacher's logits per split (keyed by data and teacher file)
     student.pt + .json    the distilled student (StudentMeta)
     calibration.json, stages.json, evaluation.json
+    capture.json + capture_holdout.npz   a student distilled with capture (capture_data.py)
     *.ckpt                per-epoch checkpoints (resume)
 """
 
@@ -138,6 +139,8 @@ class Record(_Record):
     student: StudentSummary | None = None
     calibration: CalibrationSummary | None = None
     evaluation: dict[str, Any] | None = None
+    # The captured items the student was distilled with too (train/capture_data.py).
+    capture: dict[str, Any] | None = None
 
     def cost_ratio(self) -> float:
         """Student MACs per teacher MAC (0 when either is unknown, e.g. an ONNX teacher)."""

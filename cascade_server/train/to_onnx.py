@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,15 @@ class TextExport(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         return self.model(input_ids * attention_mask)
+
+
+class TextExportWithPrev(TextExport):
+    """A text tier that also takes the previous stage's logits (one further float input)."""
+
+    def forward(  # type: ignore[override]
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prev: torch.Tensor
+    ):
+        return self.model(input_ids * attention_mask, prev)
 
 
 def _examples(in_shape, modality: str, batch: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -44,11 +54,13 @@ def export_onnx(
     modality: str = "image",
     input_name: str = "input",
     output_name: str | list[str] = "logits",
+    extra_inputs: Sequence[tuple[str, int]] = (),
     check_atol: float = 1e-4,
 ) -> Path:
     """ONNX with a dynamic batch axis, checked against PyTorch with ONNX Runtime. A model that
     returns a tuple gets one output per element (`output_name` a list). Text models take
-    `input_ids` and `attention_mask` (int64, batch x max_length)."""
+    `input_ids` and `attention_mask` (int64, batch x max_length). `extra_inputs`: further
+    float32 (batch, width) inputs after those, by name and width (a tier's previous logits)."""
     import onnx
     import onnxruntime as ort
 
@@ -57,8 +69,23 @@ def export_onnx(
     names = [output_name] if isinstance(output_name, str) else list(output_name)
     # A copy: the caller's model may live on a GPU and keep training or serving there.
     model = copy.deepcopy(model).cpu().eval()
-    wrapped = TextExport(model) if modality == "text" else model
-    inputs = list(TEXT_INPUTS) if modality == "text" else [input_name]
+    if modality == "text" and len(extra_inputs) > 1:
+        raise ValueError("a text graph takes at most one input besides the tokens")
+    wrapped = (
+        (TextExportWithPrev(model) if extra_inputs else TextExport(model))
+        if modality == "text"
+        else model
+    )
+    inputs = [
+        *(TEXT_INPUTS if modality == "text" else (input_name,)),
+        *(n for n, _ in extra_inputs),
+    ]
+
+    def examples(batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+        gen = torch.Generator().manual_seed(seed + 1000)
+        extra = tuple(torch.randn(batch, width, generator=gen) for _, width in extra_inputs)
+        return (*_examples(in_shape, modality, batch, seed), *extra)
+
     batch = torch.export.Dim("batch", min=1, max=4096)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +98,7 @@ def export_onnx(
             warnings.simplefilter("ignore", UserWarning)
             torch.onnx.export(
                 wrapped,
-                _examples(in_shape, modality, 2, 0),
+                examples(2, 0),
                 str(raw),
                 input_names=inputs,
                 output_names=names,
@@ -86,7 +113,7 @@ def export_onnx(
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (1, 5):
-        example = _examples(in_shape, modality, n, n)
+        example = examples(n, n)
         with torch.no_grad():
             expected = wrapped(*example)
         expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)

@@ -166,6 +166,8 @@ def test_bdistil_bundle_carries_its_stages_and_serves(tmp_path):
         "--run-dir",
         tmp_path / "run",
         *QUICK,
+        "--set",
+        "export.anytime=graph",  # one graph, every stage an output (tiers: test_anytime.py)
         "--export",
         "--bundles",
         tmp_path / "b",

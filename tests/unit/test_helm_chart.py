@@ -143,3 +143,23 @@ def test_bad_values_are_refused_with_the_key():
         render({"gateway": {"env": {"PATH": "/tmp"}}})
     with pytest.raises(helm.HelmError, match="drainS"):
         render({"gateway": {"drainS": 30, "terminationGracePeriodSeconds": 30}})
+
+
+def test_capture_is_off_by_default_and_enabled_writes_to_its_own_volume():
+    objects = render()
+    assert "CASCADE_CAPTURE__DIRECTORY" not in env_of(objects, "rel-cascade-gateway")
+    assert ("PersistentVolumeClaim", "rel-cascade-capture") not in objects
+    objects = render({"gateway": {"capture": {"enabled": True, "fraction": 0.5}}})
+    env = env_of(objects, "rel-cascade-gateway")
+    assert env["CASCADE_CAPTURE__DIRECTORY"]["value"] == "/capture"
+    assert env["CASCADE_CAPTURE__FRACTION"]["value"] == "0.5"
+    assert env["CASCADE_CAPTURE__MAX_BYTES"]["value"] == "1073741824"
+    pod = objects[("Deployment", "rel-cascade-gateway")]["spec"]["template"]["spec"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "capture"]
+    assert mount["mountPath"] == "/capture" and not mount.get("readOnly")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "capture"]
+    assert volume["persistentVolumeClaim"]["claimName"] == "rel-cascade-capture"
+    claim = objects[("PersistentVolumeClaim", "rel-cascade-capture")]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    with pytest.raises(Exception, match="fraction"):
+        render({"gateway": {"capture": {"enabled": True, "fraction": 2}}})

@@ -1,5 +1,6 @@
 """Calibration: the threshold table (threshold -> delegation rate -> cascade accuracy ->
-expected cost) measured on the held-out split with the gateway's own decision function, the
+expected cost) measured on the held-out split (plus the captured items held back, for a student
+distilled with capture) with the gateway's own decision function, the
 threshold for a target delegation rate or accuracy, per-stage thresholds for anytime students;
 and the `calibrate` stage that writes them into the run directory."""
 
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ...bundle import Calibration, CalibrationRow, StudentStage
+from ...bundle import Calibration, CalibrationRow, FrontierRow, StudentStage
 from ...policy import decide
+from ..capture_data import Captured, load_holdout
+from ..methods import Ensemble
 from ..records import CalibrationSummary, OutputPolicy, RunDir
-from .distill import Pair, pair_logits
+from .distill import Pair, PairLogits, pair_logits, stage_logits, student_logits
 from .prepare import Prepared
 
 PLAIN = OutputPolicy()
@@ -114,6 +117,33 @@ def calibrate_logits(
     return calibration.model_copy(update={"threshold": threshold})
 
 
+def student_calibration(
+    student_logits: np.ndarray,
+    teacher_logits: np.ndarray,
+    labels: np.ndarray,
+    row: FrontierRow,
+    *,
+    cost_student: float,
+    policy: OutputPolicy = PLAIN,
+    split: str = "val",
+) -> Calibration:
+    """An N-stage cascade's student (stage 0): its table against the teacher, as a two-stage
+    bundle's, with the threshold of a frontier row; the target delegation rate is the share
+    the student passes on at it (to the first tier), which the live control holds."""
+    calibration = calibrate_logits(
+        student_logits,
+        teacher_logits,
+        labels,
+        target_delegation_rate=0.0,
+        cost_student=cost_student,
+        split=split,
+        policy=policy,
+    )
+    return calibration.model_copy(
+        update={"threshold": row.thresholds[0], "target_delegation_rate": 1.0 - row.answered[0]}
+    )
+
+
 def calibrate_stages(
     stage_logits: list[np.ndarray], target_delegation_rate: float, names: list[str]
 ) -> list[StudentStage]:
@@ -152,15 +182,21 @@ def calibrate(
     if target_delegation_rate is None and target_accuracy is None:
         target_delegation_rate, target_accuracy = cfg.target_delegation_rate, cfg.target_accuracy
     run = RunDir(run_dir)
-    logits = pair_logits(prep, run, "val", pair)
+    pair = pair or Pair.load(prep, run_dir)
+    logits, labels, split = pair_logits(prep, run, "val", pair), prep.y["val"], "val"
+    held = load_holdout(run_dir)
+    if held is not None and len(held):  # distilled with capture: its held-back items too
+        logits = with_captured(logits, held, pair)
+        labels = np.concatenate([labels, held.labels])  # the teacher's answers
+        split = "val+capture"
     calibration = calibrate_logits(
         logits.student,
         logits.teacher,
-        prep.y["val"],
+        labels,
         target_delegation_rate=target_delegation_rate if target_accuracy is None else None,
         target_accuracy=target_accuracy,
         cost_student=run.record().cost_ratio(),
-        split="val",
+        split=split,
         policy=logits.policy,
     )
     stages: list[StudentStage] = []
@@ -179,6 +215,21 @@ def calibrate(
         )
     )
     return calibration
+
+
+def with_captured(logits: PairLogits, held: Captured, pair: Pair) -> PairLogits:
+    """The split's logits followed by the held-back captured items': the student's computed
+    here, the teacher's as captured (log-probabilities)."""
+    model = pair.student.model
+    stages = None
+    if logits.stages is not None and isinstance(model, Ensemble):
+        more = stage_logits(model, held.x)
+        stages = [np.concatenate([a, b]) for a, b in zip(logits.stages, more, strict=True)]
+    student = (
+        stages[-1] if stages else np.concatenate([logits.student, student_logits(model, held.x)])
+    )
+    teacher = np.concatenate([logits.teacher, held.logits])
+    return PairLogits(student, teacher, stages, logits.policy)
 
 
 def load_calibration(run: RunDir) -> tuple[Calibration, list[StudentStage]]:

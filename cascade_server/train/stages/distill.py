@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..capture_data import CaptureMix, check_method, clear_state, save_state
 from ..device import chunked, device_of
 from ..engine import distributed, fit
 from ..losses import LOSSES
@@ -60,13 +61,23 @@ def distill(
     teacher: TorchTeacher | OnnxTeacher | None,
     *,
     progress: bool = True,
+    capture: CaptureMix | None = None,
 ) -> Student:
+    """`capture`: captured items mixed into the training split (capture_data.py); recorded in
+    the run directory for calibrate and export. Without it, a previous capture is forgotten."""
     cfg = prep.config
     method = METHODS.get(cfg.method.name)()
     params = params_for(cfg.method.name, cfg.method.params)
     if method.needs_teacher and teacher is None:
         raise ValueError(f"method {cfg.method.name} needs a teacher")
     logits = teacher_logits(teacher, prep, run_dir) if teacher is not None else None
+    x_train, y_train = prep.x["train"], prep.y["train"]
+    train_logits = logits["train"] if logits else None
+    key = config_key(cfg, "student")
+    if capture is not None:
+        check_method(cfg.method.name, cfg.method.params)
+        x_train, y_train, train_logits = capture.mix(x_train, y_train, train_logits)
+        key += capture.fingerprint  # a checkpoint without these items does not resume
 
     def retrain(x: np.ndarray, y: np.ndarray, fold: int) -> TorchTeacher:
         t = cfg.teacher
@@ -78,18 +89,18 @@ def distill(
         return TorchTeacher(model, t.arch, t.params, cfg.device)
 
     ctx = Context(
-        x_train=prep.x["train"],
-        y_train=prep.y["train"],
+        x_train=x_train,
+        y_train=y_train,
         in_shape=prep.in_shape,
         num_classes=prep.num_classes,
         teacher=teacher,
         student_arch=cfg.student.arch,
         student_kwargs=dict(cfg.student.params),
         fit=prep.fit_config(progress=progress),
-        teacher_logits=logits["train"] if logits else None,
+        teacher_logits=train_logits,
         retrain_teacher=retrain if cfg.teacher.onnx is None else None,
         checkpoint_dir=run_dir,
-        checkpoint_key=config_key(cfg, "student"),
+        checkpoint_key=key,
     )
     started = time.perf_counter()
     result = method.train(ctx, params)
@@ -115,7 +126,12 @@ def distill(
         run = RunDir(run_dir)
         save_weights(result.model, run / RunDir.STUDENT_WEIGHTS)
         run.write_student_meta(meta)
+        if capture is not None:
+            save_state(run_dir, capture)
+        else:
+            clear_state(run_dir)
         run.update_record(
+            capture=capture.info if capture is not None else None,
             student=StudentSummary(
                 arch=cfg.student.arch,
                 params=cfg.student.params,
@@ -124,7 +140,7 @@ def distill(
                 seconds=round(time.perf_counter() - started, 1),
                 **model_size(result.model, prep),
                 loss_history=[round(v, 5) for v in result.history],
-            )
+            ),
         )
         log.info("student (%s) trained and saved in %s", cfg.method.name, run_dir)
     return Student(result.model, meta)

@@ -8,10 +8,13 @@ import shutil
 from pathlib import Path
 
 from ...bundle import TEXT_INPUTS, Bundle, Manifest, TeacherRef, TextPreprocess
+from ..capture_data import load_info, versioned
+from ..capture_data import summary as capture_summary
 from ..methods import Ensemble, StagedOutputs
 from ..records import RunDir
 from ..teachers import OnnxTeacher, TorchTeacher
 from ..to_onnx import export_onnx
+from .anytime import plan_tiers, write_members
 from .calibrate import calibrate, load_calibration
 from .distill import Pair
 from .prepare import Prepared
@@ -137,7 +140,9 @@ def export(
     pair: Pair | None = None,
 ) -> Bundle:
     """The cascade bundle and the teacher's Triton entry, from the run directory (calibrated
-    first if it is not yet) or from `pair` in memory."""
+    first if it is not yet) or from `pair` in memory. An anytime (B-DISTIL) student is served
+    as stages (`export.anytime: tiers`, anytime.py) or as one graph with every stage an output
+    (`graph`)."""
     cfg = prep.config
     run = RunDir(run_dir)
     pair = pair or Pair.load(prep, run_dir)
@@ -145,6 +150,12 @@ def export(
         calibrate(prep, run_dir, pair=pair)
     calibration, stages = load_calibration(run)
     meta = pair.student.meta
+    model = pair.student.model
+    # An anytime student served as stages: member 1 the student, the later members tiers.
+    plan = None
+    if isinstance(model, Ensemble) and stages and cfg.export.anytime == "tiers":
+        plan = plan_tiers(prep, run, pair, model)
+        calibration, stages = plan.calibration, []
     teacher_ref = write_teacher_entry(
         repository,
         cfg.export.teacher_name or f"{cfg.export.name}_teacher",
@@ -155,11 +166,15 @@ def export(
         modality=prep.modality,
     )
     record = run.record()
+    captured = load_info(run_dir)
     student_info = record.student.model_dump(exclude={"loss_history"}) if record.student else {}
     manifest = Manifest(
         name=cfg.export.name,
-        version=cfg.export.version
-        or f"{cfg.export.name}-{cfg.method.name}-{prep.fingerprint[:8]}-s{cfg.seed}",
+        version=versioned(  # distilled with capture: the capture's fingerprint too
+            cfg.export.version
+            or f"{cfg.export.name}-{cfg.method.name}-{prep.fingerprint[:8]}-s{cfg.seed}",
+            captured,
+        ),
         modality=prep.modality,
         classes=prep.classes,
         preprocess=prep.spec,
@@ -170,6 +185,8 @@ def export(
         default_threshold=calibration.threshold,
         calibration=calibration,
         teacher=teacher_ref,
+        tiers=plan.tiers if plan is not None else (),
+        frontier=plan.frontier if plan is not None else None,
         training={
             "method": cfg.method.name,
             "params": meta.method_params,
@@ -179,11 +196,14 @@ def export(
             "student": {"arch": meta.arch, **meta.kwargs, **student_info},
             "teacher": record.teacher.model_dump() if record.teacher else {},
             "test": record.evaluation or {},
+            **({"capture": capture_summary(captured)} if captured else {}),
         },
     )
     bundle_dir = bundles / cfg.export.name
-    model = pair.student.model
-    if isinstance(model, Ensemble) and stages:  # anytime: every stage is an output
+    if plan is not None:
+        assert isinstance(model, Ensemble)
+        write_members(model, prep, bundle_dir, manifest.student_file)
+    elif isinstance(model, Ensemble) and stages:  # anytime: every stage is an output
         export_onnx(
             StagedOutputs(model),
             prep.in_shape,
