@@ -127,10 +127,12 @@ def main() -> int:
     with TritonServer(triton_repo, work / "triton") as triton:
         with gateway(bundle_dir, triton.grpc_url, work, **env) as url:
             log("the mix, then the tops (captured)")
-            results["mix"] = live(url, bodies_of(encoded, mix), labels)
-            results["captured_tops"] = live(url, bodies_of(encoded, captured_tops), labels)
+            results["mix"] = live(url, bodies_of(encoded, mix), labels[mix])
+            results["captured_tops"] = live(
+                url, bodies_of(encoded, captured_tops), labels[captured_tops]
+            )
             log("held-out tops on the old student")
-            results["before"] = live(url, bodies_of(encoded, held_out), labels)
+            results["before"] = live(url, bodies_of(encoded, held_out), labels[held_out])
             log(f"  {results['before']}")
             time.sleep(2)  # the capture's last shard (flush_s) and the shadow calls
             run = work / "run"
@@ -150,7 +152,7 @@ def main() -> int:
             log("publish")
             results["publish"] = json.loads(train("publish", str(new_dir), "--gateway", url))
             log("held-out tops on the new student")
-            results["after"] = live(url, bodies_of(encoded, held_out), labels)
+            results["after"] = live(url, bodies_of(encoded, held_out), labels[held_out])
             log(f"  {results['after']}")
     new = Bundle.load(new_dir)
     before = curve(old, images[held_out], labels[held_out], teacher)
