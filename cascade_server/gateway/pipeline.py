@@ -415,8 +415,8 @@ class BatchPath:
         chain = version.tiers.run(
             batch.tensors, logits, decision.margins, unsure, probs, version.tier_thresholds()
         )
-        costs = tuple(t.cost for t in version.manifest.tiers)
-        self.metrics.tier_calls(self.cascade, version.tiers.names, chain.ran, chain.seconds, costs)
+        tiers = version.tiers
+        self.metrics.tier_calls(self.cascade, tiers.names, chain.ran, chain.seconds, tiers.costs)
         return chain
 
     def _observe(self, what: str, margins: np.ndarray, *counts: int) -> None:

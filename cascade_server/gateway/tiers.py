@@ -76,6 +76,7 @@ class TierChain:
     def __init__(self, tiers: list[LocalTier]) -> None:
         self.tiers = tiers
         self.names = tuple(t.name for t in tiers)
+        self.costs = tuple(t.ref.cost for t in tiers)
 
     def __len__(self) -> int:
         return len(self.tiers)
