@@ -14,11 +14,12 @@ threshold calibrated at once on the validation split.
 
 Two measures:
 - offline, on the test split: each cascade's frontier (accuracy vs expected cost and teacher
-  share); at equal accuracy the teacher share each needs (linear interpolation on the frontier);
+  share); at each of five accuracies (teacher - 1 pt ... teacher + 0.1 pt) the least teacher
+  share and the least expected cost each needs (the cheapest frontier row reaching it);
 - live: a real gateway and the bundled Triton serving the test images (the same Python client,
   16 in flight, for every row), each cascade set through the admin API to the same
-  `target_accuracy` (thresholds from its validation frontier): throughput, accuracy against the
-  labels, teacher calls and the share answered by each stage (from the answers).
+  `target_accuracy` (teacher - 0.2 pt; thresholds from its validation frontier): throughput,
+  accuracy against the labels, teacher calls and the share answered by each stage.
 Writes benchmarks/results/stages-<dataset>.json.
 """
 
@@ -145,10 +146,16 @@ def _run(path: Path, x: np.ndarray, prev_input: str | None, prev: np.ndarray | N
     return np.concatenate(out)
 
 
-def teacher_share_at(front: Frontier, accuracy: float) -> float | None:
-    """The least teacher share on the frontier reaching `accuracy` (None: never reached)."""
-    shares = [r.teacher_rate for r in front.rows if r.cascade_accuracy >= accuracy]
-    return min(shares) if shares else None
+def cheapest_at(front: Frontier, accuracy: float) -> dict | None:
+    """The least teacher share, and the least expected cost, on the frontier reaching
+    `accuracy` (None: never reached)."""
+    rows = [r for r in front.rows if r.cascade_accuracy >= accuracy]
+    if not rows:
+        return None
+    return {
+        "teacher_share": round(min(r.teacher_rate for r in rows), 4),
+        "expected_cost": round(min(r.expected_cost for r in rows), 4),
+    }
 
 
 def serve(
@@ -236,8 +243,10 @@ def main() -> int:
     log("offline: frontiers on the test split")
     fronts = {k: test_frontier(b, repo, images, labels) for k, b in bundles.items()}
     teacher_acc = _teacher_accuracy(bundles["mlp->teacher"], repo, images, labels)
-    targets = [round(teacher_acc - d, 4) for d in (0.02, 0.01, 0.005)]
-    offline = {f"{t:.4f}": {k: teacher_share_at(f, t) for k, f in fronts.items()} for t in targets}
+    # From 1 pt under the teacher to just above it (cascades can beat their teacher): where a
+    # strong second stage (the LeNet) alone falls short, the teacher is needed by all of them.
+    targets = [round(teacher_acc - d, 4) for d in (0.01, 0.005, 0.002, 0.0, -0.001)]
+    offline = {f"{t:.4f}": {k: cheapest_at(f, t) for k, f in fronts.items()} for t in targets}
     results: dict = {
         "dataset": args.dataset,
         "teacher_accuracy": teacher_acc,
@@ -247,7 +256,10 @@ def main() -> int:
     out = ROOT / "benchmarks" / "results" / f"stages-{args.dataset}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     for t, row in offline.items():
-        log(f"teacher share at accuracy {t}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+        log(
+            f"at accuracy {t} (teacher share, cost): "
+            + ", ".join(f"{k} {v}" for k, v in row.items())
+        )
     if args.offline_only:
         return 0
     bodies = []
@@ -260,7 +272,7 @@ def main() -> int:
     with TritonServer(triton_repo, work / "triton") as triton:
         for name, path in cascades.items():
             log(f"live: {name}")
-            policy = {"target_accuracy": targets[1]}
+            policy = {"target_accuracy": targets[2]}
             live[name] = serve(
                 path, triton.grpc_url, work, bodies, labels, policy, bundles[name].stage_names
             )
@@ -275,7 +287,7 @@ def main() -> int:
             graph, triton.grpc_url, work, bodies, labels, policy, one.stage_names
         )
         log(f"  {live['bdistil one graph']}")
-    results["live"] = {"target_accuracy": targets[1], **live}
+    results["live"] = {"target_accuracy": targets[2], **live}
     out.write_text(json.dumps(results, indent=2) + "\n")
     log(f"wrote {out}")
     return 0

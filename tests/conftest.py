@@ -187,6 +187,25 @@ def three_stage_bundle(demo: Demo, root: Path, tier_threshold: float = 0.99, fro
     return Bundle.load(path)
 
 
+def triton_tier_bundle(demo: Demo, root: Path, model: str, tier_threshold: float, name: str):
+    """The demo's MLP student, a tier on Triton ("cnn": the Triton model `model`, with the
+    teacher's tensor contract), and the teacher: a three-stage cascade whose middle stage is
+    remote."""
+    import shutil
+
+    from cascade_server.bundle import Bundle, TierRef
+
+    path = root / name
+    shutil.copytree(demo.bundle, path)
+    bundle = Bundle.load(path)
+    ref = bundle.manifest.teacher.model_copy(update={"model_name": model, "model_version": ""})
+    tier = TierRef(name="cnn", runtime="triton", model=ref, threshold=tier_threshold, cost=0.5)
+    manifest = bundle.manifest.model_copy(update={"tiers": (tier,), "version": name})
+    bundle = Bundle(path, type(manifest).model_validate(manifest.model_dump()))
+    bundle.save()
+    return Bundle.load(path)
+
+
 def tier_logits(bundle, images: np.ndarray) -> dict[str, np.ndarray]:
     """Every stage's logits but the teacher's, computed outside the gateway."""
     import onnxruntime as ort

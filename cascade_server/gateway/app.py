@@ -8,6 +8,7 @@ hands the cascades to both.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from .. import __version__
-from ..bundle import Bundle
+from ..bundle import Bundle, TeacherRef
 from ..settings import Settings
 from . import admin, kserve, routes
 from .cascade import Cascade
@@ -35,10 +36,15 @@ TeacherFactory = Callable[[Settings, Bundle], Teacher]
 
 
 def build_teacher(settings: Settings, bundle: Bundle) -> Teacher:
+    return build_tier(settings, bundle.manifest.teacher)
+
+
+def build_tier(settings: Settings, ref: TeacherRef) -> Teacher:
+    """A Triton client for the teacher, or for a tier on the teacher's Triton."""
     config = settings.cascade.teacher
     return TritonTeacher(
         config.url,
-        bundle.manifest.teacher,
+        ref,
         timeout_s=config.timeout_s,
         readiness_timeout_s=config.readiness_timeout_s,
         reconnect_backoff_ms=config.reconnect_backoff_ms,
@@ -67,6 +73,7 @@ def load_cascades(
             store,
             retry_after_s=settings.retry_after_s,
             tracing=tracing,
+            tiers=functools.partial(build_tier, settings),
         )
     return cascades
 

@@ -25,6 +25,7 @@ from .capture import Capture
 from .control import ThresholdStore
 from .controller import Controller
 from .delegation import TeacherStage
+from .hops import RemoteTiers, TierFactory
 from .metrics import Metrics
 from .options import RequestOptions
 from .pipeline import BatchPath, Work
@@ -52,6 +53,7 @@ class Cascade:
         student: Student | None = None,
         retry_after_s: int = 1,
         tracing: Tracing | None = None,
+        tiers: TierFactory | None = None,
     ) -> None:
         m = bundle.manifest
         self.config = config
@@ -60,7 +62,12 @@ class Cascade:
         self.classes = m.classes
         self.metrics = metrics
         self.store = store
-        self.students = VersionManager(bundle, config, store, metrics, student, self._flipped)
+        self.remote = RemoteTiers(
+            m.name, tiers, config.teacher, config.load, metrics, len(m.classes)
+        )
+        self.students = VersionManager(
+            bundle, config, store, metrics, student, self._flipped, self._prepare
+        )
         self.teacher = TeacherStage(
             m.name, teacher, config.teacher, metrics, len(m.classes), config.load
         )
@@ -86,6 +93,7 @@ class Cascade:
             accuracy_floor=config.load.accuracy_floor,
             cache=self.cache,
             capture=self.capture,
+            remote=self.remote,
         )
         self.batcher: MicroBatcher[Work, Answer] = MicroBatcher(
             self.path, config.batching, name=f"{m.name}-batcher"
@@ -135,6 +143,7 @@ class Cascade:
             [self.active.thresholds.key, self.students.rollout.key, self.controller.key]
         )
         self.students.setup()
+        await self._prepare(self.active)
         await self.teacher.setup()
         self.metrics.prime(self.name, self.active.stage_names)
         self.threshold()
@@ -158,6 +167,7 @@ class Cascade:
             await self.students.follow()
         finally:
             await self.teacher.check_ready()
+            await self.remote.check_ready()
             self.metrics.event_loop_tasks()  # every worker's count stays fresh between scrapes
 
     async def _control_step(self) -> None:
@@ -172,12 +182,20 @@ class Cascade:
         await self.batcher.close()
         await self.capture.close()  # what the last answers queued is written first
         await self.teacher.close()
+        await self.remote.close()
         self.students.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
 
     def readiness(self) -> dict[str, bool]:
         """Cached: never waits on the network (see _watch_step)."""
-        return {"student": self.active.student.ready, "teacher": self.teacher.ready}
+        ready = {"student": self.active.student.ready, "teacher": self.teacher.ready}
+        if self.active.remote:  # each tier on Triton, as `tier:<name>`
+            ready |= self.remote.readiness(self.active.remote)
+        return ready
+
+    async def _prepare(self, version: StudentVersion) -> None:
+        """A version's tiers on Triton, set up before it serves."""
+        await self.remote.prepare(version.remote)
 
     def threshold(self) -> float:
         """The threshold in force for the active version (the controller's while it holds an

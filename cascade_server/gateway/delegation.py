@@ -18,6 +18,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -26,7 +27,6 @@ from ..config.teacher import TeacherConfig
 from ..errors import TeacherUnavailable
 from ..policy import NonFiniteLogits, softmax
 from .breaker import CircuitBreaker, State, Ticket
-from .metrics import Metrics
 from .routing import Load
 from .supervise import BurstLog
 from .teacher import Teacher
@@ -38,13 +38,22 @@ log = logging.getLogger(__name__)
 Done = Callable[[np.ndarray | None, str | None, Exception | None], None]
 
 
+class StageMetrics(Protocol):
+    """What a stage reports (the gateway's Metrics for the teacher; hops.TierMetrics for a
+    tier on Triton)."""
+
+    def circuit(self, cascade: str, state: int, name: str) -> None: ...
+    def teacher_call(self, cascade: str, n: int, seconds: float, error: str | None) -> None: ...
+    def teacher_limit(self, cascade: str, limit: float) -> None: ...
+
+
 class TeacherStage:
     def __init__(
         self,
         cascade: str,
         teacher: Teacher,
         config: TeacherConfig,
-        metrics: Metrics,
+        metrics: StageMetrics,
         n_classes: int,
         load: LoadConfig | None = None,
     ) -> None:

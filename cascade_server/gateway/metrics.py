@@ -296,6 +296,27 @@ class Metrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
+        # Tiers on Triton (N-stage cascades): each has the teacher's kind of stage.
+        self.tier_errors = Counter(
+            "cascade_tier_errors",
+            "Calls to a tier on Triton failed, by kind (timeout, unavailable, error)",
+            ["cascade", "tier", "kind"],
+            registry=reg,
+        )
+        self.tier_circuit_state = Gauge(
+            "cascade_tier_circuit_state",
+            "A Triton tier's circuit breaker: 0 closed, 1 half-open, 2 open (the worst worker's)",
+            ["cascade", "tier"],
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
+        self.tier_limit_gauge = Gauge(
+            "cascade_tier_items_limit",
+            "Items in flight a Triton tier is given now (as cascade_teacher_items_limit)",
+            ["cascade", "tier"],
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
         self.overrides = Counter(
             "cascade_overrides",
             "Requests that overrode the policy, by what (delegate_never, delegate_always, "
@@ -567,6 +588,18 @@ class Metrics:
     @_never_raises
     def teacher_limit(self, cascade: str, limit: float) -> None:
         self.teacher_limit_gauge.labels(cascade).set(limit)
+
+    @_never_raises
+    def tier_circuit(self, cascade: str, tier: str, state: int, name: str) -> None:
+        self.tier_circuit_state.labels(cascade, tier).set(state)
+
+    @_never_raises
+    def tier_error(self, cascade: str, tier: str, kind: str) -> None:
+        self.tier_errors.labels(cascade, tier, kind).inc()
+
+    @_never_raises
+    def tier_limit(self, cascade: str, tier: str, limit: float) -> None:
+        self.tier_limit_gauge.labels(cascade, tier).set(limit)
 
     @_never_raises
     def shadowed(self, cascade: str, result: str, n: int) -> None:

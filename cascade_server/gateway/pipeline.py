@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import Overloaded
-from ..policy import Decision, class_probabilities, decide
+from ..policy import Decision, class_probabilities, decide, top2_margin
 from ..preprocess import Batch
 from .answers import Answer
 from .batcher import Job
@@ -27,6 +27,7 @@ from .breaker import Ticket
 from .cache import ResponseCache
 from .capture import Capture
 from .delegation import Done, TeacherStage
+from .hops import RemoteTiers
 from .keeper import Keeper, Kept
 from .metrics import Metrics
 from .options import RequestOptions
@@ -41,7 +42,8 @@ from .version import StudentVersion
 log = logging.getLogger(__name__)
 _AUTO, _ALWAYS = int(Mode.AUTO), int(Mode.ALWAYS)  # plain ints: enum lookups cost per batch
 _FAILED, _DEADLINE = int(Outcome.TEACHER_FAILED), int(Outcome.DEADLINE)
-_BUSY = int(Outcome.TEACHER_BUSY)
+_BUSY, _CONFIDENT = int(Outcome.TEACHER_BUSY), int(Outcome.CONFIDENT)
+_FORCED_TEACHER = int(Outcome.FORCED_TEACHER)
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,10 @@ class BatchPath:
         accuracy_floor: float | None = None,
         cache: ResponseCache | None = None,
         capture: Capture | None = None,
+        remote: RemoteTiers | None = None,
     ) -> None:
         self.tracing = tracing
+        self.remote = remote
         self.cascade = cascade
         self.n_classes = n_classes
         self.teacher = teacher
@@ -150,14 +154,16 @@ class BatchPath:
         self.metrics.student_batch(self.cascade, decision.margins, student_s)
         # Step 2b (N-stage cascades): the tiers, each on what was left unsure before it.
         chain = None
-        if version.tiers:
+        if version.tiers or version.remote:
             chain = self._tiers(version, batch, logits, decision, items, probs)
+        # Where what is left unsure goes first: the teacher, or the first tier on Triton.
+        hop = self.teacher if not version.remote else self._remote_stage(version, 0)
         # Step 3: one routing decision per item, against the teacher's load now. From here
         # the breaker's ticket is this batch's until a teacher call holds it.
         ticket = None
         try:
             routes, refused, ticket = self._route(
-                version, decision, items, starts, len(jobs), chain
+                version, decision, items, starts, len(jobs), chain, hop
             )
             shown = threshold if items is None else items.threshold
             answer = Answer(probs, decision.margins, routes.outcome, shown, student_s)
@@ -170,7 +176,7 @@ class BatchPath:
                     self._observe("answered", answer.margins[:0], held)
             sent = routes.send
             if not sent.size:
-                self.teacher.release(ticket)
+                hop.release(ticket)
                 ticket = None
             by_student = self._account(version, decision, routes, refused, items, n, answer)
             # Step 4: answer what is decided; refuse what the accuracy floor does not allow.
@@ -182,21 +188,37 @@ class BatchPath:
                 self._offer(version, batch, decision.margins, by_student, probs)
             if not sent.size:
                 return
-            # Step 5: the teacher, in the background, for what was sent.
+            # Step 5: the teacher (or the first tier on Triton), in the background, for what
+            # was sent.
             taken = batch.take(sent)
-            feeds = version.teacher_feeds(taken)
-            spans, headers = self._teacher_spans(jobs, waiting, sent.size)
-            keep = self.keeper.kept(taken, answer, sent, keys)
-            done = self._done(
-                jobs, answer, starts, waits, waiting, sent, spans, decision.margins, version, keep
-            )
+            if version.remote:
+                flight = _Flight(
+                    jobs, answer, starts, waits, version, items, batch, decision.margins, keys
+                )
+                feeds, headers, done = self._tier_call(flight, 0, waiting, sent, taken)
+            else:
+                feeds = version.teacher_feeds(taken)
+                spans, headers = self._teacher_spans(jobs, waiting, sent.size)
+                keep = self.keeper.kept(taken, answer, sent, keys)
+                done = self._done(
+                    jobs,
+                    answer,
+                    starts,
+                    waits,
+                    waiting,
+                    sent,
+                    spans,
+                    decision.margins,
+                    version,
+                    keep,
+                )
             if items is not None and np.isfinite(items.deadline).any():
                 self._fall_back_at_deadlines(jobs, answer, starts, waits, waiting, sent, items)
         except BaseException:
-            self.teacher.release(ticket)  # no call holds it: a half-open probe slot comes back
+            hop.release(ticket)  # no call holds it: a half-open probe slot comes back
             raise
         assert ticket is not None  # items are sent only with a ticket
-        self.teacher.call(feeds, sent.size, ticket, done, headers)
+        hop.call(feeds, sent.size, ticket, done, headers)
 
     def _route(
         self,
@@ -206,11 +228,14 @@ class BatchPath:
         starts: np.ndarray,
         n_jobs: int,
         chain: ChainResult | None = None,
+        hop: TeacherStage | None = None,
     ) -> tuple[Routes, np.ndarray | None, Ticket | None]:
         """(the routes, the items of requests refused by the accuracy floor or None, the
         breaker's ticket). A refused request's items are not sent: the teacher's room, scarce
         just then, goes to the requests that will be answered. With tiers, the teacher is
-        wanted for what the last tier left unsure, least sure (by its margin) first."""
+        wanted for what the last tier left unsure, least sure (by its margin) first. `hop`:
+        where those go (the teacher, or the first tier on Triton)."""
+        hop = hop or self.teacher
         delegate, margins = decision.delegate, decision.margins
         if chain is not None:
             delegate, margins = chain.unsure, chain.margins
@@ -219,7 +244,7 @@ class BatchPath:
             wanted = wanted | (items.mode == _ALWAYS)
         if wanted.any():
             # The p95 is for deadlines only: not computed for batches that have none.
-            load, ticket = self.teacher.load(with_p95=items is not None)
+            load, ticket = hop.load(with_p95=items is not None)
             if self.accuracy_floor is not None:
                 load = replace(load, floor_threshold=self._floor(version))
         else:
@@ -245,7 +270,7 @@ class BatchPath:
             )
             return routes, refused, ticket
         except BaseException:
-            self.teacher.release(ticket)  # not returned to `_run`: released here
+            hop.release(ticket)  # not returned to `_run`: released here
             raise
 
     def _account(
@@ -267,15 +292,11 @@ class BatchPath:
             settled &= kept
         self.metrics.items(self.cascade, routes.outcome[settled])
         self.metrics.answered_by(self.cascade, answer.stage_names, answer.stages()[settled])
-        calibration = version.manifest.calibration
         served = n if kept is None else int(kept.sum())
-        self.metrics.savings(
-            self.cascade,
-            served,
-            int(routes.send.size),
-            calibration.cost_student,
-            calibration.cost_teacher,
-        )
+        if version.remote:  # items sent on are counted where they settle (_settle)
+            self._savings(version, served - int(routes.send.size), 0)
+        else:
+            self._savings(version, served, int(routes.send.size))
         # What the policy routed: not forced by a request, not refused.
         routed = None if items is None else items.mode == _AUTO
         if kept is not None:
@@ -294,6 +315,12 @@ class BatchPath:
             by_student &= answer.stage == 0
         self._observe("answered", decision.margins[by_student], 0)
         return by_student
+
+    def _savings(self, version: StudentVersion, items: int, to_teacher: int) -> None:
+        calibration = version.manifest.calibration
+        self.metrics.savings(
+            self.cascade, items, to_teacher, calibration.cost_student, calibration.cost_teacher
+        )
 
     def _refuse(self, jobs: list[BatchJob], starts: np.ndarray, refused: np.ndarray) -> None:
         for j in np.flatnonzero(_jobs_holding(starts, np.flatnonzero(refused), len(jobs))):
@@ -412,12 +439,141 @@ class BatchPath:
         request's `delegate: always` goes straight to the teacher, `never` stays with the
         student)."""
         unsure = decision.delegate if items is None else decision.delegate & (items.mode == _AUTO)
+        thresholds = version.tier_thresholds()[: len(version.tiers)]  # the local ones
         chain = version.tiers.run(
-            batch.tensors, logits, decision.margins, unsure, probs, version.tier_thresholds()
+            batch.tensors, logits, decision.margins, unsure, probs, thresholds
         )
         tiers = version.tiers
         self.metrics.tier_calls(self.cascade, tiers.names, chain.ran, chain.seconds, tiers.costs)
         return chain
+
+    # Tiers on Triton (hops.py): after the first hop, each call's done decides again and sends
+    # what its tier left unsure on to the next stage; requests are answered as their rows settle.
+    def _remote_stage(self, version: StudentVersion, i: int) -> TeacherStage:
+        if i >= len(version.remote):
+            return self.teacher
+        assert self.remote is not None  # versions with Triton tiers load only with one
+        return self.remote.stage(version.remote[i])
+
+    def _tier_call(
+        self,
+        f: _Flight,
+        i: int,
+        waiting: np.ndarray,
+        sent: np.ndarray,
+        taken: dict[str, np.ndarray],
+    ) -> tuple[dict[str, np.ndarray], dict[str, str] | None, Done]:
+        """The feeds, trace headers and done callback of a call to Triton tier `i`."""
+        ref = f.version.remote[i]
+        assert ref.model is not None
+        feeds = f.version.teacher_feeds(taken, ref.model)
+        spans, headers = self._teacher_spans(f.jobs, waiting, sent.size, ref.name)
+        return feeds, headers, self._tier_done(f, i, waiting, sent, spans)
+
+    def _tier_done(
+        self, f: _Flight, i: int, waiting: np.ndarray, sent: np.ndarray, spans: list[Any]
+    ) -> Done:
+        """When Triton tier `i` answers: its answer for the rows it is sure of (outcome
+        confident: the teacher was not needed), the rest sent on; a failed or cancelled call
+        leaves the rows the answer of the stage before (degraded or busy, as the teacher's).
+        Whatever happens, no waiting request is left without an answer."""
+        called = time.perf_counter()
+        stage = 1 + len(f.version.tiers) + i
+
+        def done(probs: np.ndarray | None, error: str | None, exc: Exception | None) -> None:
+            a = f.answer
+            try:
+                a.tiers_s += time.perf_counter() - called
+                for span in spans:
+                    span.set_attribute("cascade.teacher.error", error or "")
+                    span.end()
+                if exc is None:
+                    late = a.outcome[sent] == _DEADLINE
+                    onward = sent[:0]
+                    if probs is None:
+                        missing = _BUSY if error == "cancelled" else _FAILED
+                        a.outcome[sent] = np.where(late, _DEADLINE, missing)
+                    else:
+                        rows, probs = sent[~late], probs[~late]
+                        a.probs[rows] = probs
+                        assert a.stage is not None
+                        a.stage[rows] = stage
+                        margins = top2_margin(probs)
+                        threshold = f.version.tier_thresholds()[stage - 1]
+                        # `delegate: always` is the teacher's: a tier never stops it.
+                        unsure = (margins < threshold) | (a.outcome[rows] == _FORCED_TEACHER)
+                        a.outcome[rows[~unsure]] = _CONFIDENT
+                        onward = self._forward(f, i + 1, rows[unsure], margins[unsure])
+                    settled = np.setdiff1d(sent, onward, assume_unique=True)
+                    self._settle(f, settled)
+                    still = _jobs_holding(f.starts, onward, len(f.jobs))
+                    _resolve(f.jobs, a, f.starts, f.waits, waiting & ~still)
+                    return
+            except Exception as bug:
+                log.exception("cascade %s: answering a tier call failed", self.cascade)
+                exc = bug
+            for j in np.flatnonzero(waiting):
+                if not f.jobs[j].future.done():
+                    f.jobs[j].future.set_exception(exc)
+
+        return done
+
+    def _forward(self, f: _Flight, i: int, rows: np.ndarray, margins: np.ndarray) -> np.ndarray:
+        """Routes `rows` (left unsure by the tier before) to hop `i` against its load now (the
+        least sure first; the rest keep the answer they hold, outcome busy, circuit_open or
+        deadline) and calls it; returns the rows sent."""
+        if not rows.size:
+            return rows
+        stage = self._remote_stage(f.version, i)
+        items = f.items
+        load, ticket = stage.load(with_p95=items is not None)
+        try:
+            mode = None if items is None else items.mode[rows]
+            budget = None if items is None else items.budget(time.perf_counter())[rows]
+            routes = route(margins, np.ones(rows.size, bool), load, mode=mode, budget_s=budget)
+            f.answer.outcome[rows] = routes.outcome
+            sent: np.ndarray = rows[routes.send]
+            if not sent.size:
+                stage.release(ticket)
+                return sent
+            waiting = _jobs_holding(f.starts, sent, len(f.jobs))
+            taken = f.batch.take(sent)
+            if stage is self.teacher:
+                self._savings(f.version, int(sent.size), int(sent.size))
+                feeds = f.version.teacher_feeds(taken)
+                spans, headers = self._teacher_spans(f.jobs, waiting, sent.size)
+                keep = self.keeper.kept(taken, f.answer, sent, f.keys)
+                done = self._done(
+                    f.jobs,
+                    f.answer,
+                    f.starts,
+                    f.waits,
+                    waiting,
+                    sent,
+                    spans,
+                    f.margins,
+                    f.version,
+                    keep,
+                )
+            else:
+                feeds, headers, done = self._tier_call(f, i, waiting, sent, taken)
+        except BaseException:
+            stage.release(ticket)
+            raise
+        assert ticket is not None
+        stage.call(feeds, sent.size, ticket, done, headers)
+        return sent
+
+    def _settle(self, f: _Flight, rows: np.ndarray) -> None:
+        """Metrics for rows answered at a Triton tier (by it, or by the stage before it)."""
+        if not rows.size:
+            return
+        outcome, a = f.answer.outcome[rows], f.answer
+        self.metrics.items(self.cascade, outcome)
+        self.metrics.answered_by(self.cascade, a.stage_names, a.stages()[rows])
+        self._savings(f.version, int(rows.size), 0)
+        assert a.stage is not None
+        self._observe("answered", f.margins[rows[a.stage[rows] == 0]], 0)
 
     def _observe(self, what: str, margins: np.ndarray, *counts: int) -> None:
         if self.observer is None:
@@ -448,15 +604,30 @@ class BatchPath:
         return value
 
     def _teacher_spans(
-        self, jobs: list[BatchJob], waiting: np.ndarray, n: int
+        self, jobs: list[BatchJob], waiting: np.ndarray, n: int, stage: str = "teacher"
     ) -> tuple[list[Any], dict[str, str] | None]:
-        """A live teacher span for each traced request waiting on the call; the first one's
-        context goes to Triton."""
+        """A live span of the call (the teacher's, or a Triton tier's) for each traced request
+        waiting on it; the first one's context goes to Triton."""
         traces = [jobs[j].payload.trace for j in np.flatnonzero(waiting)]
-        spans = [t.start_stage("teacher", batch_items=n) for t in traces if t is not None]
+        spans = [t.start_stage(stage, batch_items=n) for t in traces if t is not None]
         if not spans or self.tracing is None:
             return spans, None
         return spans, self.tracing.headers_for(spans[0])
+
+
+@dataclass(frozen=True)
+class _Flight:
+    """A batch's state while its rows travel the stages on Triton."""
+
+    jobs: list[BatchJob]
+    answer: Answer
+    starts: np.ndarray
+    waits: list[float]
+    version: StudentVersion
+    items: _ItemOptions | None
+    batch: Batch
+    margins: np.ndarray  # the student's
+    keys: list[bytes] | None
 
 
 @dataclass

@@ -39,8 +39,11 @@ async def readyz(
     detail: dict[str, dict[str, Any]] = {
         name: dict(c.readiness()) for name, c in gateway.cascades.items()
     }
-    needed = ("student", "teacher") if teacher == "required" else ("student",)
-    ready = all(parts[k] for parts in detail.values() for k in needed)
+    # Tiers on Triton (`tier:<name>`) are required as the teacher is.
+    required = teacher == "required"
+    ready = all(
+        v for parts in detail.values() for k, v in parts.items() if required or k == "student"
+    )
     for name, c in gateway.cascades.items():
         if c.students.follow_error is not None:  # reported; the configured bundle serves
             detail[name]["rollout_error"] = c.students.follow_error

@@ -9,7 +9,7 @@ import logging
 
 import numpy as np
 
-from ..bundle import TEXT_INPUTS, Bundle, TextPreprocess
+from ..bundle import TEXT_INPUTS, Bundle, TeacherRef, TextPreprocess, TierRef
 from ..config.cascade import CascadeConfig
 from ..errors import InvalidInput
 from ..preprocess import Batch, ImagePreprocessor, Preprocessor, TextPreprocessor
@@ -57,15 +57,17 @@ class StudentVersion:
             device=config.student.device,
             threads=config.student.threads,
         )
-        for ref in m.tiers:
-            if ref.runtime != "onnx":
-                raise ValueError(
-                    f"bundle {bundle.path}: tier {ref.name} runs on {ref.runtime}; this gateway "
-                    "serves tiers on ONNX Runtime (the teacher is the one Triton stage)"
-                )
+        local = [ref for ref in m.tiers if ref.runtime == "onnx"]
+        # Tiers in the gateway run in the batch (microseconds), tiers on Triton after them in
+        # the background: a local tier after a remote one would run on the event loop.
+        if tuple(m.tiers[: len(local)]) != tuple(local):
+            raise ValueError(
+                f"bundle {bundle.path}: every onnx tier must come before the tiers on Triton"
+            )
         self.tiers = TierChain(
-            [LocalTier(bundle, ref, config.student, len(m.classes)) for ref in m.tiers]
+            [LocalTier(bundle, ref, config.student, len(m.classes)) for ref in local]
         )
+        self.remote: tuple[TierRef, ...] = tuple(m.tiers[len(local) :])
         self.stage_names = bundle.stage_names
         self.thresholds = ThresholdStore(
             store,
@@ -112,9 +114,11 @@ class StudentVersion:
             return {self.manifest.student_input: batch.tensors["input"]}
         return batch.tensors
 
-    def teacher_feeds(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Canonical tensors -> the teacher's inputs by their Triton names."""
-        ref = self.manifest.teacher
+    def teacher_feeds(
+        self, tensors: dict[str, np.ndarray], ref: TeacherRef | None = None
+    ) -> dict[str, np.ndarray]:
+        """Canonical tensors -> the teacher's (or a Triton tier's) inputs by their names."""
+        ref = ref or self.manifest.teacher
         if self.manifest.modality == "image":
             return {ref.input_name: tensors["input"]}
         return {name: tensors[key] for name, key in zip(ref.text_inputs, TEXT_INPUTS, strict=True)}
@@ -127,7 +131,7 @@ class StudentVersion:
         """Each tier's threshold: the policy's when it set every stage's (a target accuracy or
         cost budget on the frontier), else the bundle's calibrated ones."""
         chosen = self.thresholds.current().tier_thresholds
-        if chosen is not None and len(chosen) == len(self.tiers):
+        if chosen is not None and len(chosen) == len(self.manifest.tiers):
             return chosen
         return self._tier_defaults
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ..bundle import Bundle
@@ -41,6 +41,7 @@ class VersionManager:
         metrics: Metrics,
         student: Student | None = None,
         on_flip: Callable[[], object] | None = None,
+        prepare: Callable[[StudentVersion], Awaitable[None]] | None = None,
     ) -> None:
         self.name = bundle.manifest.name
         self.config = config
@@ -50,6 +51,7 @@ class VersionManager:
         self.rollout = RolloutStore(store, self.name)
         self.follow_error: str | None = None
         self._on_flip = on_flip
+        self._prepare = prepare  # what a version needs beyond itself (its tiers on Triton)
         self._lock = asyncio.Lock()
         self._follow_failures = BurstLog(every_s=60.0, logger=log)
         # The recorded state that failed to load, and when to try it again: not every watch
@@ -154,7 +156,14 @@ class VersionManager:
             return version
 
         try:
-            return await asyncio.to_thread(load)
+            version = await asyncio.to_thread(load)
+            if self._prepare is not None:
+                try:
+                    await self._prepare(version)
+                except BaseException:
+                    version.close()
+                    raise
+            return version
         except InvalidInput:
             raise
         except Exception as exc:
