@@ -244,7 +244,18 @@ class StudentStage(_Strict):
 
 STAGE_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 # The names of the two ends of every cascade: a tier between them cannot take either.
-RESERVED_STAGES = ("student", "teacher")
+# Names the gateway's series use already (stages, latency stages, compute tiers): a tier so
+# named would merge with them.
+RESERVED_STAGES = (
+    "student",
+    "teacher",
+    "teacher_only",
+    "preprocess",
+    "queue",
+    "total",
+    "overhead",
+    "parse",
+)
 
 
 class TierRef(_Strict):

@@ -180,9 +180,11 @@ class Cascade:
         await self.shadow.close()
         await self._watch.stop()
         await self.batcher.close()
-        await self.capture.close()  # what the last answers queued is written first
-        await self.teacher.close()
+        # The tiers on Triton before the teacher (a tier call ending now sends nothing on to a
+        # closed teacher), and the capture last: what the last answers queued is written.
         await self.remote.close()
+        await self.teacher.close()
+        await self.capture.close()
         self.students.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
 

@@ -110,6 +110,7 @@ def resolve(
     cost_budget: float | None = None,
     frontier: Frontier | None = None,
     confidence: float = 0.95,
+    tiers: int = 0,
 ) -> Resolved:
     """The mode asked for and its thresholds on this calibration (and frontier: a two-stage
     bundle's is its calibration table's)."""
@@ -134,6 +135,12 @@ def resolve(
             return Resolved(
                 "max_student_error",
                 calibration.threshold_for_student_error(max_student_error, confidence),
+            )
+        if tiers and frontier is None:
+            # The two-stage table knows nothing of the tiers: its rows would be wrong here.
+            raise ValueError(
+                "this N-stage bundle has no frontier (calibrate it with `cascade-train "
+                "compose`): give a threshold or a delegation target"
             )
         on = frontier or calibration.frontier()
         if target_accuracy is not None:
@@ -161,8 +168,10 @@ class ThresholdStore:
         student_version: str,
         frontier: Frontier | None = None,
         confidence: float = 0.95,
+        tiers: int = 0,
     ) -> None:
         self.store = store
+        self.tiers = tiers
         self.cascade = cascade
         self.key = f"{cascade}.threshold"
         self.calibration = calibration
@@ -198,6 +207,7 @@ class ThresholdStore:
                     **{state.mode: state.target},
                     frontier=self.frontier,
                     confidence=self.confidence,
+                    tiers=self.tiers,
                 )
             except (ValueError, InvalidInput) as exc:
                 # This version cannot meet a target set for another: its calibrated default.
@@ -256,6 +266,7 @@ class ThresholdStore:
             cost_budget=cost_budget,
             frontier=self.frontier,
             confidence=self.confidence,
+            tiers=self.tiers,
         )
         start, mode = got.threshold, got.mode
         new = PolicyState(

@@ -81,6 +81,7 @@ class TeacherStage:
         )
         self.calls: set[asyncio.Task[None]] = set()
         self.ready = False
+        self.closed = False  # no call starts after close (its items keep their answer)
         self._failures = BurstLog(logger=log)
 
     def _circuit_changed(self, old: State, new: State) -> None:
@@ -105,6 +106,7 @@ class TeacherStage:
         return ready
 
     async def close(self) -> None:
+        self.closed = True
         for task in list(self.calls):
             task.cancel()
         await asyncio.gather(*self.calls, return_exceptions=True)
@@ -115,6 +117,8 @@ class TeacherStage:
         made). A ticket not used must be given back with `release`. An open circuit is said
         first: while hung calls still fill the bounds, the items are degraded, not busy."""
         p95 = self.p95() if with_p95 else None
+        if self.closed:
+            return Load(room=0, p95_s=p95), None
         if self.breaker.is_open():
             return Load(room=0, circuit_open=True, p95_s=p95), None
         if len(self.calls) >= self.config.max_in_flight:
@@ -164,13 +168,21 @@ class TeacherStage:
     ) -> None:
         """Starts the teacher call for `n` items in the background; `done` gets the result.
         `headers`: gRPC metadata (the W3C trace context, when traced)."""
-        task = asyncio.get_running_loop().create_task(self._call(feeds, n, ticket, done, headers))
+        started: list[bool] = []
+        task = asyncio.get_running_loop().create_task(
+            self._call(feeds, n, ticket, done, headers, started)
+        )
         self.calls.add(task)
         self.items_in_flight += n
 
         def finished(task: asyncio.Task[None]) -> None:
             self.calls.discard(task)
             self.items_in_flight -= n
+            if task.cancelled() and not started:
+                # Cancelled before its first step (a close right after the call): the body
+                # never ran, so nothing answered the items or gave the ticket back.
+                self.breaker.release(ticket)
+                done(None, "cancelled", None)
 
         task.add_done_callback(finished)
 
@@ -181,7 +193,9 @@ class TeacherStage:
         ticket: Ticket,
         done: Done,
         headers: dict[str, str] | None,
+        started: list[bool],
     ) -> None:
+        started.append(True)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         error: str | None = None

@@ -3,7 +3,7 @@ the teacher (`runtime: triton` in the manifest), each called as the teacher is, 
 `TeacherStage` of its own (its breaker, in-flight bounds and AIMD limit), so a tier that fails
 or saturates degrades its own items, never the teacher's room.
 
-A stage is kept per tier name and model: a student version that names the same tier reuses it
+A stage is kept per tier name, model and cost: a student version that names the same tier reuses it
 (its breaker state and limit carry over a swap), and a new one is set up before the version
 serves. Stages live as long as the cascade.
 """
@@ -59,12 +59,13 @@ class RemoteTiers:
         self.load = load
         self.metrics = metrics
         self.n_classes = n_classes
-        self._stages: dict[tuple[str, str, str], TeacherStage] = {}
+        self._stages: dict[tuple[str, str, str, float], TeacherStage] = {}
 
     @staticmethod
-    def _key(ref: TierRef) -> tuple[str, str, str]:
+    def _key(ref: TierRef) -> tuple[str, str, str, float]:
+        # The cost too: a version that prices the same model differently counts its own.
         assert ref.model is not None
-        return (ref.name, ref.model.model_name, ref.model.model_version)
+        return (ref.name, ref.model.model_name, ref.model.model_version, ref.cost)
 
     def stage(self, ref: TierRef) -> TeacherStage:
         """The tier's stage (set up by `prepare` before its version served)."""
@@ -91,6 +92,7 @@ class RemoteTiers:
             )
             self._stages[key] = stage
             new.append(stage)
+            self.metrics.tier_circuit(self.cascade, ref.name, 0, "closed")  # the series exists
         await asyncio.gather(*(s.setup() for s in new))
 
     def readiness(self, refs: tuple[TierRef, ...]) -> dict[str, bool]:

@@ -76,6 +76,8 @@ class Keeper:
         """Sent items whose teacher answer the cache holds are answered now (returns how
         many): the call carries only the others."""
         assert self.cache is not None
+        if not _pinned(version):
+            return 0
         sent = routes.send
         hits, rows = self.cache.get_many(
             "teacher", version.versions["teacher"], [keys[i] for i in sent]
@@ -99,7 +101,7 @@ class Keeper:
     ) -> None:
         """The teacher's answers kept: in the response cache, and (sampled) in the capture.
         Only what the teacher answered: never a degraded or late row."""
-        if keep.keys is not None and self.cache is not None:
+        if keep.keys is not None and self.cache is not None and _pinned(version):
             keys = [k for k, a in zip(keep.keys, answered.tolist(), strict=True) if a]
             self.cache.put_many(
                 "teacher", version.versions["teacher"], keys, teacher_probs[answered]
@@ -114,3 +116,10 @@ class Keeper:
                 version.version,
                 version.versions["teacher"],
             )
+
+
+def _pinned(version: StudentVersion) -> bool:
+    """Teacher answers are cached only under a pinned teacher version: with Triton's version
+    policy choosing (`model_version: ""`), a new teacher model would be served stale answers
+    under the same key."""
+    return bool(version.manifest.teacher.model_version)

@@ -190,13 +190,30 @@ class BatchPath:
                 return
             # Step 5: the teacher (or the first tier on Triton), in the background, for what
             # was sent.
-            taken = batch.take(sent)
             if version.remote:
+                pending = np.zeros(n, dtype=bool)
+                pending[sent] = True
                 flight = _Flight(
-                    jobs, answer, starts, waits, version, items, batch, decision.margins, keys
+                    jobs,
+                    answer,
+                    starts,
+                    waits,
+                    version,
+                    items,
+                    batch,
+                    decision.margins,
+                    keys,
+                    pending,
                 )
-                feeds, headers, done = self._tier_call(flight, 0, waiting, sent, taken)
+                if items is not None and np.isfinite(items.deadline).any():
+                    self._fall_back_at_deadlines(
+                        jobs, answer, starts, waits, waiting, sent, items, pending
+                    )
+                handed, ticket = ticket, None  # the first hop's from here
+                self._first_hop(flight, sent, hop, handed)
+                return
             else:
+                taken = batch.take(sent)
                 feeds = version.teacher_feeds(taken)
                 spans, headers = self._teacher_spans(jobs, waiting, sent.size)
                 keep = self.keeper.kept(taken, answer, sent, keys)
@@ -345,9 +362,11 @@ class BatchPath:
         margins: np.ndarray,
         version: StudentVersion,
         keep: Kept,
+        flight: _Flight | None = None,
     ) -> Done:
-        """What answers the waiting requests when the teacher call ends. Whatever happens in
-        it, no waiting request is left without an answer."""
+        """What answers the waiting requests when the teacher call ends (with tiers on Triton,
+        those with no row still pending elsewhere). Whatever happens in it, no waiting request
+        is left without an answer."""
         called = time.perf_counter()
 
         def done(
@@ -379,7 +398,10 @@ class BatchPath:
                     self.metrics.answered_by(
                         self.cascade, answer.stage_names, answer.stages()[sent]
                     )
-                    _resolve(jobs, answer, starts, waits, waiting)
+                    if flight is not None:
+                        self._settled(flight, sent, waiting)
+                    else:
+                        _resolve(jobs, answer, starts, waits, waiting)
                     return
             except Exception as bug:
                 log.exception("cascade %s: answering a teacher call failed", self.cascade)
@@ -399,9 +421,11 @@ class BatchPath:
         waiting: np.ndarray,
         sent: np.ndarray,
         items: _ItemOptions,
+        pending: np.ndarray | None = None,
     ) -> None:
         """A request with a deadline still waiting on the teacher when it passes is answered
-        then by the student (outcome `deadline`): the call goes on for the others."""
+        then by the student (outcome `deadline`): the call goes on for the others. With tiers
+        on Triton, only its rows still `pending` (not settled at a tier) are late."""
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         for j in np.flatnonzero(waiting):
@@ -417,7 +441,7 @@ class BatchPath:
             ) -> None:
                 if job.future.done():
                     return
-                answer.outcome[rows] = _DEADLINE
+                answer.outcome[rows if pending is None else rows[pending[rows]]] = _DEADLINE
                 mine = answer.rows(a, b, waits[j])
                 # Its own copy: the teacher's answer, when it comes, is written into the batch's.
                 mine.probs, mine.outcome = mine.probs.copy(), mine.outcome.copy()
@@ -500,14 +524,12 @@ class BatchPath:
                         a.stage[rows] = stage
                         margins = top2_margin(probs)
                         threshold = f.version.tier_thresholds()[stage - 1]
-                        # `delegate: always` is the teacher's: a tier never stops it.
-                        unsure = (margins < threshold) | (a.outcome[rows] == _FORCED_TEACHER)
+                        unsure = margins < threshold
                         a.outcome[rows[~unsure]] = _CONFIDENT
                         onward = self._forward(f, i + 1, rows[unsure], margins[unsure])
                     settled = np.setdiff1d(sent, onward, assume_unique=True)
                     self._settle(f, settled)
-                    still = _jobs_holding(f.starts, onward, len(f.jobs))
-                    _resolve(f.jobs, a, f.starts, f.waits, waiting & ~still)
+                    self._settled(f, settled, waiting)
                     return
             except Exception as bug:
                 log.exception("cascade %s: answering a tier call failed", self.cascade)
@@ -554,6 +576,7 @@ class BatchPath:
                     f.margins,
                     f.version,
                     keep,
+                    f,
                 )
             else:
                 feeds, headers, done = self._tier_call(f, i, waiting, sent, taken)
@@ -563,6 +586,39 @@ class BatchPath:
         assert ticket is not None
         stage.call(feeds, sent.size, ticket, done, headers)
         return sent
+
+    def _first_hop(
+        self, f: _Flight, sent: np.ndarray, hop: TeacherStage, ticket: Ticket | None
+    ) -> None:
+        """What the gateway's stages left unsure to the first Triton tier (with `ticket`, its
+        breaker's); `delegate: always` items straight to the teacher, against its own room."""
+        forced = f.answer.outcome[sent] == _FORCED_TEACHER
+        rows = sent[~forced] if forced.any() else sent
+        try:
+            if rows.size:
+                waiting = _jobs_holding(f.starts, rows, len(f.jobs))
+                call = self._tier_call(f, 0, waiting, rows, f.batch.take(rows))
+            else:
+                hop.release(ticket)
+                ticket = None
+        except BaseException:
+            hop.release(ticket)
+            raise
+        if ticket is not None:
+            feeds, headers, done = call
+            hop.call(feeds, rows.size, ticket, done, headers)
+        if forced.any():
+            always = sent[forced]
+            onward = self._forward(f, len(f.version.remote), always, f.margins[always])
+            settled = np.setdiff1d(always, onward, assume_unique=True)
+            self._settle(f, settled)
+            self._settled(f, settled, _jobs_holding(f.starts, settled, len(f.jobs)))
+
+    def _settled(self, f: _Flight, rows: np.ndarray, waiting: np.ndarray) -> None:
+        """`rows` are no longer pending: the `waiting` requests with none left are answered."""
+        f.pending[rows] = False
+        still = _jobs_holding(f.starts, np.flatnonzero(f.pending), len(f.jobs))
+        _resolve(f.jobs, f.answer, f.starts, f.waits, waiting & ~still)
 
     def _settle(self, f: _Flight, rows: np.ndarray) -> None:
         """Metrics for rows answered at a Triton tier (by it, or by the stage before it)."""
@@ -628,6 +684,7 @@ class _Flight:
     batch: Batch
     margins: np.ndarray  # the student's
     keys: list[bytes] | None
+    pending: np.ndarray  # (n,) bool: rows a Triton stage still has to answer
 
 
 @dataclass

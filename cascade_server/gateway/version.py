@@ -76,6 +76,7 @@ class StudentVersion:
             calibration=m.calibration,
             student_version=m.version,
             frontier=m.frontier,
+            tiers=len(m.tiers),
         )
         teacher_version = m.teacher.model_version or "latest"
         self.versions = {

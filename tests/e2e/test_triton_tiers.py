@@ -26,7 +26,7 @@ from cascade_server.triton import (
 )
 
 from ..conftest import b64, png_bytes, triton_tier_bundle
-from ..integration.test_predict import metric
+from ..integration.test_predict import metric, metric_in
 from .conftest import AUTH, TOKEN
 
 TIER_MODEL = "digits_tier"
@@ -148,7 +148,8 @@ def test_each_stage_answers_what_the_one_before_left_unsure(served, demo, bundle
     for stage in ("student", "cnn", "teacher"):
         got = metric(served, "cascade_stage_items_total", stage=stage)
         assert got == int((who == stage).sum()), stage
-    assert metric(served, "cascade_tier_circuit_state", tier="cnn") == 0
+    circuit = metric_in(served.get("/metrics").text, "cascade_tier_circuit_state", tier="cnn")
+    assert circuit == 0 and "cascade_tier_circuit_state{" in served.get("/metrics").text
     ready = served.get("/readyz").json()
     assert ready["cascades"]["digits"]["tier:cnn"] is True
 
@@ -157,10 +158,13 @@ def test_delegate_always_reaches_the_teacher_past_a_sure_tier(served, demo, bund
     idx = _mix(demo, bundle, tier_threshold)
     who, _, _ = _expected(demo, bundle, tier_threshold, idx)
     sure_tier = [i for i, w in zip(idx, who, strict=True) if w == "cnn"][:3]
+    tier_rows = metric(served, "cascade_batch_size_sum", model="cnn")
     r = served.post("/predict", json={**_inputs(demo, sure_tier), "delegate": "always"})
     assert r.status_code == 200, r.text
     assert [a["answered_by"] for a in r.json()["outputs"]] == ["teacher"] * len(sure_tier)
     assert {a["outcome"] for a in r.json()["outputs"]} == {"forced_teacher"}
+    # Straight to the teacher: the tier never saw them.
+    assert metric(served, "cascade_batch_size_sum", model="cnn") == tier_rows
 
 
 def test_a_tier_missing_on_triton_degrades_its_items_and_is_not_ready(

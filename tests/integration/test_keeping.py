@@ -138,7 +138,8 @@ def test_cache_keys_change_when_the_student_version_changes(gateway, demo, tmp_p
     v2 = second_version(demo, tmp_path)
     with gateway(cache={"enabled": True}) as (client, teacher):
         client.post("/predict", json=_inputs(demo, hard))
-        assert client.put("/admin/student", json={"bundle": str(v2)}, headers=AUTH).status_code
+        r = client.put("/admin/student", json={"bundle": str(v2)}, headers=AUTH)
+        assert r.status_code == 200, r.text
         client.post("/predict", json=_inputs(demo, hard))
         # The student's rows were for another version: computed again; the teacher's version
         # did not change: its answers still serve.

@@ -225,3 +225,16 @@ def test_a_target_accuracy_sets_every_stages_threshold(demo, tmp_path):
         assert r.status_code == 422 and "best 0.9500" in r.json()["error"]["message"]
         r = client.put("/admin/threshold", json={"cost_budget": 0.1}, headers=AUTH)
         assert r.status_code == 422 and "cheapest" in r.json()["error"]["message"]
+
+
+def test_an_n_stage_bundle_without_a_frontier_refuses_frontier_targets(demo, tmp_path):
+    bundle = three_stage_bundle(demo, tmp_path)  # tiers, no frontier
+    settings = Settings(bundles=[bundle.path], state_dir=tmp_path / "state", admin_token=TOKEN)
+    app = create_app(settings, teacher_factory=lambda s, b: FakeTeacher())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for body in ({"target_accuracy": 0.9}, {"cost_budget": 0.3}):
+            r = client.put("/admin/threshold", json=body, headers=AUTH)
+            assert r.status_code == 422, r.text
+            assert "no frontier" in r.json()["error"]["message"]
+        r = client.put("/admin/threshold", json={"threshold": 0.5}, headers=AUTH)
+        assert r.status_code == 200, r.text

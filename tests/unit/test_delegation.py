@@ -53,6 +53,36 @@ def test_a_cancelled_half_open_probe_does_not_leave_the_teacher_refused():
     assert stage.breaker.state is State.CLOSED
 
 
+def test_a_call_cancelled_before_it_starts_still_answers_and_gives_its_probe_back():
+    async def main():
+        teacher = Hanging()
+        config = TeacherConfig(breaker=BreakerConfig(failures=1, open_s=0.01, probes=1))
+        stage = TeacherStage("c", teacher, config, Metrics(), n_classes=2)
+        stage.breaker.failure(stage.breaker.allow())  # open
+        await asyncio.sleep(0.02)
+        _, probe = stage.load()
+        assert probe is not None and stage.breaker.state is State.HALF_OPEN
+        outcomes = []
+        stage.call({"x": np.zeros((1, 2))}, 1, probe, lambda *a: outcomes.append(a))
+        await stage.close()  # before the call's task ran a step
+        assert not teacher.started.is_set()
+        return stage, outcomes
+
+    stage, outcomes = asyncio.run(main())
+    assert outcomes == [(None, "cancelled", None)]
+    assert stage.breaker.allow() is not None  # the probe slot came back
+
+
+def test_a_closed_stage_gives_no_room():
+    async def main():
+        stage = TeacherStage("c", Hanging(), TeacherConfig(), Metrics(), n_classes=2)
+        await stage.close()
+        return stage.load()
+
+    load, ticket = asyncio.run(main())
+    assert load.room == 0 and ticket is None and not load.circuit_open
+
+
 def test_calls_in_flight_are_bounded_in_load():
     async def main():
         teacher = Hanging()
