@@ -467,5 +467,9 @@ class Bundle:
     def save(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.path / (MANIFEST_FILE + ".tmp")
-        tmp.write_text(self.manifest.model_dump_json(indent=2) + "\n")
+        # A two-stage bundle is written without the N-stage fields, as before they existed:
+        # gateways of earlier versions (a rollback) still load it.
+        m = self.manifest
+        exclude = {k for k in ("tiers", "frontier") if not getattr(m, k)}
+        tmp.write_text(m.model_dump_json(indent=2, exclude=exclude) + "\n")
         tmp.replace(self.path / MANIFEST_FILE)

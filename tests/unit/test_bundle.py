@@ -47,6 +47,21 @@ def test_manifest_roundtrip(tmp_path):
     assert Bundle.load(tmp_path).manifest == manifest
 
 
+def test_a_two_stage_manifest_is_written_without_the_n_stage_fields(tmp_path):
+    """So a gateway from before N-stage cascades (a rollback) still loads the bundle."""
+    import json
+
+    from cascade_server.bundle import TierRef
+
+    Bundle(tmp_path, make_manifest()).save()
+    (tmp_path / "student.onnx").write_bytes(b"x")
+    written = json.loads((tmp_path / "manifest.json").read_text())
+    assert "tiers" not in written and "frontier" not in written
+    tier = TierRef(name="mid", file="mid.onnx", threshold=0.5, cost=0.2)
+    Bundle(tmp_path, make_manifest(tiers=(tier,))).save()
+    assert json.loads((tmp_path / "manifest.json").read_text())["tiers"][0]["name"] == "mid"
+
+
 def test_missing_student_file_is_reported(tmp_path):
     Bundle(tmp_path, make_manifest()).save()
     with pytest.raises(FileNotFoundError, match=r"student\.onnx"):
