@@ -118,7 +118,7 @@ def _describe(cascade: Cascade) -> dict[str, Any]:
         "default_threshold": cascade.manifest.default_threshold,
         # N-stage cascades: the stages in order and each tier's threshold in force.
         "stages": list(cascade.active.stage_names),
-        "tier_thresholds_in_force": list(cascade.active.tier_thresholds()),
+        "tier_thresholds_in_force": list(cascade.tier_thresholds()),
         # What the calibration split says this threshold delegates.
         "expected_delegation_rate": calibration.rate_for_threshold(in_force),
         **cascade.controller.describe(calibration),

@@ -94,6 +94,7 @@ class Cascade:
             cache=self.cache,
             capture=self.capture,
             remote=self.remote,
+            tier_thresholds=self.tier_thresholds,
         )
         self.batcher: MicroBatcher[Work, Answer] = MicroBatcher(
             self.path, config.batching, name=f"{m.name}-batcher"
@@ -173,7 +174,13 @@ class Cascade:
     async def _control_step(self) -> None:
         """The live window published, estimates refreshed, an online policy held."""
         version = self.active
-        await self.controller.step(version.thresholds.current(), version.manifest.calibration)
+        m = version.manifest
+        await self.controller.step(
+            version.thresholds.current(),
+            m.calibration,
+            frontier=m.frontier or (None if m.tiers else m.calibration.frontier()),
+            costs=version.costs,
+        )
 
     async def close(self) -> None:
         await self._control.stop()
@@ -221,6 +228,15 @@ class Cascade:
         """A new student version serves: its own live window, and its threshold shown."""
         self.controller.reset(self.active.version)
         self.threshold()
+
+    def tier_thresholds(self, version: StudentVersion | None = None) -> tuple[float, ...]:
+        """The tiers' thresholds in force (the controller's while it holds a cost budget)."""
+        version = version or self.active
+        if version is self.active:
+            held = self.controller.tiers_for(version.thresholds.current())
+            if held is not None and len(held) == len(version.manifest.tiers):
+                return held
+        return version.tier_thresholds()
 
     def _threshold_of(self, version: StudentVersion) -> float:
         if version is self.active:

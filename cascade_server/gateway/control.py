@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 Mode = Literal[
     "threshold", "target_delegation_rate", "max_student_error", "target_accuracy", "cost_budget"
 ]
-ONLINE: tuple[Mode, ...] = ("target_delegation_rate", "max_student_error")
+# Held live by the delegation controller (controller.py); a cost budget walks the frontier.
+ONLINE: tuple[Mode, ...] = ("target_delegation_rate", "max_student_error", "cost_budget")
 # Every stage's threshold from the calibrated frontier (bundle.py), resolved per version.
 ON_FRONTIER: tuple[Mode, ...] = ("target_accuracy", "cost_budget")
 

@@ -10,6 +10,11 @@ workers, all replicas) and moves the threshold:
   bounds. Items delegated whatever the threshold (by class, non-finite logits) count first:
   with a share c of them, the threshold aims at `P(margin < t) = (target - c) / (1 - c)` over
   the rest;
+- `cost_budget`: along the frontier (every stage's threshold at once, bundle.py): the live cost
+  per item (the items each stage answered, each paying every stage up to it) against the
+  frontier row in force gives how much dearer live traffic is than the calibration split.
+  Over the budget, the most accurate row whose calibrated cost, so scaled, fits is taken at
+  once; under it, one row dearer at a time, after ten steps in a row that say it fits;
 - `max_student_error`: up, when the live estimate of the student's error on what it answers
   alone (shadow samples, teacher as reference, held at the calibration's own disagreement at
   the start threshold) is above the target with 90% confidence: to the lowest margin stratum
@@ -39,7 +44,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel
 
-from ..bundle import Calibration
+from ..bundle import Calibration, Frontier, FrontierRow
 from ..config.delegation import ControllerConfig
 from .control import PolicyState
 from .estimates import UNKNOWN, Estimate, agreement, cascade_agreement, error_above
@@ -62,6 +67,8 @@ class ControllerState(BaseModel):
     reason: str = ""
     step: int = 0  # steps taken for this policy: a write succeeds only on the step it read
     within: int = 0  # error mode: steps in a row with the live error within its target
+    tiers: tuple[float, ...] | None = None  # cost_budget: the tiers' thresholds of its row
+    live_cost: float | None = None  # cost_budget: per item, over the window
 
 
 def worker_id() -> str:
@@ -136,8 +143,24 @@ class Controller:
             return policy.threshold
         return policy.clamp(state.threshold)
 
+    def tiers_for(self, policy: PolicyState) -> tuple[float, ...] | None:
+        """The tiers' thresholds in force for `policy` (None: the policy's own)."""
+        if policy.mode != "cost_budget" or not self.config.enabled:
+            return None
+        state = self.state()
+        if state is None or state.policy != policy.stamp():
+            return None
+        return state.tiers
+
     # Once per interval.
-    async def step(self, policy: PolicyState, calibration: Calibration) -> None:
+    async def step(
+        self,
+        policy: PolicyState,
+        calibration: Calibration,
+        frontier: Frontier | None = None,
+        costs: tuple[float, ...] = (),
+    ) -> None:
+        """`frontier`, `costs` (per stage, the teacher last): the version's, for cost_budget."""
         self.window.sketching = self.config.enabled and policy.mode == "target_delegation_rate"
         local = self.window.roll()
         version = self.window.version
@@ -173,16 +196,30 @@ class Controller:
         if held is not None and time.time() - held.at < self.config.interval_s * 0.8:
             return  # another worker stepped this interval
         within = held.within if held is not None else 0
-        desired, reason, within = self._desired(policy, threshold, merged, calibration, within)
-        if desired is None:
-            return
-        new = policy.clamp(
-            threshold
-            + float(np.clip(desired - threshold, -self.config.max_step, self.config.max_step))
-        )
-        if abs(new - threshold) < self.config.min_change:
-            new = threshold  # within the hysteresis band: confirm, do not move
-        moved = new != threshold
+        tiers, live_cost = None, None
+        if policy.mode == "cost_budget":
+            if frontier is None or not costs:
+                return
+            tiers = held.tiers if held is not None else policy.tier_thresholds
+            row, reason, live_cost, within = self._on_frontier(
+                policy, threshold, tiers, merged, frontier, costs, within
+            )
+            if live_cost is not None:
+                self.metrics.live_cost(self.cascade, live_cost)
+            if row is None:
+                return
+            new, tiers = row.thresholds[0], (row.thresholds[1:] or None)
+        else:
+            desired, reason, within = self._desired(policy, threshold, merged, calibration, within)
+            if desired is None:
+                return
+            new = policy.clamp(
+                threshold
+                + float(np.clip(desired - threshold, -self.config.max_step, self.config.max_step))
+            )
+            if abs(new - threshold) < self.config.min_change:
+                new = threshold  # within the hysteresis band: confirm, do not move
+        moved = new != threshold or (held is not None and tiers != held.tiers)
         step = held.step if held is not None else 0
         record = ControllerState(
             threshold=new,
@@ -193,6 +230,8 @@ class Controller:
             reason=reason,
             step=step + 1,
             within=within,
+            tiers=tiers,
+            live_cost=live_cost,
         )
         value = record.model_dump_json().encode()
 
@@ -218,6 +257,47 @@ class Controller:
                 merged.workers,
                 merged.delegation_rate or 0.0,
             )
+
+    def _on_frontier(
+        self,
+        policy: PolicyState,
+        threshold: float,
+        tiers: tuple[float, ...] | None,
+        merged: Summary,
+        frontier: Frontier,
+        costs: tuple[float, ...],
+        within: int,
+    ) -> tuple[FrontierRow | None, str, float | None, int]:
+        """(the frontier row to serve or None to wait, why, the live cost per item, the steps
+        in a row a dearer row fitted)."""
+        assert policy.cost_budget is not None
+        budget = policy.cost_budget
+        answered = merged.stages
+        if answered.shape != (len(costs),) or answered.sum() < self.config.min_items:
+            return None, "filling the window", None, within
+        # An item answered by stage k paid for stages 0..k.
+        live = float(np.dot(answered, np.cumsum(costs)) / answered.sum())
+        rows = frontier.rows
+        current = (threshold, *(tiers or ()))
+
+        def distance(i: int) -> float:  # to the thresholds in force: the row served now
+            return max(abs(a - b) for a, b in zip(rows[i].thresholds, current, strict=False))
+
+        here = min(range(len(rows)), key=distance)
+        calibrated = rows[here].expected_cost
+        scale = live / calibrated if calibrated > 0 else 1.0
+        fits = [i for i, r in enumerate(rows) if r.expected_cost * scale <= budget]
+        # The rows are by cost, each more accurate than the cheaper ones (Pareto).
+        want = fits[-1] if fits else 0
+        why = f"live cost {live:.4f} ({scale:.2f}x the calibration's) against {budget:.4f}"
+        if live > budget * (1 + self.config.deadband) and want < here:
+            return rows[want], why, live, 0  # over the budget: cheaper at once
+        # Under it: one row dearer at a time, after LOWER_AFTER steps in a row that say it
+        # fits (the scale is measured on the row in force; on a dearer row it may not hold).
+        within = within + 1 if want > here else 0
+        if within >= _LOWER_AFTER:
+            return rows[here + 1], why, live, 0
+        return rows[here], f"live cost {live:.4f} within the budget {budget:.4f}", live, within
 
     def _exchange(self, local: bytes) -> list[bytes]:
         """On a thread (one hop for both): this worker's window out, every live one in."""

@@ -228,6 +228,15 @@ class Metrics:
             registry=reg,
             multiprocess_mode="livemostrecent",
         )
+        self.live_cost_gauge = Gauge(
+            "cascade_live_expected_cost",
+            "Compute per item over the live window, in the calibration's units (teacher = 1; "
+            "each item pays every stage up to the one that answered), while a cost budget is "
+            "held",
+            ["cascade"],
+            registry=reg,
+            multiprocess_mode="livemostrecent",
+        )
         self.live_items = Gauge(
             "cascade_live_window_items",
             "Items in the live window the controller reads (all workers and replicas)",
@@ -491,11 +500,9 @@ class Metrics:
                 self._child(self.answered_items, cascade, NAMES[code]).inc(count)
 
     @_never_raises
-    def answered_by(self, cascade: str, names: tuple[str, ...], stages: np.ndarray) -> None:
-        """Items answered, by the stage that answered (codes index `names`)."""
-        if len(stages) == 0:
-            return
-        for code, count in enumerate(np.bincount(stages, minlength=len(names)).tolist()):
+    def answered_by(self, cascade: str, names: tuple[str, ...], counts: np.ndarray) -> None:
+        """Items answered, by the stage that answered (`counts` per stage in `names`)."""
+        for code, count in enumerate(counts.tolist()):
             if count:
                 self._child(self.stage_items, cascade, names[code]).inc(count)
 
@@ -584,6 +591,10 @@ class Metrics:
     def overridden(self, cascade: str, kinds: list[str]) -> None:
         for kind in kinds:
             self.overrides.labels(cascade, kind).inc()
+
+    @_never_raises
+    def live_cost(self, cascade: str, value: float) -> None:
+        self.live_cost_gauge.labels(cascade).set(value)
 
     @_never_raises
     def teacher_limit(self, cascade: str, limit: float) -> None:

@@ -66,6 +66,7 @@ class BatchObserver(Protocol):
 
     def routed(self, margins: np.ndarray, delegated: int, forced: int) -> None: ...
     def answered(self, student_margins: np.ndarray, teacher_items: int) -> None: ...
+    def answered_by(self, counts: np.ndarray) -> None: ...
 
 
 class BatchPath:
@@ -84,9 +85,12 @@ class BatchPath:
         cache: ResponseCache | None = None,
         capture: Capture | None = None,
         remote: RemoteTiers | None = None,
+        tier_thresholds: Callable[[StudentVersion], tuple[float, ...]] | None = None,
     ) -> None:
         self.tracing = tracing
         self.remote = remote
+        # The tiers' thresholds in force per version (the controller's under a cost budget).
+        self.tier_thresholds = tier_thresholds or StudentVersion.tier_thresholds
         self.cascade = cascade
         self.n_classes = n_classes
         self.teacher = teacher
@@ -308,7 +312,7 @@ class BatchPath:
         if kept is not None:
             settled &= kept
         self.metrics.items(self.cascade, routes.outcome[settled])
-        self.metrics.answered_by(self.cascade, answer.stage_names, answer.stages()[settled])
+        self._answered_by(answer, answer.stages()[settled])
         served = n if kept is None else int(kept.sum())
         if version.remote:  # items sent on are counted where they settle (_settle)
             self._savings(version, served - int(routes.send.size), 0)
@@ -395,9 +399,7 @@ class BatchPath:
                         self._observe("answered", margins[sent][late], int((~late).sum()))
                         self.keeper.keep(version, keep, ~late, teacher_probs, margins[sent])
                     self.metrics.items(self.cascade, answer.outcome[sent])
-                    self.metrics.answered_by(
-                        self.cascade, answer.stage_names, answer.stages()[sent]
-                    )
+                    self._answered_by(answer, answer.stages()[sent])
                     if flight is not None:
                         self._settled(flight, sent, waiting)
                     else:
@@ -463,7 +465,7 @@ class BatchPath:
         request's `delegate: always` goes straight to the teacher, `never` stays with the
         student)."""
         unsure = decision.delegate if items is None else decision.delegate & (items.mode == _AUTO)
-        thresholds = version.tier_thresholds()[: len(version.tiers)]  # the local ones
+        thresholds = self.tier_thresholds(version)[: len(version.tiers)]  # the local ones
         chain = version.tiers.run(
             batch.tensors, logits, decision.margins, unsure, probs, thresholds
         )
@@ -523,7 +525,7 @@ class BatchPath:
                         assert a.stage is not None
                         a.stage[rows] = stage
                         margins = top2_margin(probs)
-                        threshold = f.version.tier_thresholds()[stage - 1]
+                        threshold = self.tier_thresholds(f.version)[stage - 1]
                         unsure = margins < threshold
                         a.outcome[rows[~unsure]] = _CONFIDENT
                         onward = self._forward(f, i + 1, rows[unsure], margins[unsure])
@@ -626,10 +628,19 @@ class BatchPath:
             return
         outcome, a = f.answer.outcome[rows], f.answer
         self.metrics.items(self.cascade, outcome)
-        self.metrics.answered_by(self.cascade, a.stage_names, a.stages()[rows])
+        self._answered_by(a, a.stages()[rows])
         self._savings(f.version, int(rows.size), 0)
         assert a.stage is not None
         self._observe("answered", f.margins[rows[a.stage[rows] == 0]], 0)
+
+    def _answered_by(self, answer: Answer, stages: np.ndarray) -> None:
+        """Items answered per stage: the metrics, and the live window (the live cost)."""
+        if not len(stages):
+            return
+        counts = np.bincount(stages, minlength=len(answer.stage_names))
+        self.metrics.answered_by(self.cascade, answer.stage_names, counts)
+        if self.observer is not None:
+            self._observe("answered_by", counts)
 
     def _observe(self, what: str, margins: np.ndarray, *counts: int) -> None:
         if self.observer is None:

@@ -137,6 +137,12 @@ class StudentVersion:
         return self._tier_defaults
 
     @property
+    def costs(self) -> tuple[float, ...]:
+        """Per item at each stage, the teacher last (the calibration's units: teacher = 1)."""
+        c = self.manifest.calibration
+        return (c.cost_student, *(t.cost for t in self.manifest.tiers), c.cost_teacher)
+
+    @property
     def _tier_defaults(self) -> tuple[float, ...]:
         return tuple(t.threshold for t in self.manifest.tiers)
 

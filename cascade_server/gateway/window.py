@@ -58,6 +58,8 @@ class Summary:
     answered: np.ndarray = field(default_factory=lambda: np.zeros(0))  # student answers/stratum
     shadowed: np.ndarray = field(default_factory=lambda: np.zeros(0))
     disagreed: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # Items answered by each stage (the student, the tiers, the teacher): the live cost.
+    stages: np.ndarray = field(default_factory=lambda: np.zeros(0))
     workers: int = 1
     version: str = ""  # the student version observed ("" when merged or unknown)
 
@@ -82,6 +84,7 @@ class Summary:
         self.answered = self.answered + other.answered
         self.shadowed = self.shadowed + other.shadowed
         self.disagreed = self.disagreed + other.disagreed
+        self.stages = _add(self.stages, other.stages)
         self.workers += other.workers
 
     @property
@@ -112,6 +115,7 @@ class Summary:
                 "answered": self.answered.tolist(),
                 "shadowed": self.shadowed.tolist(),
                 "disagreed": self.disagreed.tolist(),
+                "stages": self.stages.tolist(),
             }
         )
 
@@ -137,8 +141,19 @@ class Summary:
             counts("answered"),
             counts("shadowed"),
             counts("disagreed"),
+            np.asarray(data.get("stages", []), float).ravel(),
             version=str(data.get("version", "")),
         )
+
+
+def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-stage counts added; a window of another stage count (another version's, which the
+    merge leaves out anyway) is not mixed in."""
+    if not b.size:
+        return a
+    if not a.size:
+        return np.asarray(b, float).copy()
+    return a + b if a.shape == b.shape else a
 
 
 @dataclass
@@ -194,6 +209,10 @@ class Window:
                 strata_of(student_margins, self.strata), minlength=self.strata
             )
         self._pending.teacher_answered += teacher_items
+
+    def answered_by(self, counts: np.ndarray) -> None:
+        """Items answered, per stage (indexes the version's stage names)."""
+        self._pending.stages = _add(self._pending.stages, counts)
 
     def shadowed(self, margins: np.ndarray, agrees: np.ndarray) -> None:
         idx = strata_of(margins, self.strata)

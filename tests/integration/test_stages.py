@@ -238,3 +238,65 @@ def test_an_n_stage_bundle_without_a_frontier_refuses_frontier_targets(demo, tmp
             assert "no frontier" in r.json()["error"]["message"]
         r = client.put("/admin/threshold", json={"threshold": 0.5}, headers=AUTH)
         assert r.status_code == 200, r.text
+
+
+def test_the_controller_holds_a_cost_budget_along_the_frontier(demo, tmp_path):
+    """A frontier whose dear row claims a cost live traffic does not have (every item through
+    the tier and to the teacher, calibrated at 0.3): under a budget of 0.5 the live cost is
+    ~1.5, and the controller moves every stage's threshold to the cheaper row at once."""
+    import asyncio
+
+    from cascade_server.bundle import Frontier, FrontierRow
+
+    from .conftest import serving_in_process
+    from .test_live_control import eventually
+
+    cheap = FrontierRow(
+        thresholds=(0.0, 0.0), answered=(1.0, 0.0, 0.0), cascade_accuracy=0.9, expected_cost=0.05
+    )
+    dear = FrontierRow(
+        thresholds=(1.0, 1.0), answered=(0.0, 0.0, 1.0), cascade_accuracy=0.99, expected_cost=0.3
+    )
+    frontier = Frontier(split="val", n=100, rows=(cheap, dear))
+    bundle = three_stage_bundle(demo, tmp_path, frontier=frontier)
+    payloads = [{"image": b64(png_bytes(demo.images[i]))} for i in range(300)]
+
+    async def main():
+        settings = Settings(
+            bundles=[bundle.path],
+            state_dir=tmp_path / "state",
+            admin_token=TOKEN,
+            controller={"interval_s": 0.05, "min_items": 100},
+        )
+        app = create_app(settings, teacher_factory=lambda s, b: FakeTeacher())
+        async with serving_in_process(app) as client:
+            r = await client.put("/admin/threshold", json={"cost_budget": 0.5}, headers=AUTH)
+            assert r.status_code == 200, r.text
+            start = r.json()
+            before = [
+                (await client.post("/predict", json=p)).json()["answered_by"] for p in payloads[:5]
+            ]
+            await asyncio.gather(*(client.post("/predict", json=p) for p in payloads))
+
+            async def moved():
+                state = (await client.get("/admin/threshold", headers=AUTH)).json()
+                return state if state["tier_thresholds_in_force"] == [0.0] else None
+
+            state = await eventually(moved)
+            after = [
+                (await client.post("/predict", json=p)).json()["answered_by"] for p in payloads[:5]
+            ]
+            return start, before, state, after, (await client.get("/metrics")).text
+
+    start, before, state, after, text = asyncio.run(main())
+    assert start["threshold"] == 1.0 and start["tier_thresholds"] == [1.0]  # the dear row
+    assert set(before) == {"teacher"}
+    assert state is not None, "the controller did not move to the cheaper row"
+    assert state["threshold_in_force"] == 0.0
+    assert state["controller"]["reason"].startswith("live cost")
+    assert state["controller"]["live_cost"] > 0.5  # measured over the budget
+    assert set(after) == {"student"}
+    from .test_predict import metric_in
+
+    assert metric_in(text, "cascade_live_expected_cost") > 0
+    assert metric_in(text, "cascade_controller_moves_total") >= 1

@@ -339,3 +339,26 @@ def test_the_live_error_target_is_the_calibrations_disagreement_at_the_start():
     row = CAL.accepted_at(pol.threshold)
     assert live_target(pol, CAL) == pytest.approx(row.accepted_disagreements / row.accepted)
     assert live_target(pol, NO_COUNTS) == 0.1
+
+
+def test_per_stage_answers_travel_between_workers_and_older_windows_still_merge():
+    import orjson
+
+    from cascade_server.gateway.window import Summary, Window
+
+    config = ControllerConfig()
+    window = Window(config, strata=4)
+    window.answered_by(np.array([5, 2, 1]))
+    window.answered_by(np.array([1, 0, 3]))
+    mine = window.roll()
+    assert mine.stages.tolist() == [6, 2, 4]
+    other = Summary.from_bytes(mine.to_bytes(), config.relative_accuracy, 4)
+    assert other.stages.tolist() == [6, 2, 4]
+    # A window from a gateway before per-stage counts: no "stages" key, merges as none.
+    old = orjson.loads(mine.to_bytes())
+    del old["stages"]
+    older = Summary.from_bytes(orjson.dumps(old), config.relative_accuracy, 4)
+    merged = Summary.empty(config.relative_accuracy, 4)
+    for s in (other, older, other):
+        merged.merge(s)
+    assert merged.stages.tolist() == [12, 4, 8]
