@@ -246,6 +246,14 @@ def main() -> int:
     p.add_argument("--images", type=int, default=10000, help="test images served live")
     p.add_argument("--offline-only", action="store_true")
     p.add_argument("--reps", type=int, default=3, help="B-DISTIL stages vs graph, alternated")
+    p.add_argument("--budget", type=float, default=0.1, help="the cost budget held (teacher=1)")
+    p.add_argument("--shift-items", type=int, default=4000, help="requests per shift phase")
+    p.add_argument(
+        "--cost-hold",
+        action="store_true",
+        help="only the cost budget held under a traffic shift (the three-stage cascade): "
+        "writes benchmarks/results/stages-<dataset>-cost-hold.json",
+    )
     args = p.parse_args()
     work = ROOT / "runs" / f"stages-{args.dataset}"
     work.mkdir(parents=True, exist_ok=True)
@@ -294,6 +302,24 @@ def main() -> int:
         "bdistil stages": bdistil,
     }
     bundles = {k: Bundle.load(v) for k, v in cascades.items()}
+    if args.cost_hold:
+        bodies = encode(images)
+        repository = python_backend_repository(repo.resolve(), work / "triton" / "repository")
+        with TritonServer(repository, work / "triton") as triton:
+            held = cost_hold(
+                three,
+                bundles["mlp->lenet->teacher"],
+                triton.grpc_url,
+                work,
+                bodies,
+                labels,
+                args.budget,
+                args.shift_items,
+            )
+        path = ROOT / "benchmarks" / "results" / f"stages-{args.dataset}-cost-hold.json"
+        path.write_text(json.dumps(held, indent=2) + "\n")
+        log(f"wrote {path}")
+        return 0
     log("offline: frontiers on the test split")
     fronts = {k: test_frontier(b, repo, images, labels) for k, b in bundles.items()}
     teacher_acc = _teacher_accuracy(bundles["mlp->teacher"], repo, images, labels)
@@ -316,11 +342,7 @@ def main() -> int:
         )
     if args.offline_only:
         return 0
-    bodies = []
-    for img in images:
-        buf = io.BytesIO()
-        Image.fromarray(img.squeeze(-1), "L").save(buf, "PNG")
-        bodies.append(json.dumps({"image": base64.b64encode(buf.getvalue()).decode()}).encode())
+    bodies = encode(images)
     # The three-stage cascade once more with its LeNet on Triton (`runtime: triton`).
     live_repo, remote = lenet_on_triton(bundles["mlp->lenet->teacher"], repo, work)
     served = dict(cascades)
@@ -396,6 +418,75 @@ def main() -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     log(f"wrote {out}")
     return 0
+
+
+TOPS = (0, 2, 4, 6)  # T-shirt/top, Pullover, Coat, Shirt: the hard classes (adaptive.py)
+
+
+def cost_hold(
+    path: Path,
+    bundle: Bundle,
+    triton_url: str,
+    work: Path,
+    bodies: list[bytes],
+    labels: np.ndarray,
+    budget: float,
+    n: int,
+) -> dict:
+    """The three-stage cascade under `cost_budget`, the traffic shifting to the hard classes
+    and back: the cost per item realised (from who answered) per phase, with the controller
+    holding the budget and with it off (the calibrated row throughout)."""
+    m = bundle.manifest
+    costs = np.cumsum([m.calibration.cost_student, *(t.cost for t in m.tiers), 1.0])
+    names = bundle.stage_names
+    rng = np.random.default_rng(0)
+    tops = np.flatnonzero(np.isin(labels, TOPS))
+    phases = [
+        ("test mix", rng.choice(len(labels), n)),
+        ("only tops", rng.choice(tops, n)),
+        ("test mix again", rng.choice(len(labels), n)),
+    ]
+    out: dict = {"budget": budget, "modes": {}}
+    for mode, env in {
+        "held": {"CASCADE_CONTROLLER__INTERVAL_S": "0.25"},
+        "off": {"CASCADE_CONTROLLER__ENABLED": "false"},
+    }.items():
+        rows = []
+        with gateway(path, triton_url, work, **env) as url:
+            set_to = adaptive.admin(url, "PUT", "/admin/threshold", {"cost_budget": budget})
+            for phase, idx in phases:
+                recs = asyncio.run(closed_loop(url, [bodies[i] for i in idx], 8))
+                ok = [r for r in recs if r["status"] == 200]
+                stage = np.array([names.index(r["by"]) for r in ok])
+                correct = np.array([r["label"] for r in ok]) == labels[idx[[r["i"] for r in ok]]]
+                state = adaptive.admin(url, "GET", "/admin/threshold")
+                tail = stage[len(stage) // 2 :]  # the phase's second half: after a move
+                rows.append(
+                    {
+                        "phase": phase,
+                        "cost_per_item": round(float(costs[stage].mean()), 4),
+                        "cost_second_half": round(float(costs[tail].mean()), 4),
+                        "teacher_share": round(float((stage == len(names) - 1).mean()), 4),
+                        "accuracy": round(float(correct.mean()), 4),
+                        "thresholds_at_end": [
+                            round(state["threshold_in_force"], 4),
+                            *(round(t, 4) for t in state["tier_thresholds_in_force"]),
+                        ],
+                    }
+                )
+                log(f"  cost budget {budget} ({mode}), {phase}: {rows[-1]}")
+        out["modes"][mode] = {"start": set_to["tier_thresholds"], "phases": rows}
+    return out
+
+
+def encode(images: np.ndarray) -> list[bytes]:
+    """Each image as the JSON body of one request (a base64 PNG)."""
+    bodies = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img.squeeze(-1), "L").save(buf, "PNG")
+        bodies.append(json.dumps({"image": base64.b64encode(buf.getvalue()).decode()}).encode())
+    return bodies
 
 
 def needs_teacher(bundle: Bundle) -> float:

@@ -76,7 +76,7 @@ class Cascade:
         )
         self.shadow = Shadow(m.name, config.shadow, self.teacher, self.controller.window, metrics)
         self.controller.window.stratified = self.shadow.enabled
-        self.controller.reset(self.active.version)
+        self.controller.reset(self.active.version, len(self.active.stage_names))
         self.cache = ResponseCache(config.cache, metrics, m.name)
         self.capture = Capture(m.name, config.capture, metrics, m.modality, tuple(m.classes))
         self.shadow.capture = self.capture if self.capture.enabled else None
@@ -226,7 +226,7 @@ class Cascade:
 
     def _flipped(self) -> None:
         """A new student version serves: its own live window, and its threshold shown."""
-        self.controller.reset(self.active.version)
+        self.controller.reset(self.active.version, len(self.active.stage_names))
         self.threshold()
 
     def tier_thresholds(self, version: StudentVersion | None = None) -> tuple[float, ...]:

@@ -91,6 +91,10 @@ class PolicyState(BaseModel):
         return f"{self.mode}:{self.target}:{self.updated_at}:{self.student_version}"
 
     def clamp(self, value: float) -> float:
+        """Within the bounds, in the modes that move the student's threshold alone (a cost
+        budget serves whole frontier rows: a clamped row would be no row)."""
+        if self.mode == "cost_budget":
+            return value
         return min(max(value, self.min_threshold), self.max_threshold)
 
 
@@ -272,7 +276,11 @@ class ThresholdStore:
         start, mode = got.threshold, got.mode
         new = PolicyState(
             mode=mode,
-            threshold=min(max(start, min_threshold), max_threshold) if mode in ONLINE else start,
+            threshold=(
+                min(max(start, min_threshold), max_threshold)
+                if mode in ONLINE and mode != "cost_budget"
+                else start
+            ),
             target_delegation_rate=target_delegation_rate,
             max_student_error=max_student_error,
             target_accuracy=target_accuracy,

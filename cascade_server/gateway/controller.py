@@ -66,7 +66,9 @@ class ControllerState(BaseModel):
     items: float = 0.0
     reason: str = ""
     step: int = 0  # steps taken for this policy: a write succeeds only on the step it read
-    within: int = 0  # error mode: steps in a row with the live error within its target
+    # Error mode: steps in a row with the live error within its target; cost_budget: steps in
+    # a row a dearer row would fit.
+    within: int = 0
     tiers: tuple[float, ...] | None = None  # cost_budget: the tiers' thresholds of its row
     live_cost: float | None = None  # cost_budget: per item, over the window
 
@@ -97,6 +99,7 @@ class Controller:
         self.cascade_estimate: Estimate = UNKNOWN
         self._stamp: object = None
         self._state: ControllerState | None = None
+        self._row_seen: object = None  # cost_budget: the row whose traffic the window counts
         self.key = self._key_of("")
 
     def _key_of(self, version: str) -> str:
@@ -110,10 +113,11 @@ class Controller:
             version = hashlib.sha256(version.encode()).hexdigest()[:16]
         return f"{self.cascade}.controller.{version}"
 
-    def reset(self, version: str) -> None:
+    def reset(self, version: str, stages: int = 2) -> None:
         """A new student version: its window starts empty (and the policy's stamp, which names
-        the version, leaves the old version's moves behind)."""
-        self.window.reset(version)
+        the version, leaves the old version's moves behind). `stages`: how many answer."""
+        self.window.reset(version, stages)
+        self._row_seen = None
         self.key = self._key_of(version)
         self._stamp, self._state = None, None  # the new version's key: read afresh
         self.merged = Summary.empty(self.config.relative_accuracy, self.strata)
@@ -162,6 +166,16 @@ class Controller:
     ) -> None:
         """`frontier`, `costs` (per stage, the teacher last): the version's, for cost_budget."""
         self.window.sketching = self.config.enabled and policy.mode == "target_delegation_rate"
+        if policy.mode == "cost_budget":
+            # A row moved (by any worker): its traffic starts a new count, here and (as each
+            # notices within an interval) on every worker; the move after waits for min_items.
+            seen = self.state()
+            serving = None if seen is None else (seen.policy, seen.threshold, seen.tiers)
+            if serving != self._row_seen:
+                self._row_seen = serving
+                self.window.clear_stages()
+        else:
+            self.metrics.live_cost(self.cascade, None)
         local = self.window.roll()
         version = self.window.version
         merged = Summary.empty(self.config.relative_accuracy, self.strata)
@@ -219,7 +233,11 @@ class Controller:
             )
             if abs(new - threshold) < self.config.min_change:
                 new = threshold  # within the hysteresis band: confirm, do not move
-        moved = new != threshold or (held is not None and tiers != held.tiers)
+        if policy.mode == "cost_budget":
+            before = (held.threshold, held.tiers) if held else (threshold, policy.tier_thresholds)
+            moved = (new, tiers) != before
+        else:
+            moved = new != threshold
         step = held.step if held is not None else 0
         record = ControllerState(
             threshold=new,

@@ -593,8 +593,15 @@ class Metrics:
             self.overrides.labels(cascade, kind).inc()
 
     @_never_raises
-    def live_cost(self, cascade: str, value: float) -> None:
-        self.live_cost_gauge.labels(cascade).set(value)
+    def live_cost(self, cascade: str, value: float | None) -> None:
+        """None: no cost budget held (the series goes, rather than show a stale value)."""
+        if value is not None:
+            self.live_cost_gauge.labels(cascade).set(value)
+            return
+        try:
+            self.live_cost_gauge.remove(cascade)
+        except KeyError:
+            pass
 
     @_never_raises
     def teacher_limit(self, cascade: str, limit: float) -> None:

@@ -174,6 +174,7 @@ class Window:
         self.bucket_items = max(config.window_items // config.buckets, 1)
         self.bucket_s = config.window_s / config.buckets
         self.version = ""
+        self.stage_count = 2
         self._buckets: list[_Bucket] = []
         self._pending_margins: list[np.ndarray] = []
         self._pending = self._empty()
@@ -183,9 +184,11 @@ class Window:
         summary.workers = 1
         return summary
 
-    def reset(self, version: str) -> None:
-        """A new student version: what the old one was seen doing says nothing of it."""
+    def reset(self, version: str, stages: int = 2) -> None:
+        """A new student version: what the old one was seen doing says nothing of it.
+        `stages`: how many answer (the student, its tiers, the teacher)."""
         self.version = version
+        self.stage_count = stages
         self._buckets = []
         self._pending_margins = []
         self._pending = self._empty()
@@ -211,8 +214,17 @@ class Window:
         self._pending.teacher_answered += teacher_items
 
     def answered_by(self, counts: np.ndarray) -> None:
-        """Items answered, per stage (indexes the version's stage names)."""
-        self._pending.stages = _add(self._pending.stages, counts)
+        """Items answered, per stage (indexes the version's stage names). Counts of another
+        stage count (the old version's calls settling after a swap) are not this version's."""
+        if len(counts) == self.stage_count:
+            self._pending.stages = _add(self._pending.stages, counts)
+
+    def clear_stages(self) -> None:
+        """Forgets the per-stage counts: the stages' thresholds changed (a cost budget's
+        controller moved), and what the old row's traffic cost says nothing of the new one."""
+        for bucket in self._buckets:
+            bucket.summary.stages = np.zeros(0)
+        self._pending.stages = np.zeros(0)
 
     def shadowed(self, margins: np.ndarray, agrees: np.ndarray) -> None:
         idx = strata_of(margins, self.strata)

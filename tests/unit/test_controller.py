@@ -348,6 +348,8 @@ def test_per_stage_answers_travel_between_workers_and_older_windows_still_merge(
 
     config = ControllerConfig()
     window = Window(config, strata=4)
+    window.reset("v1", stages=3)
+    window.answered_by(np.array([9, 9]))  # another version's two stages: not counted
     window.answered_by(np.array([5, 2, 1]))
     window.answered_by(np.array([1, 0, 3]))
     mine = window.roll()
@@ -362,3 +364,84 @@ def test_per_stage_answers_travel_between_workers_and_older_windows_still_merge(
     for s in (other, older, other):
         merged.merge(s)
     assert merged.stages.tolist() == [12, 4, 8]
+
+
+def _frontier_and_budget_policy(budget, start_row):
+    from cascade_server.bundle import Frontier, FrontierRow
+
+    # Four rows of a three-stage cascade, by cost (each more accurate than the cheaper ones).
+    rows = tuple(
+        FrontierRow(
+            thresholds=(t, t),
+            answered=(1 - t, t / 2, t / 2),
+            cascade_accuracy=0.9 + t / 10,
+            expected_cost=cost,
+        )
+        for t, cost in ((0.1, 0.1), (0.3, 0.2), (0.5, 0.3), (0.7, 0.4))
+    )
+    row = rows[start_row]
+    pol = policy(
+        mode="cost_budget",
+        threshold=row.thresholds[0],
+        target_delegation_rate=None,
+        cost_budget=budget,
+        tier_thresholds=row.thresholds[1:],
+        min_threshold=0.6,  # bounds do not clamp whole rows
+    )
+    return Frontier(split="val", n=100, rows=rows), pol
+
+
+COSTS = (0.1, 0.2, 1.0)  # student, tier, teacher: an item the teacher answers paid 1.3
+
+
+def test_a_cost_budget_moves_to_the_row_that_fits_then_waits_for_the_new_rows_traffic(tmp_path):
+    frontier, pol = _frontier_and_budget_policy(budget=0.35, start_row=3)
+    c = controller(tmp_path, min_items=100)
+    c.reset("v1", stages=3)
+    served = []
+
+    async def main():
+        for _ in range(6):
+            # Live traffic twice as dear as calibrated at every row: 0.8 at the row of 0.4.
+            live = (
+                2
+                * frontier.rows[
+                    [r.thresholds for r in frontier.rows].index(
+                        (c.threshold_for(pol), *(c.tiers_for(pol) or pol.tier_thresholds))
+                    )
+                ].expected_cost
+            )
+            teacher = round(100 * (live - 0.1) / 1.2)  # the rest answered by the student
+            c.window.answered_by(np.array([100 - teacher, 0, teacher]))
+            await asyncio.sleep(0.01)
+            await c.step(pol, CAL, frontier=frontier, costs=COSTS)
+            served.append((c.threshold_for(pol), c.tiers_for(pol)))
+
+    asyncio.run(main())
+    # Scale 2 at the row of 0.4: the most accurate row within 0.35 / 2 is the row of 0.1 ...
+    assert served[0] == (0.1, (0.1,))
+    # ... where the old row's answers are forgotten and a dearer row is not tried at once.
+    assert all(s == (0.1, (0.1,)) for s in served[1:])
+    state = c.state()
+    assert state is not None and state.live_cost is not None and state.live_cost <= 0.35 * 1.01
+
+
+def test_a_cost_budget_comes_back_one_row_at_a_time_when_traffic_is_cheaper(tmp_path):
+    frontier, pol = _frontier_and_budget_policy(budget=0.35, start_row=0)
+    c = controller(tmp_path, min_items=100)
+    c.reset("v1", stages=3)
+    served = []
+
+    async def main():
+        for _ in range(25):
+            # Live traffic half as dear as calibrated: every row up to 0.4 (x 0.5) fits.
+            c.window.answered_by(np.array([100, 0, 0]))  # 0.1 per item: the row of 0.2 at 0.5x
+            await asyncio.sleep(0.01)
+            await c.step(pol, CAL, frontier=frontier, costs=COSTS)
+            served.append(c.threshold_for(pol))
+
+    asyncio.run(main())
+    assert served[0] == 0.1  # held at first
+    ups = [b for a, b in itertools.pairwise(served) if b != a]
+    assert ups[:2] == [0.3, 0.5]  # one row at a time, never straight to the dearest that fits
+    assert served.index(ups[0]) >= 9  # after ten steps that said a dearer row fits
