@@ -232,11 +232,9 @@ class Cascade:
     def tier_thresholds(self, version: StudentVersion | None = None) -> tuple[float, ...]:
         """The tiers' thresholds in force (the controller's while it holds a cost budget)."""
         version = version or self.active
-        if version is self.active:
-            held = self.controller.tiers_for(version.thresholds.current())
-            if held is not None and len(held) == len(version.manifest.tiers):
-                return held
-        return version.tier_thresholds()
+        if version is not self.active:
+            return version.tier_thresholds()  # a retiring version: its own policy
+        return version.tier_thresholds(self.controller.tiers_for(version.thresholds.current()))
 
     def _threshold_of(self, version: StudentVersion) -> float:
         if version is self.active:

@@ -36,6 +36,9 @@ Mode = Literal[
 ONLINE: tuple[Mode, ...] = ("target_delegation_rate", "max_student_error", "cost_budget")
 # Every stage's threshold from the calibrated frontier (bundle.py), resolved per version.
 ON_FRONTIER: tuple[Mode, ...] = ("target_accuracy", "cost_budget")
+# The modes that move the student's threshold alone, within min/max_threshold (a cost budget
+# serves whole frontier rows: a clamped row would be no row).
+BOUNDED: tuple[Mode, ...] = ("target_delegation_rate", "max_student_error")
 
 
 class PolicyState(BaseModel):
@@ -91,9 +94,8 @@ class PolicyState(BaseModel):
         return f"{self.mode}:{self.target}:{self.updated_at}:{self.student_version}"
 
     def clamp(self, value: float) -> float:
-        """Within the bounds, in the modes that move the student's threshold alone (a cost
-        budget serves whole frontier rows: a clamped row would be no row)."""
-        if self.mode == "cost_budget":
+        """Within the bounds, in the modes that have them (BOUNDED)."""
+        if self.mode not in BOUNDED:
             return value
         return min(max(value, self.min_threshold), self.max_threshold)
 
@@ -228,7 +230,7 @@ class ThresholdStore:
                 return self._default
             # Resolved for the version served: its stamp names it, so the controller's moves
             # for another version's start are not carried over a swap.
-            threshold = state.clamp(got.threshold) if state.online else got.threshold
+            threshold = state.clamp(got.threshold)
             state = state.model_copy(
                 update={
                     "threshold": threshold,
@@ -276,11 +278,7 @@ class ThresholdStore:
         start, mode = got.threshold, got.mode
         new = PolicyState(
             mode=mode,
-            threshold=(
-                min(max(start, min_threshold), max_threshold)
-                if mode in ONLINE and mode != "cost_budget"
-                else start
-            ),
+            threshold=min(max(start, min_threshold), max_threshold) if mode in BOUNDED else start,
             target_delegation_rate=target_delegation_rate,
             max_student_error=max_student_error,
             target_accuracy=target_accuracy,

@@ -140,6 +140,7 @@ class Controller:
         # Margins are sketched from the first batch an online target is served (not the first
         # step after it): the window fills sooner.
         self.window.sketching = self.config.enabled and policy.mode == "target_delegation_rate"
+        self.window.counting = self.config.enabled and policy.mode == "cost_budget"
         if not policy.online or not self.config.enabled:
             return policy.threshold
         state = self.state()
@@ -166,6 +167,7 @@ class Controller:
     ) -> None:
         """`frontier`, `costs` (per stage, the teacher last): the version's, for cost_budget."""
         self.window.sketching = self.config.enabled and policy.mode == "target_delegation_rate"
+        self.window.counting = self.config.enabled and policy.mode == "cost_budget"
         if policy.mode == "cost_budget":
             # A row moved (by any worker): its traffic starts a new count, here and (as each
             # notices within an interval) on every worker; the move after waits for min_items.
@@ -223,6 +225,8 @@ class Controller:
             if row is None:
                 return
             new, tiers = row.thresholds[0], (row.thresholds[1:] or None)
+            before = (held.threshold, held.tiers) if held else (threshold, policy.tier_thresholds)
+            moved = (new, tiers) != before
         else:
             desired, reason, within = self._desired(policy, threshold, merged, calibration, within)
             if desired is None:
@@ -233,10 +237,6 @@ class Controller:
             )
             if abs(new - threshold) < self.config.min_change:
                 new = threshold  # within the hysteresis band: confirm, do not move
-        if policy.mode == "cost_budget":
-            before = (held.threshold, held.tiers) if held else (threshold, policy.tier_thresholds)
-            moved = (new, tiers) != before
-        else:
             moved = new != threshold
         step = held.step if held is not None else 0
         record = ControllerState(

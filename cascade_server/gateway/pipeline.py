@@ -194,47 +194,22 @@ class BatchPath:
                 return
             # Step 5: the teacher (or the first tier on Triton), in the background, for what
             # was sent.
+            pending = None
             if version.remote:
                 pending = np.zeros(n, dtype=bool)
                 pending[sent] = True
-                flight = _Flight(
-                    jobs,
-                    answer,
-                    starts,
-                    waits,
-                    version,
-                    items,
-                    batch,
-                    decision.margins,
-                    keys,
-                    pending,
-                )
-                if items is not None and np.isfinite(items.deadline).any():
-                    self._fall_back_at_deadlines(
-                        jobs, answer, starts, waits, waiting, sent, items, pending
-                    )
-                handed, ticket = ticket, None  # the first hop's from here
-                self._first_hop(flight, sent, hop, handed)
-                return
-            else:
-                taken = batch.take(sent)
-                feeds = version.teacher_feeds(taken)
-                spans, headers = self._teacher_spans(jobs, waiting, sent.size)
-                keep = self.keeper.kept(taken, answer, sent, keys)
-                done = self._done(
-                    jobs,
-                    answer,
-                    starts,
-                    waits,
-                    waiting,
-                    sent,
-                    spans,
-                    decision.margins,
-                    version,
-                    keep,
-                )
             if items is not None and np.isfinite(items.deadline).any():
-                self._fall_back_at_deadlines(jobs, answer, starts, waits, waiting, sent, items)
+                self._fall_back_at_deadlines(
+                    jobs, answer, starts, waits, waiting, sent, items, pending
+                )
+            f = _Flight(
+                jobs, answer, starts, waits, version, items, batch, decision.margins, keys, pending
+            )
+            if version.remote:
+                handed, ticket = ticket, None  # the first hop's from here
+                self._first_hop(f, sent, hop, handed)
+                return
+            feeds, headers, done = self._teacher_call(f, waiting, sent)
         except BaseException:
             hop.release(ticket)  # no call holds it: a half-open probe slot comes back
             raise
@@ -354,41 +329,35 @@ class BatchPath:
                     )
                 )
 
+    def _teacher_call(
+        self, f: _Flight, waiting: np.ndarray, sent: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], dict[str, str] | None, Done]:
+        """The feeds, trace headers and done callback of a teacher call for `sent`."""
+        taken = f.batch.take(sent)
+        spans, headers = self._teacher_spans(f.jobs, waiting, sent.size)
+        keep = self.keeper.kept(taken, f.answer, sent, f.keys)
+        done = self._done(f, waiting, sent, spans, keep)
+        return f.version.teacher_feeds(taken), headers, done
+
     def _done(
-        self,
-        jobs: list[BatchJob],
-        answer: Answer,
-        starts: np.ndarray,
-        waits: list[float],
-        waiting: np.ndarray,
-        sent: np.ndarray,
-        spans: list[Any],
-        margins: np.ndarray,
-        version: StudentVersion,
-        keep: Kept,
-        flight: _Flight | None = None,
+        self, f: _Flight, waiting: np.ndarray, sent: np.ndarray, spans: list[Any], keep: Kept
     ) -> Done:
         """What answers the waiting requests when the teacher call ends (with tiers on Triton,
         those with no row still pending elsewhere). Whatever happens in it, no waiting request
         is left without an answer."""
         called = time.perf_counter()
+        jobs, answer, starts, waits = f.jobs, f.answer, f.starts, f.waits
+        margins, version = f.margins, f.version
 
         def done(
             teacher_probs: np.ndarray | None, error: str | None, exc: Exception | None
         ) -> None:
             try:
                 answer.teacher_s = time.perf_counter() - called
-                for span in spans:
-                    span.set_attribute("cascade.teacher.error", error or "")
-                    span.end()
+                _end_spans(spans, error)
                 if exc is None:
                     if teacher_probs is None:
-                        # A call cancelled (shutdown) did not fail: the student's answer, not
-                        # degraded, as when the teacher has no room.
-                        missing = _BUSY if error == "cancelled" else _FAILED
-                        answer.outcome[sent] = np.where(
-                            answer.outcome[sent] == _DEADLINE, _DEADLINE, missing
-                        )
+                        _unanswered(answer.outcome, sent, error)
                         self._observe("answered", margins[sent], 0)
                     else:
                         # Rows answered by the student at their deadline stay the student's.
@@ -400,17 +369,15 @@ class BatchPath:
                         self.keeper.keep(version, keep, ~late, teacher_probs, margins[sent])
                     self.metrics.items(self.cascade, answer.outcome[sent])
                     self._answered_by(answer, answer.stages()[sent])
-                    if flight is not None:
-                        self._settled(flight, sent, waiting)
+                    if f.pending is not None:
+                        self._settled(f, sent, waiting)
                     else:
                         _resolve(jobs, answer, starts, waits, waiting)
                     return
             except Exception as bug:
                 log.exception("cascade %s: answering a teacher call failed", self.cascade)
                 exc = bug
-            for j in np.flatnonzero(waiting):
-                if not jobs[j].future.done():
-                    jobs[j].future.set_exception(exc)
+            _fail(jobs, waiting, exc)
 
         return done
 
@@ -510,15 +477,12 @@ class BatchPath:
             a = f.answer
             try:
                 a.tiers_s += time.perf_counter() - called
-                for span in spans:
-                    span.set_attribute("cascade.teacher.error", error or "")
-                    span.end()
+                _end_spans(spans, error)
                 if exc is None:
                     late = a.outcome[sent] == _DEADLINE
                     onward = sent[:0]
                     if probs is None:
-                        missing = _BUSY if error == "cancelled" else _FAILED
-                        a.outcome[sent] = np.where(late, _DEADLINE, missing)
+                        _unanswered(a.outcome, sent, error)
                     else:
                         rows, probs = sent[~late], probs[~late]
                         a.probs[rows] = probs
@@ -536,9 +500,7 @@ class BatchPath:
             except Exception as bug:
                 log.exception("cascade %s: answering a tier call failed", self.cascade)
                 exc = bug
-            for j in np.flatnonzero(waiting):
-                if not f.jobs[j].future.done():
-                    f.jobs[j].future.set_exception(exc)
+            _fail(f.jobs, waiting, exc)
 
         return done
 
@@ -561,27 +523,11 @@ class BatchPath:
                 stage.release(ticket)
                 return sent
             waiting = _jobs_holding(f.starts, sent, len(f.jobs))
-            taken = f.batch.take(sent)
             if stage is self.teacher:
                 self._savings(f.version, int(sent.size), int(sent.size))
-                feeds = f.version.teacher_feeds(taken)
-                spans, headers = self._teacher_spans(f.jobs, waiting, sent.size)
-                keep = self.keeper.kept(taken, f.answer, sent, f.keys)
-                done = self._done(
-                    f.jobs,
-                    f.answer,
-                    f.starts,
-                    f.waits,
-                    waiting,
-                    sent,
-                    spans,
-                    f.margins,
-                    f.version,
-                    keep,
-                    f,
-                )
+                feeds, headers, done = self._teacher_call(f, waiting, sent)
             else:
-                feeds, headers, done = self._tier_call(f, i, waiting, sent, taken)
+                feeds, headers, done = self._tier_call(f, i, waiting, sent, f.batch.take(sent))
         except BaseException:
             stage.release(ticket)
             raise
@@ -618,6 +564,7 @@ class BatchPath:
 
     def _settled(self, f: _Flight, rows: np.ndarray, waiting: np.ndarray) -> None:
         """`rows` are no longer pending: the `waiting` requests with none left are answered."""
+        assert f.pending is not None  # a flight through Triton tiers
         f.pending[rows] = False
         still = _jobs_holding(f.starts, np.flatnonzero(f.pending), len(f.jobs))
         _resolve(f.jobs, f.answer, f.starts, f.waits, waiting & ~still)
@@ -684,7 +631,7 @@ class BatchPath:
 
 @dataclass(frozen=True)
 class _Flight:
-    """A batch's state while its rows travel the stages on Triton."""
+    """A batch's state while its rows are with the teacher, or travel the stages on Triton."""
 
     jobs: list[BatchJob]
     answer: Answer
@@ -695,7 +642,8 @@ class _Flight:
     batch: Batch
     margins: np.ndarray  # the student's
     keys: list[bytes] | None
-    pending: np.ndarray  # (n,) bool: rows a Triton stage still has to answer
+    # (n,) bool: rows a Triton stage still has to answer; None: only the teacher is called.
+    pending: np.ndarray | None
 
 
 @dataclass
@@ -723,6 +671,27 @@ class _ItemOptions:
 
     def budget(self, now: float) -> np.ndarray:
         return self.deadline - now
+
+
+def _end_spans(spans: list[Any], error: str | None) -> None:
+    for span in spans:
+        span.set_attribute("cascade.teacher.error", error or "")
+        span.end()
+
+
+def _unanswered(outcome: np.ndarray, sent: np.ndarray, error: str | None) -> None:
+    """A call that gave no answer: its rows keep the answer they hold. A cancelled call
+    (shutdown) did not fail: not degraded, as when there is no room. Rows answered at their
+    deadline stay so."""
+    missing = _BUSY if error == "cancelled" else _FAILED
+    outcome[sent] = np.where(outcome[sent] == _DEADLINE, _DEADLINE, missing)
+
+
+def _fail(jobs: list[BatchJob], waiting: np.ndarray, exc: BaseException) -> None:
+    """A bug answering a call: the requests still waiting on it answer 500, none is left."""
+    for j in np.flatnonzero(waiting):
+        if not jobs[j].future.done():
+            jobs[j].future.set_exception(exc)
 
 
 def _jobs_holding(starts: np.ndarray, items: np.ndarray, n_jobs: int) -> np.ndarray:

@@ -128,12 +128,13 @@ class StudentVersion:
         value: float = self.thresholds.current().threshold
         return value
 
-    def tier_thresholds(self) -> tuple[float, ...]:
-        """Each tier's threshold: the policy's when it set every stage's (a target accuracy or
-        cost budget on the frontier), else the bundle's calibrated ones."""
-        chosen = self.thresholds.current().tier_thresholds
-        if chosen is not None and len(chosen) == len(self.manifest.tiers):
-            return chosen
+    def tier_thresholds(self, held: tuple[float, ...] | None = None) -> tuple[float, ...]:
+        """Each tier's threshold: `held` (the controller's, under a cost budget), else the
+        policy's when it set every stage's (a target accuracy or cost budget on the
+        frontier), else the bundle's calibrated ones."""
+        for chosen in (held, self.thresholds.current().tier_thresholds):
+            if chosen is not None and len(chosen) == len(self.manifest.tiers):
+                return chosen
         return self._tier_defaults
 
     @property

@@ -171,6 +171,8 @@ class Window:
         # the plain counts serve a fixed threshold, at a fraction of the cost.
         self.sketching = False
         self.stratified = False
+        # Answers counted per stage only while a cost budget is held (the live cost).
+        self.counting = False
         self.bucket_items = max(config.window_items // config.buckets, 1)
         self.bucket_s = config.window_s / config.buckets
         self.version = ""
@@ -216,7 +218,7 @@ class Window:
     def answered_by(self, counts: np.ndarray) -> None:
         """Items answered, per stage (indexes the version's stage names). Counts of another
         stage count (the old version's calls settling after a swap) are not this version's."""
-        if len(counts) == self.stage_count:
+        if self.counting and len(counts) == self.stage_count:
             self._pending.stages = _add(self._pending.stages, counts)
 
     def clear_stages(self) -> None:

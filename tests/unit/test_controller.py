@@ -349,6 +349,7 @@ def test_per_stage_answers_travel_between_workers_and_older_windows_still_merge(
     config = ControllerConfig()
     window = Window(config, strata=4)
     window.reset("v1", stages=3)
+    window.counting = True  # as while a cost budget is held
     window.answered_by(np.array([9, 9]))  # another version's two stages: not counted
     window.answered_by(np.array([5, 2, 1]))
     window.answered_by(np.array([1, 0, 3]))
@@ -394,30 +395,34 @@ def _frontier_and_budget_policy(budget, start_row):
 COSTS = (0.1, 0.2, 1.0)  # student, tier, teacher: an item the teacher answers paid 1.3
 
 
-def test_a_cost_budget_moves_to_the_row_that_fits_then_waits_for_the_new_rows_traffic(tmp_path):
-    frontier, pol = _frontier_and_budget_policy(budget=0.35, start_row=3)
+def _hold_budget(tmp_path, start_row, steps, answers):
+    """A controller holding a budget of 0.35 for `steps` intervals; `answers(cost)` gives the
+    answers per stage of each interval from the calibrated cost of the row served. Returns
+    (the controller, the (threshold, tiers) in force after each step)."""
+    frontier, pol = _frontier_and_budget_policy(budget=0.35, start_row=start_row)
     c = controller(tmp_path, min_items=100)
     c.reset("v1", stages=3)
+    thresholds = [r.thresholds for r in frontier.rows]
     served = []
 
     async def main():
-        for _ in range(6):
-            # Live traffic twice as dear as calibrated at every row: 0.8 at the row of 0.4.
-            live = (
-                2
-                * frontier.rows[
-                    [r.thresholds for r in frontier.rows].index(
-                        (c.threshold_for(pol), *(c.tiers_for(pol) or pol.tier_thresholds))
-                    )
-                ].expected_cost
-            )
-            teacher = round(100 * (live - 0.1) / 1.2)  # the rest answered by the student
-            c.window.answered_by(np.array([100 - teacher, 0, teacher]))
+        for _ in range(steps):
+            here = (c.threshold_for(pol), *(c.tiers_for(pol) or pol.tier_thresholds))
+            c.window.answered_by(answers(frontier.rows[thresholds.index(here)].expected_cost))
             await asyncio.sleep(0.01)
             await c.step(pol, CAL, frontier=frontier, costs=COSTS)
             served.append((c.threshold_for(pol), c.tiers_for(pol)))
 
     asyncio.run(main())
+    return c, served
+
+
+def test_a_cost_budget_moves_to_the_row_that_fits_then_waits_for_the_new_rows_traffic(tmp_path):
+    def twice_as_dear(cost):  # live traffic twice as dear as calibrated: 0.8 at the row of 0.4
+        teacher = round(100 * (2 * cost - 0.1) / 1.2)  # the rest answered by the student
+        return np.array([100 - teacher, 0, teacher])
+
+    c, served = _hold_budget(tmp_path, start_row=3, steps=6, answers=twice_as_dear)
     # Scale 2 at the row of 0.4: the most accurate row within 0.35 / 2 is the row of 0.1 ...
     assert served[0] == (0.1, (0.1,))
     # ... where the old row's answers are forgotten and a dearer row is not tried at once.
@@ -427,20 +432,10 @@ def test_a_cost_budget_moves_to_the_row_that_fits_then_waits_for_the_new_rows_tr
 
 
 def test_a_cost_budget_comes_back_one_row_at_a_time_when_traffic_is_cheaper(tmp_path):
-    frontier, pol = _frontier_and_budget_policy(budget=0.35, start_row=0)
-    c = controller(tmp_path, min_items=100)
-    c.reset("v1", stages=3)
-    served = []
-
-    async def main():
-        for _ in range(25):
-            # Live traffic half as dear as calibrated: every row up to 0.4 (x 0.5) fits.
-            c.window.answered_by(np.array([100, 0, 0]))  # 0.1 per item: the row of 0.2 at 0.5x
-            await asyncio.sleep(0.01)
-            await c.step(pol, CAL, frontier=frontier, costs=COSTS)
-            served.append(c.threshold_for(pol))
-
-    asyncio.run(main())
+    # 0.1 per item whatever the row: at the row of 0.1 every row up to 0.3 fits, and each
+    # row dearer is cheaper still against its calibration.
+    _, steps = _hold_budget(tmp_path, 0, 25, answers=lambda cost: np.array([100, 0, 0]))
+    served = [threshold for threshold, _ in steps]
     assert served[0] == 0.1  # held at first
     ups = [b for a, b in itertools.pairwise(served) if b != a]
     assert ups[:2] == [0.3, 0.5]  # one row at a time, never straight to the dearest that fits
