@@ -140,7 +140,10 @@ class Controller:
         # Margins are sketched from the first batch an online target is served (not the first
         # step after it): the window fills sooner.
         self.window.sketching = self.config.enabled and policy.mode == "target_delegation_rate"
-        self.window.counting = self.config.enabled and policy.mode == "cost_budget"
+        counting = self.config.enabled and policy.mode == "cost_budget"
+        if counting and not self.window.counting:
+            self.window.clear_stages()  # a budget starts counting: nothing from before it
+        self.window.counting = counting
         if not policy.online or not self.config.enabled:
             return policy.threshold
         state = self.state()
@@ -167,15 +170,16 @@ class Controller:
     ) -> None:
         """`frontier`, `costs` (per stage, the teacher last): the version's, for cost_budget."""
         self.window.sketching = self.config.enabled and policy.mode == "target_delegation_rate"
-        self.window.counting = self.config.enabled and policy.mode == "cost_budget"
         if policy.mode == "cost_budget":
-            # A row moved (by any worker): its traffic starts a new count, here and (as each
-            # notices within an interval) on every worker; the move after waits for min_items.
-            seen = self.state()
-            serving = None if seen is None else (seen.policy, seen.threshold, seen.tiers)
-            if serving != self._row_seen:
-                self._row_seen = serving
+            # A new budget, or a row moved (by any worker): its traffic starts a new count,
+            # here and (as each notices within an interval) on every worker; the move after
+            # waits for min_items. Keyed on what this policy serves, not on the state stored
+            # (which may still be an earlier policy's).
+            tiers_now = self.tiers_for(policy) or policy.tier_thresholds
+            serving = (policy.stamp(), self.threshold_for(policy), tiers_now)
+            if self._row_seen is not None and serving != self._row_seen:
                 self.window.clear_stages()
+            self._row_seen = serving
         else:
             self.metrics.live_cost(self.cascade, None)
         local = self.window.roll()

@@ -358,14 +358,15 @@ class BatchPath:
                 if exc is None:
                     if teacher_probs is None:
                         _unanswered(answer.outcome, sent, error)
-                        self._observe("answered", margins[sent], 0)
+                        self._observe("answered", margins[_student_rows(answer, sent)], 0)
                     else:
                         # Rows answered by the student at their deadline stay the student's.
                         late = answer.outcome[sent] == _DEADLINE
                         answer.probs[sent[~late]] = teacher_probs[~late]
                         if answer.stage is not None:
                             answer.stage[sent[~late]] = len(answer.stage_names) - 1
-                        self._observe("answered", margins[sent][late], int((~late).sum()))
+                        late_rows = _student_rows(answer, sent[late])
+                        self._observe("answered", margins[late_rows], int((~late).sum()))
                         self.keeper.keep(version, keep, ~late, teacher_probs, margins[sent])
                     self.metrics.items(self.cascade, answer.outcome[sent])
                     self._answered_by(answer, answer.stages()[sent])
@@ -671,6 +672,12 @@ class _ItemOptions:
 
     def budget(self, now: float) -> np.ndarray:
         return self.deadline - now
+
+
+def _student_rows(answer: Answer, rows: np.ndarray) -> np.ndarray:
+    """Of `rows`, those holding the student's own answer (with tiers, a row left by the
+    teacher holds the last tier's: not the student's, for the live window)."""
+    return rows if answer.stage is None else rows[answer.stage[rows] == 0]
 
 
 def _end_spans(spans: list[Any], error: str | None) -> None:

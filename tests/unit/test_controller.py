@@ -440,3 +440,25 @@ def test_a_cost_budget_comes_back_one_row_at_a_time_when_traffic_is_cheaper(tmp_
     ups = [b for a, b in itertools.pairwise(served) if b != a]
     assert ups[:2] == [0.3, 0.5]  # one row at a time, never straight to the dearest that fits
     assert served.index(ups[0]) >= 9  # after ten steps that said a dearer row fits
+
+
+def test_a_new_cost_budget_starts_its_own_count(tmp_path):
+    """Budget A held (cheap traffic: it holds its row), then budget B set: B's first step
+    does not read A's traffic, though the stored state is still A's."""
+    frontier, a = _frontier_and_budget_policy(budget=0.35, start_row=0)
+    b = a.model_copy(update={"cost_budget": 0.3, "updated_at": "t1"})
+    c = controller(tmp_path, min_items=100)
+    c.reset("v1", stages=3)
+    counted = []
+
+    async def main():
+        for pol in (a, a, b):
+            c.threshold_for(pol)
+            c.window.answered_by(np.array([100, 0, 0]))
+            await asyncio.sleep(0.01)
+            await c.step(pol, CAL, frontier=frontier, costs=COSTS)
+            counted.append(float(c.merged.stages.sum()))
+
+    asyncio.run(main())
+    assert counted[:2] == [100, 200]  # A's intervals, held on its row
+    assert counted[2] == 0  # B starts afresh
