@@ -219,6 +219,12 @@ class Calibration(_Strict):
                 answered=(1.0 - r.delegation_rate, r.delegation_rate),
                 cascade_accuracy=r.cascade_accuracy,
                 expected_cost=r.expected_cost,
+                # The teacher answers the rest: only the student's own answers can disagree.
+                teacher_agreement=(
+                    None
+                    if r.accepted_disagreements is None or self.n <= 0
+                    else 1.0 - r.accepted_disagreements / self.n
+                ),
             )
             for r in self.table
         ]
@@ -300,6 +306,10 @@ class FrontierRow(_Strict):
     answered: tuple[float, ...]
     cascade_accuracy: float
     expected_cost: float  # per item, the teacher alone = 1.0
+    # Share of all items answered as the teacher answers them (the teacher's own count): what
+    # the gateway sees live (shadow samples), so a target accuracy is held in these terms.
+    # None in frontiers calibrated before it.
+    teacher_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @property
     def teacher_rate(self) -> float:

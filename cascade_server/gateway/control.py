@@ -9,7 +9,11 @@ Three modes, each audited when set (who, when, old -> new):
   lowest threshold whose upper confidence bound of the student's error on the calibration split
   is within it, by fixed-sequence testing (bundle.py; refused, naming the best, when none is),
   and the controller raises it when the live estimate (shadow samples) says the error is
-  higher.
+  higher;
+- `target_accuracy` / `cost_budget`: every stage's threshold from the calibrated frontier
+  (bundle.py), the cheapest row reaching the accuracy or the most accurate within the budget,
+  then held along the frontier by the controller (the accuracy on the cascade's live agreement
+  with the teacher, from shadow samples; the budget on the live cost per item).
 
 The state lives in the control store (stores.py); every use reads the store's in-process view,
 so a change made through any worker applies to the next batch on every worker and survives a
@@ -33,7 +37,12 @@ Mode = Literal[
     "threshold", "target_delegation_rate", "max_student_error", "target_accuracy", "cost_budget"
 ]
 # Held live by the delegation controller (controller.py); a cost budget walks the frontier.
-ONLINE: tuple[Mode, ...] = ("target_delegation_rate", "max_student_error", "cost_budget")
+ONLINE: tuple[Mode, ...] = (
+    "target_delegation_rate",
+    "max_student_error",
+    "target_accuracy",
+    "cost_budget",
+)
 # Every stage's threshold from the calibrated frontier (bundle.py), resolved per version.
 ON_FRONTIER: tuple[Mode, ...] = ("target_accuracy", "cost_budget")
 # The modes that move the student's threshold alone, within min/max_threshold (a cost budget
@@ -264,6 +273,16 @@ class ThresholdStore:
         stage's threshold); returns (old, new)."""
         if min_threshold > max_threshold:
             raise InvalidInput("min_threshold must not exceed max_threshold")
+        if (target_accuracy is not None or cost_budget is not None) and (
+            min_threshold > 0.0 or max_threshold < 1.0
+        ):
+            # A frontier mode serves whole rows: a clamped row would be no row (and silently
+            # ignoring the bounds would let an operator believe they hold).
+            raise InvalidInput(
+                "min_threshold and max_threshold bound the student's threshold alone; "
+                "target_accuracy and cost_budget move every stage's along the frontier and "
+                "take neither"
+            )
         got = resolve(
             self.calibration,
             threshold=threshold,

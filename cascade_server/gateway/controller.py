@@ -15,6 +15,13 @@ workers, all replicas) and moves the threshold:
   frontier row in force gives how much dearer live traffic is than the calibration split.
   Over the budget, the most accurate row whose calibrated cost, so scaled, fits is taken at
   once; under it, one row dearer at a time, after ten steps in a row that say it fits;
+- `target_accuracy`: along the frontier too, on the cascade's live agreement with the teacher
+  (shadow samples of every stage's answers, the teacher's own agreeing by definition) held at
+  the agreement the calibration split shows at the row the target resolved to (the target in
+  the teacher's terms). The live disagreement against the calibrated one of the row in force
+  gives how much harder live traffic is: when it is above the target with 90% confidence, the
+  cheapest dearer row whose calibrated disagreement, so scaled, fits is taken at once; one row
+  cheaper after ten steps in a row in which that row fits on the 95% bound;
 - `max_student_error`: up, when the live estimate of the student's error on what it answers
   alone (shadow samples, teacher as reference, held at the calibration's own disagreement at
   the start threshold) is above the target with 90% confidence: to the lowest margin stratum
@@ -46,8 +53,8 @@ from pydantic import BaseModel
 
 from ..bundle import Calibration, Frontier, FrontierRow
 from ..config.delegation import ControllerConfig
-from .control import PolicyState
-from .estimates import UNKNOWN, Estimate, agreement, cascade_agreement, error_above
+from .control import ON_FRONTIER, PolicyState
+from .estimates import UNKNOWN, Estimate, agreement, error_above, stages_agreement
 from .metrics import Metrics
 from .stores import ControlStore
 from .window import Summary, Window
@@ -67,10 +74,14 @@ class ControllerState(BaseModel):
     reason: str = ""
     step: int = 0  # steps taken for this policy: a write succeeds only on the step it read
     # Error mode: steps in a row with the live error within its target; cost_budget: steps in
-    # a row a dearer row would fit.
+    # a row a dearer row would fit; target_accuracy: a cheaper one.
     within: int = 0
-    tiers: tuple[float, ...] | None = None  # cost_budget: the tiers' thresholds of its row
+    tiers: tuple[float, ...] | None = None  # frontier modes: the tiers' thresholds of its row
     live_cost: float | None = None  # cost_budget: per item, over the window
+    # target_accuracy: the cascade's live agreement with the teacher, and the agreement it is
+    # held at (the calibration's at the row the target resolved to).
+    live_agreement: float | None = None
+    target_agreement: float | None = None
 
 
 def worker_id() -> str:
@@ -140,10 +151,15 @@ class Controller:
         # Margins are sketched from the first batch an online target is served (not the first
         # step after it): the window fills sooner.
         self.window.sketching = self.config.enabled and policy.mode == "target_delegation_rate"
-        counting = self.config.enabled and policy.mode == "cost_budget"
-        if counting and not self.window.counting:
-            self.window.clear_stages()  # a budget starts counting: nothing from before it
-        self.window.counting = counting
+        # Answers per stage: for the frontier modes, and for the live agreement of a cascade
+        # with tiers while shadow samples are taken (the tiers' shares of the answers).
+        w = self.window
+        counting = (self.config.enabled and policy.mode in ON_FRONTIER) or (
+            w.stratified and w.stage_count > 2
+        )
+        if counting and not w.counting:
+            w.clear_stages()  # counting starts: nothing from before it
+        w.counting = counting
         if not policy.online or not self.config.enabled:
             return policy.threshold
         state = self.state()
@@ -153,7 +169,7 @@ class Controller:
 
     def tiers_for(self, policy: PolicyState) -> tuple[float, ...] | None:
         """The tiers' thresholds in force for `policy` (None: the policy's own)."""
-        if policy.mode != "cost_budget" or not self.config.enabled:
+        if policy.mode not in ON_FRONTIER or not self.config.enabled:
             return None
         state = self.state()
         if state is None or state.policy != policy.stamp():
@@ -168,10 +184,11 @@ class Controller:
         frontier: Frontier | None = None,
         costs: tuple[float, ...] = (),
     ) -> None:
-        """`frontier`, `costs` (per stage, the teacher last): the version's, for cost_budget."""
+        """`frontier`, `costs` (per stage, the teacher last): the version's, for the frontier
+        modes."""
         self.window.sketching = self.config.enabled and policy.mode == "target_delegation_rate"
-        if policy.mode == "cost_budget":
-            # A new budget, or a row moved (by any worker): its traffic starts a new count,
+        if policy.mode in ON_FRONTIER:
+            # A new target, or a row moved (by any worker): its traffic starts a new count,
             # here and (as each notices within an interval) on every worker; the move after
             # waits for min_items. Keyed on what this policy serves, not on the state stored
             # (which may still be an earlier policy's).
@@ -199,8 +216,8 @@ class Controller:
             if not other.version or other.version == self.window.version:
                 merged.merge(other)
         self.merged = merged
-        self._estimate(merged)
         threshold = self.threshold_for(policy)
+        self._estimate(merged, threshold)
         self.metrics.live(
             self.cascade,
             merged,
@@ -216,16 +233,21 @@ class Controller:
         if held is not None and time.time() - held.at < self.config.interval_s * 0.8:
             return  # another worker stepped this interval
         within = held.within if held is not None else 0
-        tiers, live_cost = None, None
-        if policy.mode == "cost_budget":
+        tiers, live_cost, live_agreement, target_agreement = None, None, None, None
+        if policy.mode in ON_FRONTIER:
             if frontier is None or not costs:
                 return
             tiers = held.tiers if held is not None else policy.tier_thresholds
-            row, reason, live_cost, within = self._on_frontier(
-                policy, threshold, tiers, merged, frontier, costs, within
-            )
-            if live_cost is not None:
-                self.metrics.live_cost(self.cascade, live_cost)
+            if policy.mode == "cost_budget":
+                row, reason, live_cost, within = self._on_frontier(
+                    policy, threshold, tiers, merged, frontier, costs, within
+                )
+                if live_cost is not None:
+                    self.metrics.live_cost(self.cascade, live_cost)
+            else:
+                row, reason, live_agreement, target_agreement, within = self._for_accuracy(
+                    policy, threshold, tiers, merged, frontier, within
+                )
             if row is None:
                 return
             new, tiers = row.thresholds[0], (row.thresholds[1:] or None)
@@ -254,6 +276,8 @@ class Controller:
             within=within,
             tiers=tiers,
             live_cost=live_cost,
+            live_agreement=live_agreement,
+            target_agreement=target_agreement,
         )
         value = record.model_dump_json().encode()
 
@@ -300,12 +324,7 @@ class Controller:
         # An item answered by stage k paid for stages 0..k.
         live = float(np.dot(answered, np.cumsum(costs)) / answered.sum())
         rows = frontier.rows
-        current = (threshold, *(tiers or ()))
-
-        def distance(i: int) -> float:  # to the thresholds in force: the row served now
-            return max(abs(a - b) for a, b in zip(rows[i].thresholds, current, strict=False))
-
-        here = min(range(len(rows)), key=distance)
+        here = _nearest(frontier, (threshold, *(tiers or ())))
         calibrated = rows[here].expected_cost
         scale = live / calibrated if calibrated > 0 else 1.0
         fits = [i for i, r in enumerate(rows) if r.expected_cost * scale <= budget]
@@ -321,18 +340,104 @@ class Controller:
             return rows[here + 1], why, live, 0
         return rows[here], f"live cost {live:.4f} within the budget {budget:.4f}", live, within
 
+    def _for_accuracy(
+        self,
+        policy: PolicyState,
+        threshold: float,
+        tiers: tuple[float, ...] | None,
+        merged: Summary,
+        frontier: Frontier,
+        within: int,
+    ) -> tuple[FrontierRow | None, str, float | None, float | None, int]:
+        """(the frontier row to serve or None to wait, why, the live agreement, the target
+        agreement, the steps in a row a cheaper row fitted)."""
+        rows = frontier.rows
+        here = _nearest(frontier, (threshold, *(tiers or ())))
+        # The row the target resolved to (the policy's own thresholds): its calibrated
+        # agreement with the teacher is the target in the terms seen live.
+        target_row = _nearest(frontier, (policy.threshold, *(policy.tier_thresholds or ())))
+        target = rows[target_row].teacher_agreement
+        calibrated = rows[here].teacher_agreement
+        if target is None or calibrated is None:
+            why = "the frontier has no teacher agreement (calibrated before it): not held"
+            return None, why, None, target, within
+        answered = merged.stages
+        if answered.size < 2 or answered.sum() < self.config.min_items:
+            return None, "filling the window", None, target, within
+        start = _stratum(threshold, self.strata)
+        live = self._stages_estimate(merged, start, self.config.confidence)
+        if not live.known:
+            return None, "no shadow samples yet", None, target, within
+        # Disagreement, live against calibrated on the row in force: how much harder the live
+        # traffic is (at the teacher-only row there is nothing to scale: 1).
+        d_here, d_target = 1.0 - calibrated, 1.0 - target
+
+        def scale(agree: float) -> float:
+            return (1.0 - agree) / d_here if d_here > 1e-9 else 1.0
+
+        def disagreement(i: int) -> float:
+            a = rows[i].teacher_agreement
+            return 1.0 - (a if a is not None else 0.0)
+
+        # Quick in the safe direction, as the error mode: a one-sided 90% bound says the live
+        # agreement is under the target; the cheapest dearer row that the scale says fits.
+        quick = self._stages_estimate(merged, start, 0.8)
+        if live.samples >= _MIN_SAMPLES and quick.upper < target:
+            s = scale(live.value)
+            dearer = [i for i in range(here + 1, len(rows)) if disagreement(i) * s <= d_target]
+            want = dearer[0] if dearer else len(rows) - 1
+            why = (
+                f"live agreement {live.value:.4f} (90% upper bound {quick.upper:.4f}) "
+                f"< {target:.4f}"
+            )
+            if want > here:
+                return rows[want], why, live.value, target, 0
+            return rows[here], why + ": the most accurate row already", live.value, target, 0
+        # One row cheaper after LOWER_AFTER steps in a row in which it fits on the 95% bound
+        # (the scale is measured on the row in force; a probe, as the cost mode's climb).
+        fits = here > 0 and disagreement(here - 1) * scale(live.lower) <= d_target
+        within = within + 1 if fits else 0
+        why = f"live agreement {live.value:.4f} in [{live.lower:.4f}, {live.upper:.4f}]"
+        if within >= _LOWER_AFTER:
+            return rows[here - 1], why + f" >= {target:.4f}", live.value, target, 0
+        return rows[here], why, live.value, target, within
+
+    def _stages_estimate(self, merged: Summary, start: int, confidence: float) -> Estimate:
+        return stages_agreement(
+            merged.answered,
+            merged.shadowed,
+            merged.disagreed,
+            start,
+            merged.stages,
+            merged.stage_shadowed,
+            merged.stage_disagreed,
+            confidence,
+        )
+
     def _exchange(self, local: bytes) -> list[bytes]:
         """On a thread (one hop for both): this worker's window out, every live one in."""
         backend, ttl = self.store.backend, self.config.worker_ttl_s
         backend.publish(self.live_group, self.me, local, ttl)
         return backend.collect(self.live_group, ttl)
 
-    def _estimate(self, merged: Summary) -> None:
+    def _estimate(self, merged: Summary, threshold: float) -> None:
         self.student_estimate = agreement(
             merged.answered, merged.shadowed, merged.disagreed, self.config.confidence
         )
-        self.cascade_estimate = cascade_agreement(
-            self.student_estimate, merged.student_answered, merged.teacher_answered
+        stages, start = merged.stages, _stratum(threshold, self.strata)
+        if stages.size < 2 or stages.sum() <= 0:
+            # Not counted per stage (a two-stage cascade outside the frontier modes): the
+            # student's and the teacher's answers, over every stratum.
+            stages, start = np.array([merged.student_answered, merged.teacher_answered]), 0
+        self.cascade_estimate = stages_agreement(
+            merged.answered,
+            merged.shadowed,
+            merged.disagreed,
+            start,
+            stages,
+            merged.stage_shadowed,
+            merged.stage_disagreed,
+            self.config.confidence,
         )
 
     def _desired(
@@ -367,7 +472,7 @@ class Controller:
             return q, f"margin quantile {target:.3f}", 0
         assert policy.max_student_error is not None
         target = live_target(policy, calibration)
-        start = int(min(threshold, 0.999999) * self.strata)
+        start = _stratum(threshold, self.strata)
         confidence = self.config.confidence
         live = error_above(merged.answered, merged.shadowed, merged.disagreed, start, confidence)
         if not live.known:
@@ -441,6 +546,22 @@ def live_target(policy: PolicyState, calibration: Calibration) -> float:
     if row is None or not row.accepted or row.accepted_disagreements is None:
         return policy.max_student_error
     return row.accepted_disagreements / row.accepted
+
+
+def _nearest(frontier: Frontier, thresholds: tuple[float, ...]) -> int:
+    """The frontier row closest to `thresholds` (every stage's, the student first): the row
+    served now, or a policy's own."""
+    rows = frontier.rows
+
+    def distance(i: int) -> float:
+        return max(abs(a - b) for a, b in zip(rows[i].thresholds, thresholds, strict=False))
+
+    return min(range(len(rows)), key=distance)
+
+
+def _stratum(threshold: float, strata: int) -> int:
+    """The margin stratum a threshold falls in: the student answers it and those above."""
+    return int(min(threshold, 0.999999) * strata)
 
 
 def _parse(raw: bytes | None) -> ControllerState | None:

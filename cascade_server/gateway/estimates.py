@@ -129,3 +129,47 @@ def error_above(
     if not est.known:
         return UNKNOWN
     return Estimate(1 - est.value, 1 - est.upper, 1 - est.lower, est.samples)
+
+
+def stages_agreement(
+    answered: np.ndarray,
+    shadowed: np.ndarray,
+    disagreed: np.ndarray,
+    start: int,
+    stage_answered: np.ndarray,
+    stage_shadowed: np.ndarray,
+    stage_disagreed: np.ndarray,
+    confidence: float = 0.95,
+) -> Estimate:
+    """Agreement of every answer of an N-stage cascade with the teacher (a two-stage one too):
+    `stage_answered` items answered per stage (the student first, the teacher last), the
+    tiers' shadow tallies `stage_shadowed`/`stage_disagreed` (per stage; the student's entry
+    unused), and the student's by margin stratum, of which only strata `start` and up count
+    (below the threshold in force, a stratum's answers are from before a move).
+
+    Post-stratified by stage: the student's strata, weighted to its share of the answers, and
+    one stratum per tier are combined as `agreement` does (unsampled ones widen the
+    interval); the teacher's own answers agree by definition (`cascade_agreement`)."""
+    stage_answered = np.asarray(stage_answered, float)
+    if stage_answered.size < 2 or stage_answered.sum() <= 0:
+        return UNKNOWN
+    own = stage_answered[0]
+    tiers = stage_answered[1:-1]
+    a, s, d = (np.asarray(x, float)[start:] for x in (answered, shadowed, disagreed))
+    if a.sum() > 0:
+        a = a * (own / a.sum())
+    else:  # no stratum counts (yet): the student's share as one unsampled stratum
+        a, s, d = np.array([own]), np.zeros(1), np.zeros(1)
+    k = tiers.size
+
+    def per_tier(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, float)
+        return x[1:-1] if x.size == stage_answered.size else np.zeros(k)
+
+    est = agreement(
+        np.concatenate([a, tiers]),
+        np.concatenate([s, per_tier(stage_shadowed)]),
+        np.concatenate([d, per_tier(stage_disagreed)]),
+        confidence,
+    )
+    return cascade_agreement(est, own + float(tiers.sum()), float(stage_answered[-1]))

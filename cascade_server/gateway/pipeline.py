@@ -182,14 +182,14 @@ class BatchPath:
             if not sent.size:
                 hop.release(ticket)
                 ticket = None
-            by_student = self._account(version, decision, routes, refused, items, n, answer)
+            kept = self._account(version, decision, routes, refused, items, n, answer)
             # Step 4: answer what is decided; refuse what the accuracy floor does not allow.
             waiting = _jobs_holding(starts, sent, len(jobs))
             if refused is not None:
                 self._refuse(jobs, starts, refused)
             _resolve(jobs, answer, starts, waits, ~waiting)
             if self.shadow is not None:  # after the answers: a sample never delays one
-                self._offer(version, batch, decision.margins, by_student, probs)
+                self._offer(version, batch, decision.margins, kept, probs, answer.stage)
             if not sent.size:
                 return
             # Step 5: the teacher (or the first tier on Triton), in the background, for what
@@ -280,7 +280,8 @@ class BatchPath:
         answer: Answer,
     ) -> np.ndarray:
         """Metrics and the live window for the items answered now (refused requests' items
-        are in neither: they were not served); returns which the student answers alone."""
+        are in neither: they were not served); returns which are answered without the
+        teacher (by the student, or a tier in the gateway)."""
         settled = np.ones(n, dtype=bool)
         settled[routes.send] = False
         kept = None if refused is None else ~refused
@@ -306,11 +307,12 @@ class BatchPath:
         margins = decision.margins if by_threshold is None else decision.margins[by_threshold]
         delegated = decision.delegate if routed is None else decision.delegate[routed]
         self._observe("routed", margins, int(delegated.sum()), n_forced)
-        by_student: np.ndarray = settled & ~BY_TEACHER[routes.outcome]
+        kept_here: np.ndarray = settled & ~BY_TEACHER[routes.outcome]
+        by_student = kept_here
         if answer.stage is not None:  # a tier's answer is not the student's
-            by_student &= answer.stage == 0
+            by_student = kept_here & (answer.stage == 0)
         self._observe("answered", decision.margins[by_student], 0)
-        return by_student
+        return kept_here
 
     def _savings(self, version: StudentVersion, items: int, to_teacher: int) -> None:
         calibration = version.manifest.calibration
@@ -497,6 +499,11 @@ class BatchPath:
                     settled = np.setdiff1d(sent, onward, assume_unique=True)
                     self._settle(f, settled)
                     self._settled(f, settled, waiting)
+                    if probs is not None and self.shadow is not None:
+                        # After the answers: the tier's own, for its live agreement.
+                        mine = np.zeros(len(a.outcome), dtype=bool)
+                        mine[rows[~unsure]] = True
+                        self._offer(f.version, f.batch, f.margins, mine, a.probs, a.stage)
                     return
             except Exception as bug:
                 log.exception("cascade %s: answering a tier call failed", self.cascade)
@@ -598,10 +605,18 @@ class BatchPath:
         except Exception as exc:  # an observer never fails a request
             self._observer_failures("cascade %s: observer failed: %r", self.cascade, exc)
 
-    def _offer(self, version: StudentVersion, batch: Batch, *args: np.ndarray) -> None:
+    def _offer(
+        self,
+        version: StudentVersion,
+        batch: Batch,
+        margins: np.ndarray,
+        answered: np.ndarray,
+        probs: np.ndarray,
+        stages: np.ndarray | None,
+    ) -> None:
         assert self.shadow is not None
         try:
-            self.shadow.offer(version, batch, *args)
+            self.shadow.offer(version, batch, margins, answered, probs, stages)
         except Exception as exc:  # shadow sampling never fails a request
             self._observer_failures("cascade %s: shadow sampling failed: %r", self.cascade, exc)
 

@@ -1,6 +1,7 @@
-"""Shadow samples: a share of the student's answers also goes to the teacher, off the response
-path, so the gateway can say live how often the teacher agrees with what the student answers
-alone (estimates.py, by margin stratum).
+"""Shadow samples: a share of the student's answers (and, in an N-stage cascade, of its tiers')
+also goes to the teacher, off the response path, so the gateway can say live how often the
+teacher agrees with what the student answers alone (estimates.py, by margin stratum) and with
+what the cascade answers without it (every stage; a target accuracy is held on it).
 
 Shadows are the lowest priority there is: a sample waits in a bounded queue and is dropped
 (counted, never an error) when the queue is full, when the teacher's circuit is not closed, or
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 class _Sample:
     feeds: dict[str, np.ndarray]
     margins: np.ndarray
-    classes: np.ndarray  # the student's answers
+    classes: np.ndarray  # the answers given (the student's, or a tier's)
+    stages: np.ndarray  # the stage that gave each (0: the student)
     # For the capture (when on): the canonical inputs, the student's probabilities, versions.
     tensors: dict[str, np.ndarray] | None = None
     probs: np.ndarray | None = None
@@ -93,14 +95,16 @@ class Shadow:
         version: StudentVersion,
         batch: Batch,
         margins: np.ndarray,
-        by_student: np.ndarray,
+        answered: np.ndarray,
         probs: np.ndarray,
+        stages: np.ndarray | None = None,
     ) -> None:
-        """On the request path: picks this batch's samples (a Bernoulli draw per student
-        answer) and queues them; never waits."""
+        """On the request path: picks this batch's samples (a Bernoulli draw per answer
+        given without the teacher, `answered`; `probs` holds them, `stages` says which stage
+        gave each, None: the student) and queues them; never waits."""
         if not self.enabled:
             return
-        candidates = np.flatnonzero(by_student)
+        candidates = np.flatnonzero(answered)
         if not candidates.size:
             return
         picked = candidates[self._rng.random(candidates.size) < self.config.fraction]
@@ -110,7 +114,12 @@ class Shadow:
             self.metrics.shadowed(self.cascade, "dropped", int(picked.size))
             return
         tensors = batch.take(picked)
-        sample = _Sample(version.teacher_feeds(tensors), margins[picked], probs[picked].argmax(1))
+        sample = _Sample(
+            version.teacher_feeds(tensors),
+            margins[picked],
+            probs[picked].argmax(1),
+            np.zeros(picked.size, np.int64) if stages is None else stages[picked].astype(np.int64),
+        )
         if self.capture is not None:
             sample.tensors, sample.probs = tensors, probs[picked]
             sample.versions = (version.version, version.versions["teacher"])
@@ -164,6 +173,7 @@ class Shadow:
             feeds,
             np.concatenate([p.margins for p in parts]),
             np.concatenate([p.classes for p in parts]),
+            np.concatenate([p.stages for p in parts]),
         )
         first = parts[0]
         if first.tensors is not None and all(
@@ -195,15 +205,16 @@ class Shadow:
                 teacher_probs = softmax(np.asarray(logits))
             except ValueError:  # non-finite: nothing worth keeping
                 teacher_probs = None
-            if teacher_probs is not None:
+            own = sample.stages == 0  # the capture keeps the student's probabilities
+            if teacher_probs is not None and own.any():
                 self.capture.offer(
-                    sample.tensors,
-                    teacher_probs,
-                    sample.probs,
-                    sample.margins,
+                    {k: v[own] for k, v in sample.tensors.items()},
+                    teacher_probs[own],
+                    sample.probs[own],
+                    sample.margins[own],
                     "shadow",
                     *sample.versions,
                 )
-        self.window.shadowed(sample.margins, agrees)
+        self.window.shadowed(sample.margins, agrees, sample.stages)
         self.metrics.shadowed(self.cascade, "agree", int(agrees.sum()))
         self.metrics.shadowed(self.cascade, "disagree", int((~agrees).sum()))

@@ -60,6 +60,10 @@ class Summary:
     disagreed: np.ndarray = field(default_factory=lambda: np.zeros(0))
     # Items answered by each stage (the student, the tiers, the teacher): the live cost.
     stages: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # Shadow samples of each stage's answers and, of those, the ones the teacher answered
+    # otherwise (the tiers' live agreement; the student's is by stratum above).
+    stage_shadowed: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    stage_disagreed: np.ndarray = field(default_factory=lambda: np.zeros(0))
     workers: int = 1
     version: str = ""  # the student version observed ("" when merged or unknown)
 
@@ -85,6 +89,8 @@ class Summary:
         self.shadowed = self.shadowed + other.shadowed
         self.disagreed = self.disagreed + other.disagreed
         self.stages = _add(self.stages, other.stages)
+        self.stage_shadowed = _add(self.stage_shadowed, other.stage_shadowed)
+        self.stage_disagreed = _add(self.stage_disagreed, other.stage_disagreed)
         self.workers += other.workers
 
     @property
@@ -116,6 +122,8 @@ class Summary:
                 "shadowed": self.shadowed.tolist(),
                 "disagreed": self.disagreed.tolist(),
                 "stages": self.stages.tolist(),
+                "stage_shadowed": self.stage_shadowed.tolist(),
+                "stage_disagreed": self.stage_disagreed.tolist(),
             }
         )
 
@@ -142,6 +150,8 @@ class Summary:
             counts("shadowed"),
             counts("disagreed"),
             np.asarray(data.get("stages", []), float).ravel(),
+            np.asarray(data.get("stage_shadowed", []), float).ravel(),
+            np.asarray(data.get("stage_disagreed", []), float).ravel(),
             version=str(data.get("version", "")),
         )
 
@@ -222,13 +232,36 @@ class Window:
             self._pending.stages = _add(self._pending.stages, counts)
 
     def clear_stages(self) -> None:
-        """Forgets the per-stage counts: the stages' thresholds changed (a cost budget's
-        controller moved), and what the old row's traffic cost says nothing of the new one."""
-        for bucket in self._buckets:
-            bucket.summary.stages = np.zeros(0)
-        self._pending.stages = np.zeros(0)
+        """Forgets the per-stage counts and tallies: the stages' thresholds changed (the
+        controller moved along the frontier), and what the old row's traffic cost, or how
+        often its tiers agreed with the teacher, says nothing of the new one. (The student's
+        tallies by margin stratum stay: a stratum's agreement does not depend on the
+        threshold.)"""
+        for summary in [*(b.summary for b in self._buckets), self._pending]:
+            summary.stages = np.zeros(0)
+            summary.stage_shadowed = np.zeros(0)
+            summary.stage_disagreed = np.zeros(0)
 
-    def shadowed(self, margins: np.ndarray, agrees: np.ndarray) -> None:
+    def shadowed(
+        self, margins: np.ndarray, agrees: np.ndarray, stages: np.ndarray | None = None
+    ) -> None:
+        """Shadow samples answered: the student's margin and the stage that answered each
+        (None: the student), and whether the teacher agreed. The student's are tallied by
+        margin stratum; every stage's, while answers are counted per stage."""
+        if stages is not None and len(stages):
+            if self.counting and stages.max() < self.stage_count:
+                p = self._pending
+                p.stage_shadowed = _add(
+                    p.stage_shadowed, np.bincount(stages, minlength=self.stage_count)
+                )
+                p.stage_disagreed = _add(
+                    p.stage_disagreed,
+                    np.bincount(
+                        stages, weights=(~agrees).astype(float), minlength=self.stage_count
+                    ),
+                )
+            own = stages == 0
+            margins, agrees = margins[own], agrees[own]
         idx = strata_of(margins, self.strata)
         self._pending.shadowed = self._pending.shadowed + np.bincount(idx, minlength=self.strata)
         self._pending.disagreed = self._pending.disagreed + np.bincount(

@@ -36,6 +36,7 @@ class _Stage:
     thresholds: np.ndarray  # (G,) ascending, unique
     places: np.ndarray  # (n,) int: thresholds at or below the item's margin (0: always moves on)
     right: np.ndarray  # (n,) bool: the stage's answer is the label
+    agrees: np.ndarray  # (n,) bool: the stage's answer is the teacher's
 
 
 def _levels(grid: int | Sequence[float]) -> np.ndarray:
@@ -50,7 +51,12 @@ def _levels(grid: int | Sequence[float]) -> np.ndarray:
 
 
 def _stage(
-    logits: np.ndarray, labels: np.ndarray, n_classes: int, levels: np.ndarray, policy: OutputPolicy
+    logits: np.ndarray,
+    labels: np.ndarray,
+    teacher: np.ndarray,
+    n_classes: int,
+    levels: np.ndarray,
+    policy: OutputPolicy,
 ) -> _Stage:
     base = policy.decide(logits, 0.0)
     forced = base.forced  # class-based rules (stage 0) and non-finite rows: at any threshold
@@ -61,8 +67,9 @@ def _stage(
     rhos = [0.0 if q == 0.0 else 1.0 if q == 1.0 else float(np.quantile(free, q)) for q in levels]
     thresholds = np.unique(np.asarray(rhos, dtype=np.float64))
     places = np.where(forced, 0, np.searchsorted(thresholds, margins, side="right"))
-    right = policy.predictions(logits, n_classes) == labels
-    return _Stage(thresholds, places.astype(np.int64), right)
+    predictions = policy.predictions(logits, n_classes)
+    agrees = predictions == teacher
+    return _Stage(thresholds, places.astype(np.int64), predictions == labels, agrees)
 
 
 def _suffix(h: np.ndarray, axis: int) -> np.ndarray:
@@ -81,6 +88,9 @@ class Grid:
     thresholds: list[np.ndarray]
     answered: list[np.ndarray]  # per stage, the teacher last: items it answers
     correct: np.ndarray  # items the cascade answers right
+    # Items the cascade answers as the teacher does: what the gateway can check live (shadow
+    # samples), so what a target accuracy is held at there.
+    agreeing: np.ndarray
     cost: np.ndarray  # expected cost per item
     n: int
 
@@ -110,8 +120,9 @@ def grid_counts(
                 f"stage {k} answers {s.shape[1:]} outputs, the cascade has {n_classes}"
             )
     levels = _levels(grid)
+    teacher = teacher_logits.argmax(1)
     stages = [
-        _stage(logits, labels, n_classes, levels, policy if k == 0 else PLAIN)
+        _stage(logits, labels, teacher, n_classes, levels, policy if k == 0 else PLAIN)
         for k, logits in enumerate(stage_logits)
     ]
     sizes = tuple(len(s.thresholds) for s in stages)
@@ -145,9 +156,11 @@ def grid_counts(
 
     ones = histogram()
     answered = [kept(ones, k) for k in range(n_stages)] + [passed(ones, n_stages)]
-    correct = passed(histogram(teacher_logits.argmax(1) == labels), n_stages)
+    correct = passed(histogram(teacher == labels), n_stages)
+    agreeing = answered[-1]  # the teacher agrees with itself
     for k, stage in enumerate(stages):
         correct = correct + kept(histogram(stage.right), k)
+        agreeing = agreeing + kept(histogram(stage.agrees), k)
     spend = costs[0] * n + cost_teacher * answered[-1]
     for k in range(1, n_stages):  # every item reaching tier k pays for it
         spend = spend + costs[k] * passed(ones, k)
@@ -155,6 +168,7 @@ def grid_counts(
         thresholds=[stage.thresholds for stage in stages],
         answered=[np.broadcast_to(a, sizes).astype(np.int64) for a in answered],
         correct=np.broadcast_to(correct, sizes).astype(np.int64),
+        agreeing=np.broadcast_to(agreeing, sizes).astype(np.int64),
         cost=np.broadcast_to(spend / n, sizes).astype(np.float64),
         n=n,
     )
@@ -192,6 +206,7 @@ def frontier(
     )
     cost = g.cost.ravel()
     correct = g.correct.ravel()
+    agreeing = g.agreeing.ravel()
     order = np.lexsort((np.arange(cost.size), -correct, cost))  # by cost, then accuracy
     ranked = correct[order]
     best_before = np.maximum.accumulate(np.concatenate([[-1], ranked[:-1]]))
@@ -207,6 +222,7 @@ def frontier(
                 answered=tuple(float(a.ravel()[flat]) / g.n for a in g.answered),
                 cascade_accuracy=float(correct[flat]) / g.n,
                 expected_cost=float(cost[flat]),
+                teacher_agreement=float(agreeing[flat]) / g.n,
             )
         )
     return Frontier(split=split, n=g.n, rows=tuple(rows))
@@ -256,6 +272,7 @@ def row_summary(row: FrontierRow) -> dict[str, object]:
     return {
         "cost": row.expected_cost,
         "accuracy": row.cascade_accuracy,
+        "teacher_agreement": row.teacher_agreement,
         "teacher_share": row.teacher_rate,
         "thresholds": list(row.thresholds),
         "answered": list(row.answered),
