@@ -17,8 +17,8 @@ workers, all replicas) and moves the threshold:
   once; under it, one row dearer at a time, after ten steps in a row that say it fits;
 - `target_accuracy`: along the frontier too, on the cascade's live agreement with the teacher
   (shadow samples of every stage's answers, the teacher's own agreeing by definition) held at
-  the agreement the calibration split shows at the row the target resolved to (the target in
-  the teacher's terms). The live disagreement against the calibrated one of the row in force
+  the agreement the calibration split shows at the target accuracy (interpolated between the
+  frontier's rows: the target in the teacher's terms). The live disagreement against the calibrated one of the row in force
   gives how much harder live traffic is: when it is above the target with 90% confidence, the
   cheapest dearer row whose calibrated disagreement, so scaled, fits is taken at once; one row
   cheaper after ten steps in a row in which that row fits on the 95% bound;
@@ -351,16 +351,22 @@ class Controller:
     ) -> tuple[FrontierRow | None, str, float | None, float | None, int]:
         """(the frontier row to serve or None to wait, why, the live agreement, the target
         agreement, the steps in a row a cheaper row fitted)."""
+        assert policy.target_accuracy is not None
         rows = frontier.rows
         here = _nearest(frontier, (threshold, *(tiers or ())))
-        # The row the target resolved to (the policy's own thresholds): its calibrated
-        # agreement with the teacher is the target in the terms seen live.
-        target_row = _nearest(frontier, (policy.threshold, *(policy.tier_thresholds or ())))
-        target = rows[target_row].teacher_agreement
-        calibrated = rows[here].teacher_agreement
-        if target is None or calibrated is None:
+        agreements = [r.teacher_agreement for r in rows]
+        if any(a is None for a in agreements):
             why = "the frontier has no teacher agreement (calibrated before it): not held"
-            return None, why, None, target, within
+            return None, why, None, None, within
+        # The target in the terms seen live: the agreement with the teacher the calibration
+        # shows at the target accuracy, between the rows around it (accuracy rises strictly
+        # along the frontier). The row it resolved to reaches at least that: its headroom
+        # keeps a row calibrated just at the target from being judged on noise.
+        target = float(
+            np.interp(policy.target_accuracy, [r.cascade_accuracy for r in rows], agreements)
+        )
+        calibrated = agreements[here]
+        assert calibrated is not None
         answered = merged.stages
         if answered.size < 2 or answered.sum() < self.config.min_items:
             return None, "filling the window", None, target, within
@@ -376,8 +382,7 @@ class Controller:
             return (1.0 - agree) / d_here if d_here > 1e-9 else 1.0
 
         def disagreement(i: int) -> float:
-            a = rows[i].teacher_agreement
-            return 1.0 - (a if a is not None else 0.0)
+            return 1.0 - (agreements[i] or 0.0)
 
         # Quick in the safe direction, as the error mode: a one-sided 90% bound says the live
         # agreement is under the target; the cheapest dearer row that the scale says fits.

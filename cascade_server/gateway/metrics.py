@@ -269,7 +269,8 @@ class Metrics:
         )
         self.shadow_items = Counter(
             "cascade_shadow_items",
-            "Student answers sampled for the teacher off the response path, by result: agree, "
+            "Answers given without the teacher (the student's, a tier's) sampled for the teacher "
+            "off the response path, by result: agree, "
             "disagree, dropped (no room: shed first), failed",
             ["cascade", "result"],
             registry=reg,

@@ -300,3 +300,102 @@ def test_the_controller_holds_a_cost_budget_along_the_frontier(demo, tmp_path):
 
     assert metric_in(text, "cascade_live_expected_cost") > 0
     assert metric_in(text, "cascade_controller_moves_total") >= 1
+
+
+def test_the_controller_holds_a_target_accuracy_on_the_tiers_live_agreement(demo, tmp_path):
+    """A target accuracy resolves to the row where the tier answers everything, calibrated to
+    agree with the teacher on 99% of items. Live, the teacher (a fake answering 3 to all) agrees
+    with the tier's answers about one time in ten: the tier's shadow samples say so, and the
+    controller moves every stage's threshold to the dearer row (the teacher answers) at once.
+    The student answers nothing on that row: the evidence is the tier's samples alone."""
+    import asyncio
+
+    from cascade_server.bundle import Frontier, FrontierRow
+
+    from .conftest import serving_in_process
+    from .test_live_control import eventually
+    from .test_predict import metric_in
+
+    by_tier = FrontierRow(
+        thresholds=(1.0, 0.0),
+        answered=(0.0, 1.0, 0.0),
+        cascade_accuracy=0.95,
+        expected_cost=0.5,
+        teacher_agreement=0.99,
+    )
+    dear = FrontierRow(
+        thresholds=(1.0, 1.0),
+        answered=(0.0, 0.0, 1.0),
+        cascade_accuracy=0.99,
+        expected_cost=1.5,
+        teacher_agreement=1.0,
+    )
+    frontier = Frontier(split="val", n=100, rows=(by_tier, dear))
+    bundle = three_stage_bundle(demo, tmp_path, frontier=frontier)
+    payloads = [{"image": b64(png_bytes(demo.images[i]))} for i in range(300)]
+    teacher = FakeTeacher(answer=3)
+
+    async def main():
+        settings = Settings(
+            bundles=[bundle.path],
+            state_dir=tmp_path / "state",
+            admin_token=TOKEN,
+            controller={"interval_s": 0.05, "min_items": 100},
+            shadow={"fraction": 1.0},
+        )
+        app = create_app(settings, teacher_factory=lambda s, b: teacher)
+        async with serving_in_process(app) as client:
+            r = await client.put("/admin/threshold", json={"target_accuracy": 0.9}, headers=AUTH)
+            assert r.status_code == 200, r.text
+            start = r.json()
+            before = [
+                (await client.post("/predict", json=p)).json()["answered_by"] for p in payloads[:5]
+            ]
+            for i in range(0, len(payloads), 30):  # a few batches, so shadows have room
+                await asyncio.gather(*(client.post("/predict", json=p) for p in payloads[i:][:30]))
+
+            async def moved():
+                state = (await client.get("/admin/threshold", headers=AUTH)).json()
+                return state if state["tier_thresholds_in_force"] == [1.0] else None
+
+            state = await eventually(moved)
+            after = [
+                (await client.post("/predict", json=p)).json()["answered_by"] for p in payloads[:5]
+            ]
+            return start, before, state, after, (await client.get("/metrics")).text
+
+    start, before, state, after, text = asyncio.run(main())
+    assert start["tier_thresholds"] == [0.0]  # the tier's row
+    assert set(before) == {"cnn"}
+    assert state is not None, "the controller did not move to the dearer row"
+    controller = state["controller"]
+    assert controller["reason"].startswith("live agreement")
+    assert controller["target_agreement"] == 0.99
+    assert controller["live_agreement"] < 0.5  # the fake teacher agrees with ~1 in 10
+    assert set(after) == {"teacher"}
+    assert metric_in(text, "cascade_controller_moves_total") >= 1
+    # The tier's answers were what was shadowed (the student answered none).
+    assert metric_in(text, "cascade_shadow_items_total", result="disagree") > 0
+
+
+def test_frontier_targets_refuse_threshold_bounds(demo, tmp_path):
+    """min/max_threshold bound the student's threshold alone: with a target on the frontier
+    they would be ignored, so they are refused (422) rather than silently dropped."""
+    from cascade_server.bundle import Frontier, FrontierRow
+
+    row = FrontierRow(
+        thresholds=(0.2, 0.5), answered=(0.8, 0.15, 0.05), cascade_accuracy=0.9, expected_cost=0.2
+    )
+    bundle = three_stage_bundle(demo, tmp_path, frontier=Frontier(split="val", n=100, rows=(row,)))
+    settings = Settings(bundles=[bundle.path], state_dir=tmp_path / "state", admin_token=TOKEN)
+    app = create_app(settings, teacher_factory=lambda s, b: FakeTeacher())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for body in (
+            {"target_accuracy": 0.8, "min_threshold": 0.1},
+            {"cost_budget": 0.3, "max_threshold": 0.9},
+        ):
+            r = client.put("/admin/threshold", json=body, headers=AUTH)
+            assert r.status_code == 422, r.text
+            assert "take neither" in r.json()["error"]["message"]
+        r = client.put("/admin/threshold", json={"target_accuracy": 0.8}, headers=AUTH)
+        assert r.status_code == 200, r.text

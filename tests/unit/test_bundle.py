@@ -80,3 +80,25 @@ def test_missing_student_file_is_reported(tmp_path):
 def test_manifest_rejects_nonsense(bad):
     with pytest.raises(ValidationError):
         make_manifest(**bad)
+
+
+def test_a_two_stage_frontier_carries_the_teachers_agreement_from_the_table():
+    """The calibration table counts the student's disagreements with the teacher on what it
+    keeps; the frontier row says the share of all items answered as the teacher answers them.
+    A table from before those counts gives rows without it (the controller does not hold a
+    target accuracy on them)."""
+    cal = make_calibration()
+    rows = cal.frontier().rows
+    by_threshold = {r.threshold: r for r in cal.table}
+    for row in rows:
+        source = by_threshold[row.thresholds[0]]
+        assert source.accepted_disagreements is not None
+        assert row.teacher_agreement == pytest.approx(1 - source.accepted_disagreements / cal.n)
+    assert rows[-1].teacher_agreement == pytest.approx(1.0)  # everything to the teacher
+    assert rows[0].teacher_agreement < rows[-1].teacher_agreement
+    old = cal.model_copy(
+        update={
+            "table": tuple(r.model_copy(update={"accepted_disagreements": None}) for r in cal.table)
+        }
+    )
+    assert all(r.teacher_agreement is None for r in old.frontier().rows)

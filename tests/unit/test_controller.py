@@ -462,3 +462,119 @@ def test_a_new_cost_budget_starts_its_own_count(tmp_path):
     asyncio.run(main())
     assert counted[:2] == [100, 200]  # A's intervals, held on its row
     assert counted[2] == 0  # B starts afresh
+
+
+# target_accuracy: a two-stage cascade whose student's disagreement with the teacher falls with
+# its margin stratum (0.2 in the lowest, 0.02 in the highest), items spread evenly over the
+# strata. A row's threshold t leaves strata >= 10 t to the student, the rest to the teacher.
+_DISAGREE = 0.2 * (1 - np.arange(10) / 10)
+_ROW_T = (0.2, 0.4, 0.6, 0.8)
+
+
+def _accuracy_frontier_and_policy(start_row, agreement=True):
+    from cascade_server.bundle import Frontier, FrontierRow
+
+    rows = tuple(
+        FrontierRow(
+            thresholds=(t,),
+            answered=(1 - t, t),
+            cascade_accuracy=0.9 + t / 10,
+            expected_cost=0.05 + t,
+            # 0.928, 0.958, 0.98, 0.994
+            teacher_agreement=1 - _DISAGREE[round(t * 10) :].sum() / 10 if agreement else None,
+        )
+        for t in _ROW_T
+    )
+    row = rows[start_row]
+    pol = policy(
+        mode="target_accuracy",
+        threshold=row.thresholds[0],
+        target_delegation_rate=None,
+        # Half way from the row before: the row reaches it with room (0.943 in agreement).
+        target_accuracy=row.cascade_accuracy - 0.01,
+    )
+    return Frontier(split="val", n=1000, rows=rows), pol
+
+
+def _hold_accuracy(tmp_path, start_row, steps, harder, agreement=True):
+    """A controller holding the target accuracy of row `start_row` for `steps` intervals of
+    300 items each, live disagreement `harder` times the calibration's in every stratum, every
+    student answer shadowed. Returns (the controller, the threshold in force after each step)."""
+    frontier, pol = _accuracy_frontier_and_policy(start_row, agreement)
+    c = controller(tmp_path, min_items=100, window_items=20_000, buckets=50)
+    c.reset("v1", stages=2)
+    c.window.stratified = True  # as with shadow samples on
+    rng = np.random.default_rng(0)
+    served = []
+
+    async def main():
+        for _ in range(steps):
+            t = c.threshold_for(pol)
+            margins = np.repeat((np.arange(10) + 0.5) / 10, 30)
+            own = margins >= t
+            c.window.routed(margins, int((~own).sum()))
+            c.window.answered(margins[own], int((~own).sum()))
+            c.window.answered_by(np.array([own.sum(), (~own).sum()]))
+            odds = harder * _DISAGREE[(margins[own] * 10).astype(int)]
+            c.window.shadowed(margins[own], rng.random(own.sum()) >= odds, np.zeros(own.sum(), int))
+            await asyncio.sleep(0.01)
+            await c.step(pol, CAL, frontier=frontier, costs=(0.05, 1.0))
+            served.append(c.threshold_for(pol))
+
+    asyncio.run(main())
+    return c, served
+
+
+def test_a_target_accuracy_moves_dearer_at_once_when_live_traffic_is_harder(tmp_path):
+    c, served = _hold_accuracy(tmp_path, start_row=1, steps=8, harder=2.0)
+    # Twice the calibration's disagreement at the row of 0.958: the target (0.943 agreement,
+    # 0.057 disagreement) holds live only on a row calibrated at <= 0.0285: the row of 0.6
+    # (0.02), not the dearest one.
+    moves = [b for a, b in itertools.pairwise([0.4, *served]) if b != a]
+    assert moves == [0.6]  # one move, straight to the row that fits, and it holds there
+    assert served.index(0.6) <= 2  # as soon as a window's samples say so (quick, 90%)
+    state = c.state()
+    assert state is not None and state.target_agreement == pytest.approx(0.943)
+    assert state.live_agreement is not None and state.live_agreement >= 0.943
+
+
+def test_a_target_accuracy_comes_back_one_row_after_ten_steps_when_traffic_is_easier(tmp_path):
+    _, served = _hold_accuracy(tmp_path, start_row=1, steps=30, harder=0.25)
+    assert served[0] == 0.4
+    moves = [b for a, b in itertools.pairwise(served) if b != a]
+    assert moves == [0.2]  # one row cheaper, and the cheapest is the last
+    assert served.index(0.2) >= 9  # after ten steps in which it fitted on the 95% bound
+
+
+def test_a_target_accuracy_holds_its_row_while_live_traffic_is_as_calibrated(tmp_path):
+    _, served = _hold_accuracy(tmp_path, start_row=1, steps=15, harder=1.0)
+    assert set(served) == {0.4}
+
+
+def test_a_frontier_without_teacher_agreement_is_not_held(tmp_path):
+    c, served = _hold_accuracy(tmp_path, start_row=1, steps=5, harder=3.0, agreement=False)
+    assert set(served) == {0.4}
+    assert c.state() is None  # no move written
+
+
+def test_shadow_samples_of_every_stage_are_tallied_per_stage_and_the_students_by_stratum():
+    from cascade_server.gateway.window import Summary, Window
+
+    config = ControllerConfig()
+    window = Window(config, strata=4)
+    window.reset("v1", stages=3)
+    window.counting = True
+    margins = np.array([0.1, 0.9, 0.2, 0.3])
+    agrees = np.array([True, False, False, True])
+    window.shadowed(margins, agrees, np.array([0, 0, 1, 1]))
+    window.shadowed(margins[:1], agrees[:1], np.array([5]))  # another version's stages
+    mine = window.roll()
+    assert mine.shadowed.tolist() == [1, 0, 0, 1]  # the student's two, by their strata
+    assert mine.disagreed.tolist() == [0, 0, 0, 1]
+    assert mine.stage_shadowed.tolist() == [2, 2, 0]
+    assert mine.stage_disagreed.tolist() == [1, 1, 0]
+    back = Summary.from_bytes(mine.to_bytes(), config.relative_accuracy, 4)
+    assert back.stage_disagreed.tolist() == [1, 1, 0]
+    window.clear_stages()  # a row moved: the tiers' tallies are the old row's
+    after = window.roll()
+    assert after.stage_shadowed.size == 0 and after.shadowed.tolist() == [1, 0, 0, 1]

@@ -9,6 +9,7 @@ from cascade_server.gateway.estimates import (
     cascade_agreement,
     error_above,
     impute,
+    stages_agreement,
 )
 
 
@@ -97,3 +98,60 @@ def test_error_above_a_stratum_uses_only_the_answers_above_it():
     disagreed = np.array([25.0, 0.0])  # errors only in the low stratum
     assert error_above(answered, shadowed, disagreed, 1).value == 0.0
     assert error_above(answered, shadowed, disagreed, 0).value == pytest.approx(0.25)
+
+
+def test_the_stages_estimate_of_a_two_stage_cascade_is_the_cascades():
+    """Student strata, and the answers counted per stage [student, teacher]: the same estimate
+    as the student's agreement scaled by its share of the answers."""
+    answered = np.array([40.0, 60.0])
+    shadowed = np.array([20.0, 30.0])
+    disagreed = np.array([4.0, 1.0])
+    student = agreement(answered, shadowed, disagreed)
+    both = stages_agreement(
+        answered, shadowed, disagreed, 0, np.array([100.0, 25.0]), np.zeros(0), np.zeros(0)
+    )
+    expected = cascade_agreement(student, 100, 25)
+    assert (both.value, both.lower, both.upper) == pytest.approx(
+        (expected.value, expected.lower, expected.upper)
+    )
+
+
+def test_the_stages_estimate_counts_each_tier_by_its_share_and_its_own_samples():
+    """Student 50 answers (all agree), a tier 30 (sampled 20, 10 disagree), teacher 20: the
+    cascade agrees on 50 + 15 + 20 of 100 at the point; the tier's samples widen the interval."""
+    answered, shadowed, disagreed = np.array([50.0]), np.array([50.0]), np.array([0.0])
+    est = stages_agreement(
+        answered,
+        shadowed,
+        disagreed,
+        0,
+        np.array([50.0, 30.0, 20.0]),
+        np.array([0.0, 20.0, 0.0]),
+        np.array([0.0, 10.0, 0.0]),
+    )
+    assert est.value == pytest.approx(0.85)
+    assert est.lower < 0.85 < est.upper
+    assert est.samples == 70
+    # The tier never sampled: its 30% of the answers are unknown, anywhere in [0, 1].
+    blind = stages_agreement(
+        answered,
+        shadowed,
+        disagreed,
+        0,
+        np.array([50.0, 30.0, 20.0]),
+        np.zeros(3),
+        np.zeros(3),
+    )
+    assert blind.lower <= 0.7 + 1e-9 and blind.upper == pytest.approx(1.0)
+
+
+def test_the_stages_estimate_reads_the_student_only_from_the_threshold_up():
+    """Strata below the threshold in force hold answers from before a move (the student no
+    longer answers them): they are left out, whatever they say."""
+    answered = np.array([100.0, 100.0])
+    shadowed = np.array([50.0, 50.0])
+    disagreed = np.array([50.0, 0.0])  # the low stratum always wrong
+    est = stages_agreement(
+        answered, shadowed, disagreed, 1, np.array([100.0, 100.0]), np.zeros(0), np.zeros(0)
+    )
+    assert est.value == pytest.approx(1.0)

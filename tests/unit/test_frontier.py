@@ -32,21 +32,21 @@ def brute(logits, teacher, y, costs, thresholds, policy):
     first = policy.decide(logits[0], 0.0)
     margins = [first.margins] + [decide(s, 0.0).margins for s in logits[1:]]
     forced = [first.forced] + [np.zeros(n, bool)] * (len(logits) - 1)
-    right = [policy.predictions(logits[0], teacher.shape[1]) == y] + [
-        s.argmax(1) == y for s in logits[1:]
-    ]
+    said = [policy.predictions(logits[0], teacher.shape[1])] + [s.argmax(1) for s in logits[1:]]
     out = {}
     for js in itertools.product(*(range(len(t)) for t in thresholds)):
-        left, correct, spend, answered = np.ones(n, bool), 0, 0.0, []
+        left, correct, agreeing, spend, answered = np.ones(n, bool), 0, 0, 0.0, []
         for k, j in enumerate(js):
             spend += costs[k] * left.sum()
             keep = left & ~forced[k] & (margins[k] >= thresholds[k][j])
-            correct += (keep & right[k]).sum()
+            correct += (keep & (said[k] == y)).sum()
+            agreeing += (keep & (said[k] == teacher.argmax(1))).sum()
             answered.append(int(keep.sum()))
             left &= ~keep
         correct += (left & (teacher.argmax(1) == y)).sum()
+        agreeing += left.sum()  # the teacher's own answers
         answered.append(int(left.sum()))
-        out[js] = (int(correct), answered, (spend + left.sum()) / n)
+        out[js] = (int(correct), answered, (spend + left.sum()) / n, int(agreeing))
     return out
 
 
@@ -57,10 +57,11 @@ def test_grid_counts_every_setting_as_a_loop_over_items_does(stages):
     # Class-based delegation at stage 0: outputs 2 and 3 always move on.
     policy = OutputPolicy(in_domain_outputs=np.array([True, True, False, False]))
     g = grid_counts(logits, teacher, y, costs, grid=6, policy=policy)
-    for js, (correct, answered, cost) in brute(
+    for js, (correct, answered, cost, agreeing) in brute(
         logits, teacher, y, costs, g.thresholds, policy
     ).items():
         assert g.correct[js] == correct
+        assert g.agreeing[js] == agreeing
         assert [int(a[js]) for a in g.answered] == answered
         assert g.cost[js] == pytest.approx(cost)
 
@@ -186,6 +187,9 @@ def test_one_stage_agrees_with_the_calibration_table(seed, n, cost, steps, force
         match = by_rate[round(row.teacher_rate * n)]
         assert row.cascade_accuracy == pytest.approx(match.cascade_accuracy)
         assert row.expected_cost == pytest.approx(match.expected_cost)
+        # The teacher's agreement: the grid's, and the table's counts say the same.
+        assert match.accepted_disagreements is not None
+        assert row.teacher_agreement == pytest.approx(1 - match.accepted_disagreements / n)
     for r in table:
         within = [x.cascade_accuracy for x in f.rows if x.expected_cost <= r.expected_cost + 1e-12]
         assert max(within) >= r.cascade_accuracy - 1e-12
