@@ -18,10 +18,11 @@ workers, all replicas) and moves the threshold:
 - `target_accuracy`: along the frontier too, on the cascade's live agreement with the teacher
   (shadow samples of every stage's answers, the teacher's own agreeing by definition) held at
   the agreement the calibration split shows at the target accuracy (interpolated between the
-  frontier's rows: the target in the teacher's terms). The live disagreement against the calibrated one of the row in force
-  gives how much harder live traffic is: when it is above the target with 90% confidence, the
-  cheapest dearer row whose calibrated disagreement, so scaled, fits is taken at once; one row
-  cheaper after ten steps in a row in which that row fits on the 95% bound;
+  frontier's rows: the target in the teacher's terms). The live disagreement against the
+  calibrated one of the row in force gives how much harder live traffic is: when it is above
+  the target with 90% confidence, the cheapest dearer row whose calibrated disagreement, so
+  scaled, fits is taken at once; one row cheaper after ten steps in a row in which that row
+  fits on the 95% bound;
 - `max_student_error`: up, when the live estimate of the student's error on what it answers
   alone (shadow samples, teacher as reference, held at the calibration's own disagreement at
   the start threshold) is above the target with 90% confidence: to the lowest margin stratum
@@ -354,10 +355,10 @@ class Controller:
         assert policy.target_accuracy is not None
         rows = frontier.rows
         here = _nearest(frontier, (threshold, *(tiers or ())))
-        agreements = [r.teacher_agreement for r in rows]
-        if any(a is None for a in agreements):
+        if any(r.teacher_agreement is None for r in rows):
             why = "the frontier has no teacher agreement (calibrated before it): not held"
             return None, why, None, None, within
+        agreements = [float(r.teacher_agreement or 0.0) for r in rows]
         # The target in the terms seen live: the agreement with the teacher the calibration
         # shows at the target accuracy, between the rows around it (accuracy rises strictly
         # along the frontier). The row it resolved to reaches at least that: its headroom
@@ -366,7 +367,6 @@ class Controller:
             np.interp(policy.target_accuracy, [r.cascade_accuracy for r in rows], agreements)
         )
         calibrated = agreements[here]
-        assert calibrated is not None
         answered = merged.stages
         if answered.size < 2 or answered.sum() < self.config.min_items:
             return None, "filling the window", None, target, within
@@ -382,7 +382,7 @@ class Controller:
             return (1.0 - agree) / d_here if d_here > 1e-9 else 1.0
 
         def disagreement(i: int) -> float:
-            return 1.0 - (agreements[i] or 0.0)
+            return 1.0 - agreements[i]
 
         # Quick in the safe direction, as the error mode: a one-sided 90% bound says the live
         # agreement is under the target; the cheapest dearer row that the scale says fits.

@@ -245,12 +245,18 @@ class BatchPath:
                 load = replace(load, floor_threshold=self._floor(version))
         else:
             load, ticket = Load(), None
+        # With tiers on Triton, `delegate: always` rows skip them: they are routed against the
+        # teacher's own room where they are sent on (_first_hop), not against the first tier's
+        # (whose open circuit would otherwise answer them `circuit_open`).
+        always = None
+        if hop is not self.teacher and items is not None and (items.mode == _ALWAYS).any():
+            always = items.mode == _ALWAYS
         try:
             mode = None if items is None else items.mode
             budget = None if items is None else items.budget(time.perf_counter())
-            routes = route(margins, delegate, load, mode=mode, budget_s=budget)
+            routes = route(margins, delegate, load, mode=mode, budget_s=budget, exclude=always)
             if not routes.shed.any():
-                return routes, None, ticket
+                return _with(routes, always), None, ticket
             shed_jobs = _jobs_holding(starts, np.flatnonzero(routes.shed), n_jobs)
             refused = np.repeat(shed_jobs, np.diff(starts))
             # The same room without the refused items: whatever was sent stays sent, and kept
@@ -262,9 +268,9 @@ class BatchPath:
                 load,
                 mode=mode,
                 budget_s=budget,
-                exclude=refused,
+                exclude=refused if always is None else refused | always,
             )
-            return routes, refused, ticket
+            return _with(routes, always & ~refused if always is not None else None), refused, ticket
         except BaseException:
             hop.release(ticket)  # not returned to `_run`: released here
             raise
@@ -687,6 +693,15 @@ class _ItemOptions:
 
     def budget(self, now: float) -> np.ndarray:
         return self.deadline - now
+
+
+def _with(routes: Routes, always: np.ndarray | None) -> Routes:
+    """`routes` with the `always` rows sent too (routed further on, against the teacher's
+    own room)."""
+    if always is None or not always.any():
+        return routes
+    routes.outcome[always] = _FORCED_TEACHER  # not judged late on the tier's p95 either
+    return replace(routes, send=np.union1d(routes.send, np.flatnonzero(always)))
 
 
 def _student_rows(answer: Answer, rows: np.ndarray) -> np.ndarray:

@@ -189,6 +189,26 @@ def test_a_tier_missing_on_triton_degrades_its_items_and_is_not_ready(
         assert metric(client, "cascade_batch_size_count", model="teacher") == 0
 
 
+def test_delegate_always_reaches_the_teacher_while_the_tiers_circuit_is_open(
+    tier_triton, demo, bundle, tier_threshold, tmp_path
+):
+    """`delegate: always` is routed against the teacher's own room, not the first tier's: a
+    tier whose circuit is open (its model is missing on Triton) does not turn it away."""
+    broken = triton_tier_bundle(demo, tmp_path, "no_such_model", tier_threshold, "digits-tt-open")
+    with _client(tier_triton, broken.path, tmp_path, teacher_breaker={"failures": 1}) as c:
+        c.put("/admin/threshold", json={"threshold": STUDENT_THRESHOLD}, headers=AUTH)
+        idx = _mix(demo, bundle, tier_threshold)
+        c.post("/predict", json=_inputs(demo, idx))  # the tier fails: its circuit opens
+        text = c.get("/metrics").text
+        assert metric_in(text, "cascade_tier_circuit_state", tier="cnn") == 2  # open
+        r = c.post("/predict", json={**_inputs(demo, idx[:4]), "delegate": "always"})
+        assert r.status_code == 200, r.text
+        outputs = r.json()["outputs"]
+        assert [a["answered_by"] for a in outputs] == ["teacher"] * 4
+        assert {a["outcome"] for a in outputs} == {"forced_teacher"}
+        assert not any(a["degraded"] for a in outputs)
+
+
 def test_a_swap_to_a_bundle_with_a_triton_tier_sets_the_tier_up(
     tier_triton, demo, bundle, tier_threshold, tmp_path
 ):
