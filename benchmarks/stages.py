@@ -254,6 +254,20 @@ def main() -> int:
         help="only the cost budget held under a traffic shift (the three-stage cascade): "
         "writes benchmarks/results/stages-<dataset>-cost-hold.json",
     )
+    p.add_argument(
+        "--accuracy-hold",
+        action="store_true",
+        help="only a target accuracy held under a traffic shift (the three-stage cascade, "
+        "shadow samples on): writes benchmarks/results/stages-<dataset>-accuracy-hold.json",
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="--accuracy-hold's target accuracy (default: halfway between the LeNet alone and "
+        "the best of the three-stage cascade, on its validation frontier)",
+    )
+    p.add_argument("--shadow", type=float, default=0.2, help="--accuracy-hold's shadow share")
     args = p.parse_args()
     work = ROOT / "runs" / f"stages-{args.dataset}"
     work.mkdir(parents=True, exist_ok=True)
@@ -262,10 +276,14 @@ def main() -> int:
     lenet = student(
         work, run, mlp.name, "lenet", student={"arch": "lenet", "params": {"width": 16}}
     )
+    holding = args.cost_hold or args.accuracy_hold
     members = {"members": 3, "beta": 0.5, "connect": False}
-    bdistil = student(work, run, mlp.name, "bdistil", method={"name": "bdistil", "params": members})
-    graph = work / "bdistil" / "graph" / bdistil.name
-    if not (graph / "manifest.json").is_file():
+    if not holding:  # the holds serve the three-stage cascade alone
+        bdistil = student(
+            work, run, mlp.name, "bdistil", method={"name": "bdistil", "params": members}
+        )
+    graph = work / "bdistil" / "graph" / mlp.name
+    if not holding and not (graph / "manifest.json").is_file():
         sh(
             "export",
             str(work / "bdistil" / "run"),
@@ -295,6 +313,34 @@ def main() -> int:
         )
     images, labels = test_images(args.dataset, run)
     images, labels = images[: args.images], labels[: args.images]
+    if holding:
+        three_bundle = Bundle.load(three)
+        if args.cost_hold:
+            name, policy, env = "cost-hold", {"cost_budget": args.budget}, {}
+        else:
+            target = args.target if args.target is not None else needs_teacher(three_bundle)
+            name, policy = "accuracy-hold", {"target_accuracy": target}
+            env = {"CASCADE_SHADOW__FRACTION": str(args.shadow)}
+        bodies = encode(images)
+        teacher = _teacher_classes(three_bundle, repo, images)
+        repository = python_backend_repository(repo.resolve(), work / "triton" / "repository")
+        with TritonServer(repository, work / "triton") as triton:
+            held = hold(
+                three,
+                three_bundle,
+                triton.grpc_url,
+                work,
+                bodies,
+                labels,
+                teacher,
+                policy,
+                args.shift_items,
+                env,
+            )
+        path = ROOT / "benchmarks" / "results" / f"stages-{args.dataset}-{name}.json"
+        path.write_text(json.dumps(held, indent=2) + "\n")
+        log(f"wrote {path}")
+        return 0
     cascades = {
         "mlp->teacher": mlp,
         "lenet->teacher": lenet,
@@ -302,24 +348,6 @@ def main() -> int:
         "bdistil stages": bdistil,
     }
     bundles = {k: Bundle.load(v) for k, v in cascades.items()}
-    if args.cost_hold:
-        bodies = encode(images)
-        repository = python_backend_repository(repo.resolve(), work / "triton" / "repository")
-        with TritonServer(repository, work / "triton") as triton:
-            held = cost_hold(
-                three,
-                bundles["mlp->lenet->teacher"],
-                triton.grpc_url,
-                work,
-                bodies,
-                labels,
-                args.budget,
-                args.shift_items,
-            )
-        path = ROOT / "benchmarks" / "results" / f"stages-{args.dataset}-cost-hold.json"
-        path.write_text(json.dumps(held, indent=2) + "\n")
-        log(f"wrote {path}")
-        return 0
     log("offline: frontiers on the test split")
     fronts = {k: test_frontier(b, repo, images, labels) for k, b in bundles.items()}
     teacher_acc = _teacher_accuracy(bundles["mlp->teacher"], repo, images, labels)
@@ -423,19 +451,23 @@ def main() -> int:
 TOPS = (0, 2, 4, 6)  # T-shirt/top, Pullover, Coat, Shirt: the hard classes (adaptive.py)
 
 
-def cost_hold(
+def hold(
     path: Path,
     bundle: Bundle,
     triton_url: str,
     work: Path,
     bodies: list[bytes],
     labels: np.ndarray,
-    budget: float,
+    teacher: np.ndarray,
+    policy: dict,
     n: int,
+    held_env: dict[str, str],
 ) -> dict:
-    """The three-stage cascade under `cost_budget`, the traffic shifting to the hard classes
-    and back: the cost per item realised (from who answered) per phase, with the controller
-    holding the budget and with it off (the calibrated row throughout)."""
+    """The three-stage cascade under `policy` (a cost budget or a target accuracy), the
+    traffic shifting to the hard classes and back: per phase, the cost per item realised (from
+    who answered), the teacher's share, the accuracy against the labels and the agreement with
+    the teacher's own answers (`teacher`: its class per test image), with the controller
+    holding the policy (`held_env`) and with it off (the calibrated row throughout)."""
     m = bundle.manifest
     costs = np.cumsum([m.calibration.cost_student, *(t.cost for t in m.tiers), 1.0])
     names = bundle.stage_names
@@ -446,35 +478,43 @@ def cost_hold(
         ("only tops", rng.choice(tops, n)),
         ("test mix again", rng.choice(len(labels), n)),
     ]
-    out: dict = {"budget": budget, "modes": {}}
+    out: dict = {"policy": policy, "modes": {}}
     for mode, env in {
-        "held": {"CASCADE_CONTROLLER__INTERVAL_S": "0.25"},
+        "held": {"CASCADE_CONTROLLER__INTERVAL_S": "0.25", **held_env},
         "off": {"CASCADE_CONTROLLER__ENABLED": "false"},
     }.items():
         rows = []
         with gateway(path, triton_url, work, **env) as url:
-            set_to = adaptive.admin(url, "PUT", "/admin/threshold", {"cost_budget": budget})
+            set_to = adaptive.admin(url, "PUT", "/admin/threshold", policy)
             for phase, idx in phases:
                 recs = asyncio.run(closed_loop(url, [bodies[i] for i in idx], 8))
                 ok = [r for r in recs if r["status"] == 200]
                 stage = np.array([names.index(r["by"]) for r in ok])
-                correct = np.array([r["label"] for r in ok]) == labels[idx[[r["i"] for r in ok]]]
+                served = idx[[r["i"] for r in ok]]
+                said = np.array([r["label"] for r in ok])
+                correct = said == labels[served]
+                agrees = said == teacher[served]
                 state = adaptive.admin(url, "GET", "/admin/threshold")
-                tail = stage[len(stage) // 2 :]  # the phase's second half: after a move
+                half = len(stage) // 2  # the phase's second half: after a move
+                controller = state.get("controller") or {}
                 rows.append(
                     {
                         "phase": phase,
                         "cost_per_item": round(float(costs[stage].mean()), 4),
-                        "cost_second_half": round(float(costs[tail].mean()), 4),
+                        "cost_second_half": round(float(costs[stage[half:]].mean()), 4),
                         "teacher_share": round(float((stage == len(names) - 1).mean()), 4),
                         "accuracy": round(float(correct.mean()), 4),
+                        "agreement": round(float(agrees.mean()), 4),
+                        "agreement_second_half": round(float(agrees[half:].mean()), 4),
+                        "live_agreement": controller.get("live_agreement"),
+                        "target_agreement": controller.get("target_agreement"),
                         "thresholds_at_end": [
                             round(state["threshold_in_force"], 4),
                             *(round(t, 4) for t in state["tier_thresholds_in_force"]),
                         ],
                     }
                 )
-                log(f"  cost budget {budget} ({mode}), {phase}: {rows[-1]}")
+                log(f"  {policy} ({mode}), {phase}: {rows[-1]}")
         out["modes"][mode] = {"start": set_to["tier_thresholds"], "phases": rows}
     return out
 
@@ -528,14 +568,19 @@ def lenet_on_triton(three: Bundle, repo: Path, work: Path) -> tuple[Path, Path]:
     return out, bundle
 
 
-def _teacher_accuracy(bundle: Bundle, repo: Path, images: np.ndarray, labels: np.ndarray) -> float:
+def _teacher_classes(bundle: Bundle, repo: Path, images: np.ndarray) -> np.ndarray:
     from cascade_server.preprocess import normalize
     from cascade_server.train.stages.compose import teacher_model
 
     logits = _run(
         teacher_model(repo, bundle), normalize(images, bundle.manifest.preprocess), None, None
     )
-    return round(float((softmax(logits).argmax(1) == labels).mean()), 4)
+    classes: np.ndarray = softmax(logits).argmax(1)
+    return classes
+
+
+def _teacher_accuracy(bundle: Bundle, repo: Path, images: np.ndarray, labels: np.ndarray) -> float:
+    return round(float((_teacher_classes(bundle, repo, images) == labels).mean()), 4)
 
 
 if __name__ == "__main__":
