@@ -21,6 +21,13 @@ class ControllerConfig(BaseModel):
     window_items: int = Field(default=1000, ge=50)
     window_s: float = Field(default=60.0, gt=0)
     buckets: int = Field(default=10, ge=2, le=100)
+    # The evidence a threshold comes back on (target_accuracy's cheaper row, max_student_error's
+    # descent): shadow tallies over a longer horizon than the window, the last `evidence_items`
+    # items and none older than `evidence_s` (a 95% bound under a few percent takes thousands
+    # of samples, which a window of a thousand items at a 20% shadow share never holds). Moves
+    # that protect accuracy read the window: they follow a shift within it.
+    evidence_items: int = Field(default=20_000, ge=50)
+    evidence_s: float = Field(default=900.0, gt=0)
     # No move before the merged window holds this many items.
     min_items: int = Field(default=200, ge=1)
     # The most the threshold moves per step, and the smallest move made (hysteresis: a

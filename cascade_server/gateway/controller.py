@@ -58,10 +58,13 @@ from .control import ON_FRONTIER, PolicyState
 from .estimates import UNKNOWN, Estimate, agreement, error_above, stages_agreement
 from .metrics import Metrics
 from .stores import ControlStore
-from .window import Summary, Window
+from .window import Evidence, Summary, Window
 
 log = logging.getLogger(__name__)
 _MIN_SAMPLES = 30  # shadow samples above the threshold before the error mode raises it
+# ... and in the window before a target accuracy moves dearer: its estimate weighs several
+# stages (and a scale on a small disagreement), so a first window's few samples say little.
+_MIN_SAMPLES_FRONTIER = 100
 _PLAIN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # a version usable as it is in a key (file name)
 _LOWER_AFTER = 10  # steps in a row within the bound before it comes down (a probe)
 
@@ -387,7 +390,7 @@ class Controller:
         # Quick in the safe direction, as the error mode: a one-sided 90% bound says the live
         # agreement is under the target; the cheapest dearer row that the scale says fits.
         quick = self._stages_estimate(merged, start, 0.8)
-        if live.samples >= _MIN_SAMPLES and quick.upper < target:
+        if live.samples >= _MIN_SAMPLES_FRONTIER and quick.upper < target:
             s = scale(live.value)
             dearer = [i for i in range(here + 1, len(rows)) if disagreement(i) * s <= d_target]
             want = dearer[0] if dearer else len(rows) - 1
@@ -399,24 +402,42 @@ class Controller:
                 return rows[want], why, live.value, target, 0
             return rows[here], why + ": the most accurate row already", live.value, target, 0
         # One row cheaper after LOWER_AFTER steps in a row in which it fits on the 95% bound
-        # (the scale is measured on the row in force; a probe, as the cost mode's climb).
-        fits = here > 0 and disagreement(here - 1) * scale(live.lower) <= d_target
+        # of the evidence horizon (the tallies of many windows, weighed by the window's
+        # shares), and on the window's own estimate (the evidence may predate a shift). The
+        # scale is measured on the row in force: a probe, as the cost mode's climb.
+        slow = self._stages_estimate(merged, start, self.config.confidence, evidence=True)
+        fits = (
+            here > 0
+            and slow.known
+            and disagreement(here - 1) * scale(slow.lower) <= d_target
+            and disagreement(here - 1) * scale(live.value) <= d_target
+        )
         within = within + 1 if fits else 0
         why = f"live agreement {live.value:.4f} in [{live.lower:.4f}, {live.upper:.4f}]"
         if within >= _LOWER_AFTER:
             return rows[here - 1], why + f" >= {target:.4f}", live.value, target, 0
         return rows[here], why, live.value, target, within
 
-    def _stages_estimate(self, merged: Summary, start: int, confidence: float) -> Estimate:
+    def _stages_estimate(
+        self, merged: Summary, start: int, confidence: float, evidence: bool = False
+    ) -> Estimate:
+        """The cascade's live agreement: on the window's tallies, or (`evidence`) on the
+        evidence horizon's, weighed by the window's shares of the answers."""
+        tallies: Summary | Evidence = merged
+        if evidence:
+            if merged.evidence is None:
+                return UNKNOWN
+            tallies = merged.evidence
         return stages_agreement(
-            merged.answered,
-            merged.shadowed,
-            merged.disagreed,
+            tallies.answered,
+            tallies.shadowed,
+            tallies.disagreed,
             start,
             merged.stages,
-            merged.stage_shadowed,
-            merged.stage_disagreed,
+            tallies.stage_shadowed,
+            tallies.stage_disagreed,
             confidence,
+            finite=not evidence,
         )
 
     def _exchange(self, local: bytes) -> list[bytes]:
@@ -500,14 +521,22 @@ class Controller:
                 if above.known and above.value <= target:
                     return edge / self.strata, reason, 0
             return threshold + self.config.max_step, reason, 0
-        within = within + 1 if live.upper < target else 0
+        # Down on the evidence horizon's bound (the window's ~hundreds of samples cannot put
+        # a 95% bound under a target of a few percent), and the window's own estimate within.
+        ev = merged.evidence
+        slow = (
+            live
+            if ev is None
+            else error_above(ev.answered, ev.shadowed, ev.disagreed, start, confidence, False)
+        )
+        within = within + 1 if slow.known and slow.upper < target and live.value <= target else 0
         if within >= _LOWER_AFTER and threshold > policy.threshold:
             # The count starts again: the strata just opened to the student have few samples
             # in the window yet, and the next move waits for ten steps of evidence on them.
             down = max(policy.threshold, threshold - self.config.max_step / 2)
             return (
                 down,
-                f"live error {live.value:.4f} (upper bound {live.upper:.4f}) < {target:.4f}",
+                f"live error {live.value:.4f} (upper bound {slow.upper:.4f}) < {target:.4f}",
                 0,
             )
         reason = f"live error {live.value:.4f} in [{live.lower:.4f}, {live.upper:.4f}]"

@@ -62,6 +62,7 @@ def agreement(
     shadowed: np.ndarray,
     disagreed: np.ndarray,
     confidence: float = 0.95,
+    finite: bool = True,
 ) -> Estimate:
     """The share of all student answers the teacher agrees with, by stratum: `answered[b]`
     student answers, `shadowed[b]` of them sampled, `disagreed[b]` of those answered
@@ -83,8 +84,10 @@ def agreement(
     # Samples whose answers left the window (buckets rotate independently): weigh by samples.
     weights = a / a.sum() if a.sum() > 0 else s / s.sum()
     value_s = float((weights * p).sum())
-    # Variance of the post-stratified mean, with the finite-population correction.
-    fpc = np.clip(1.0 - s / np.maximum(a, 1.0), 0.0, 1.0)
+    # Variance of the post-stratified mean, with the finite-population correction (`finite`:
+    # the answers of this window are the population; not for tallies over a longer horizon
+    # than the answers they are weighted by, which estimate the traffic to come).
+    fpc = np.clip(1.0 - s / np.maximum(a, 1.0), 0.0, 1.0) if finite else np.ones_like(s)
     variance = float((weights**2 * p * (1 - p) / s * fpc).sum())
     n = float(s.sum())
     n_eff = min(value_s * (1 - value_s) / variance, n) if variance > 0 else n
@@ -122,10 +125,11 @@ def error_above(
     disagreed: np.ndarray,
     start: int,
     confidence: float = 0.95,
+    finite: bool = True,
 ) -> Estimate:
     """Disagreement (the student's live error, teacher as reference) among answers in strata
     `start` and above."""
-    est = agreement(answered[start:], shadowed[start:], disagreed[start:], confidence)
+    est = agreement(answered[start:], shadowed[start:], disagreed[start:], confidence, finite)
     if not est.known:
         return UNKNOWN
     return Estimate(1 - est.value, 1 - est.upper, 1 - est.lower, est.samples)
@@ -140,6 +144,7 @@ def stages_agreement(
     stage_shadowed: np.ndarray,
     stage_disagreed: np.ndarray,
     confidence: float = 0.95,
+    finite: bool = True,
 ) -> Estimate:
     """Agreement of every answer of an N-stage cascade with the teacher (a two-stage one too):
     `stage_answered` items answered per stage (the student first, the teacher last), the
@@ -171,5 +176,6 @@ def stages_agreement(
         np.concatenate([s, per_tier(stage_shadowed)]),
         np.concatenate([d, per_tier(stage_disagreed)]),
         confidence,
+        finite,
     )
     return cascade_agreement(est, own + float(tiers.sum()), float(stage_answered[-1]))

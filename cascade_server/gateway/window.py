@@ -66,6 +66,9 @@ class Summary:
     stage_disagreed: np.ndarray = field(default_factory=lambda: np.zeros(0))
     workers: int = 1
     version: str = ""  # the student version observed ("" when merged or unknown)
+    # The shadow tallies (and the answers they weigh) over the longer evidence horizon
+    # (ControllerConfig.evidence_items): what a threshold comes back on. None: not kept.
+    evidence: Evidence | None = None
 
     @classmethod
     def empty(cls, relative_accuracy: float, strata: int) -> Summary:
@@ -92,6 +95,10 @@ class Summary:
         self.stage_shadowed = _add(self.stage_shadowed, other.stage_shadowed)
         self.stage_disagreed = _add(self.stage_disagreed, other.stage_disagreed)
         self.workers += other.workers
+        if other.evidence is not None:
+            if self.evidence is None:
+                self.evidence = Evidence.empty(len(self.answered))
+            self.evidence.merge(other.evidence)
 
     @property
     def delegation_rate(self) -> float | None:
@@ -124,6 +131,7 @@ class Summary:
                 "stages": self.stages.tolist(),
                 "stage_shadowed": self.stage_shadowed.tolist(),
                 "stage_disagreed": self.stage_disagreed.tolist(),
+                "evidence": None if self.evidence is None else self.evidence.to_dict(),
             }
         )
 
@@ -139,6 +147,7 @@ class Summary:
             values = np.asarray(data[key], float)
             return values if values.shape == (strata,) else np.zeros(strata)
 
+        evidence = data.get("evidence")
         return cls(
             sketch,
             float(data["items"]),
@@ -153,7 +162,49 @@ class Summary:
             np.asarray(data.get("stage_shadowed", []), float).ravel(),
             np.asarray(data.get("stage_disagreed", []), float).ravel(),
             version=str(data.get("version", "")),
+            evidence=None if evidence is None else Evidence.from_dict(evidence, strata),
         )
+
+
+@dataclass
+class Evidence:
+    """Shadow tallies over the evidence horizon: the student's by margin stratum (with its
+    answers there, which weigh them), each stage's."""
+
+    answered: np.ndarray
+    shadowed: np.ndarray
+    disagreed: np.ndarray
+    stage_shadowed: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    stage_disagreed: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @classmethod
+    def empty(cls, strata: int) -> Evidence:
+        return cls(np.zeros(strata), np.zeros(strata), np.zeros(strata))
+
+    def merge(self, other: Summary | Evidence) -> None:
+        self.answered = self.answered + other.answered
+        self.shadowed = self.shadowed + other.shadowed
+        self.disagreed = self.disagreed + other.disagreed
+        self.stage_shadowed = _add(self.stage_shadowed, other.stage_shadowed)
+        self.stage_disagreed = _add(self.stage_disagreed, other.stage_disagreed)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {k: getattr(self, k).tolist() for k in _EVIDENCE}
+
+    @classmethod
+    def from_dict(cls, data: dict, strata: int) -> Evidence:
+        def counts(key: str) -> np.ndarray:
+            values = np.asarray(data.get(key, []), float).ravel()
+            return values if values.shape == (strata,) else np.zeros(strata)
+
+        stages = (np.asarray(data.get(k, []), float).ravel() for k in _EVIDENCE[3:])
+        return cls(counts("answered"), counts("shadowed"), counts("disagreed"), *stages)
+
+
+_EVIDENCE = ("answered", "shadowed", "disagreed", "stage_shadowed", "stage_disagreed")
+
+
+_MAX_BUCKETS = 2_000  # kept for the evidence horizon, at most
 
 
 def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -284,21 +335,41 @@ class Window:
         # The newest buckets that together hold window_items items (at least one bucket), none
         # older than window_s: a bucket fills per roll, so at high traffic one bucket can hold
         # a whole second's items and counting buckets alone would stretch the window.
-        horizon = now - self.config.window_s
-        kept: list[_Bucket] = []
-        items = 0.0
-        for bucket in reversed(self._buckets[-self.config.buckets :]):
-            if bucket.opened < horizon or (kept and items >= self.config.window_items):
-                break
-            kept.append(bucket)
-            items += bucket.summary.items
-        self._buckets = kept[::-1]
-        window = Summary.empty(self.config.relative_accuracy, self.strata)
-        for bucket in self._buckets:
+        config = self.config
+        window = Summary.empty(config.relative_accuracy, self.strata)
+        short = self._newest(config.window_items, config.window_s, config.buckets, now)
+        for bucket in short:
             window.merge(bucket.summary)
+        if not self.stratified:
+            self._buckets = short
+        else:  # shadow samples taken: older buckets kept for the evidence
+            self._buckets = self._newest(
+                max(config.evidence_items, config.window_items),
+                max(config.evidence_s, config.window_s),
+                _MAX_BUCKETS,
+                now,
+            )
+            window.evidence = Evidence.empty(self.strata)
+            for bucket in self._buckets:
+                window.evidence.merge(bucket.summary)
         window.workers = 1
         window.version = self.version
         return window
+
+    def _newest(self, items: int, seconds: float, limit: int, now: float) -> list[_Bucket]:
+        """The newest buckets (at most `limit`) that together hold `items` items (at least
+        one bucket), none opened more than `seconds` ago: a bucket fills per roll, so at high
+        traffic one bucket can hold a whole second's items and counting buckets alone would
+        stretch the window."""
+        horizon = now - seconds
+        kept: list[_Bucket] = []
+        held = 0.0
+        for bucket in reversed(self._buckets[-limit:]):
+            if bucket.opened < horizon or (kept and held >= items):
+                break
+            kept.append(bucket)
+            held += bucket.summary.items
+        return kept[::-1]
 
     def _full(self, bucket: _Bucket, now: float) -> bool:
         return bucket.summary.items >= self.bucket_items or now - bucket.opened >= self.bucket_s

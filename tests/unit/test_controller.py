@@ -496,12 +496,13 @@ def _accuracy_frontier_and_policy(start_row, agreement=True):
     return Frontier(split="val", n=1000, rows=rows), pol
 
 
-def _hold_accuracy(tmp_path, start_row, steps, harder, agreement=True):
+def _hold_accuracy(tmp_path, start_row, steps, harder, agreement=True, **knobs):
     """A controller holding the target accuracy of row `start_row` for `steps` intervals of
-    300 items each, live disagreement `harder` times the calibration's in every stratum, every
-    student answer shadowed. Returns (the controller, the threshold in force after each step)."""
+    300 items each, live disagreement `harder` times the calibration's in every stratum, a
+    fifth of the student's answers shadowed. Returns (the controller, the threshold in force
+    after each step)."""
     frontier, pol = _accuracy_frontier_and_policy(start_row, agreement)
-    c = controller(tmp_path, min_items=100, window_items=20_000, buckets=50)
+    c = controller(tmp_path, **{"min_items": 100, "window_items": 1000, **knobs})
     c.reset("v1", stages=2)
     c.window.stratified = True  # as with shadow samples on
     rng = np.random.default_rng(0)
@@ -515,8 +516,9 @@ def _hold_accuracy(tmp_path, start_row, steps, harder, agreement=True):
             c.window.routed(margins, int((~own).sum()))
             c.window.answered(margins[own], int((~own).sum()))
             c.window.answered_by(np.array([own.sum(), (~own).sum()]))
-            odds = harder * _DISAGREE[(margins[own] * 10).astype(int)]
-            c.window.shadowed(margins[own], rng.random(own.sum()) >= odds, np.zeros(own.sum(), int))
+            kept = margins[own][rng.random(own.sum()) < 0.2]  # a 20% shadow share
+            odds = harder * _DISAGREE[(kept * 10).astype(int)]
+            c.window.shadowed(kept, rng.random(kept.size) >= odds, np.zeros(kept.size, int))
             await asyncio.sleep(0.01)
             await c.step(pol, CAL, frontier=frontier, costs=(0.05, 1.0))
             served.append(c.threshold_for(pol))
@@ -532,18 +534,28 @@ def test_a_target_accuracy_moves_dearer_at_once_when_live_traffic_is_harder(tmp_
     # (0.02), not the dearest one.
     moves = [b for a, b in itertools.pairwise([0.4, *served]) if b != a]
     assert moves == [0.6]  # one move, straight to the row that fits, and it holds there
-    assert served.index(0.6) <= 2  # as soon as a window's samples say so (quick, 90%)
+    assert served.index(0.6) <= 5  # as soon as a window's samples say so (quick, 90%)
     state = c.state()
     assert state is not None and state.target_agreement == pytest.approx(0.943)
     assert state.live_agreement is not None and state.live_agreement >= 0.943
 
 
 def test_a_target_accuracy_comes_back_one_row_after_ten_steps_when_traffic_is_easier(tmp_path):
-    _, served = _hold_accuracy(tmp_path, start_row=1, steps=30, harder=0.25)
+    _, served = _hold_accuracy(tmp_path, start_row=1, steps=40, harder=0.4)
     assert served[0] == 0.4
     moves = [b for a, b in itertools.pairwise(served) if b != a]
     assert moves == [0.2]  # one row cheaper, and the cheapest is the last
     assert served.index(0.2) >= 9  # after ten steps in which it fitted on the 95% bound
+
+
+def test_coming_back_reads_the_evidence_horizon_not_the_window_alone(tmp_path):
+    """The same easier traffic with the evidence horizon cut to the window (1,000 items,
+    ~120 samples, a handful of them disagreeing): its 95% bound never says the cheaper row
+    fits, and the threshold stays where a bound on 20,000 items brings it down."""
+    _, served = _hold_accuracy(
+        tmp_path, start_row=1, steps=40, harder=0.4, evidence_items=1000, evidence_s=60.0
+    )
+    assert set(served) == {0.4}
 
 
 def test_a_target_accuracy_holds_its_row_while_live_traffic_is_as_calibrated(tmp_path):
@@ -578,3 +590,31 @@ def test_shadow_samples_of_every_stage_are_tallied_per_stage_and_the_students_by
     window.clear_stages()  # a row moved: the tiers' tallies are the old row's
     after = window.roll()
     assert after.stage_shadowed.size == 0 and after.shadowed.tolist() == [1, 0, 0, 1]
+
+
+def test_the_evidence_horizon_keeps_shadow_tallies_beyond_the_window():
+    from cascade_server.gateway.window import Summary, Window
+
+    config = ControllerConfig(window_items=100, buckets=2, evidence_items=1000)
+    window = Window(config, strata=2)
+    window.reset("v1")
+    window.stratified = True
+    for step in range(20):  # 50 items a roll: a bucket per roll, 1,000 items in all
+        margins = np.full(50, 0.75)
+        window.routed(margins, 0)
+        window.answered(margins, 0)
+        window.shadowed(margins[:10], np.arange(10) >= 1)  # 1 of 10 disagrees
+        summary = window.roll(now=float(step))
+    assert summary.items == 100  # the window: the last two buckets
+    assert summary.shadowed.tolist() == [0, 20]
+    assert summary.evidence is not None
+    assert summary.evidence.shadowed.tolist() == [0, 200]  # the horizon: all twenty
+    assert summary.evidence.disagreed.tolist() == [0, 20]
+    assert summary.evidence.answered.tolist() == [0, 1000]
+    back = Summary.from_bytes(summary.to_bytes(), config.relative_accuracy, 2)
+    merged = Summary.empty(config.relative_accuracy, 2)
+    merged.merge(back)
+    merged.merge(back)  # two workers
+    assert merged.evidence is not None and merged.evidence.shadowed.tolist() == [0, 400]
+    window.stratified = False  # shadows off: only the window is kept
+    assert window.roll(now=20.0).evidence is None
