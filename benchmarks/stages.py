@@ -320,7 +320,11 @@ def main() -> int:
         else:
             target = args.target if args.target is not None else needs_teacher(three_bundle)
             name, policy = "accuracy-hold", {"target_accuracy": target}
-            env = {"CASCADE_SHADOW__FRACTION": str(args.shadow)}
+            env = {
+                "CASCADE_SHADOW__FRACTION": str(args.shadow),
+                # Half a phase: the evidence of the phase before ages out within it.
+                "CASCADE_CONTROLLER__EVIDENCE_ITEMS": str(max(args.shift_items // 2, 1000)),
+            }
         bodies = encode(images)
         teacher = _teacher_classes(three_bundle, repo, images)
         repository = python_backend_repository(repo.resolve(), work / "triton" / "repository")
@@ -508,6 +512,7 @@ def hold(
                         "agreement_second_half": round(float(agrees[half:].mean()), 4),
                         "live_agreement": controller.get("live_agreement"),
                         "target_agreement": controller.get("target_agreement"),
+                        "controller": controller.get("reason"),
                         "thresholds_at_end": [
                             round(state["threshold_in_force"], 4),
                             *(round(t, 4) for t in state["tier_thresholds_in_force"]),
