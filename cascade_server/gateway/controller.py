@@ -19,10 +19,11 @@ workers, all replicas) and moves the threshold:
   (shadow samples of every stage's answers, the teacher's own agreeing by definition) held at
   the agreement the calibration split shows at the target accuracy (interpolated between the
   frontier's rows: the target in the teacher's terms). The live disagreement against the
-  calibrated one of the row in force gives how much harder live traffic is: when it is above
-  the target with 90% confidence, the cheapest dearer row whose calibrated disagreement, so
-  scaled, fits is taken at once; one row cheaper after ten steps in a row in which that row
-  fits on the 95% bound;
+  calibrated one of the row in force gives how much harder live traffic is: when it is a
+  quarter over the target's with 95% confidence, the cheapest dearer row whose calibrated
+  disagreement, so scaled, fits is taken at once; one row cheaper after ten steps in a row in
+  which that row fits on the evidence horizon's 95% bound (from a row the teacher answers
+  alone, which gives nothing to scale by, a probe after sixty steps);
 - `max_student_error`: up, when the live estimate of the student's error on what it answers
   alone (shadow samples, teacher as reference, held at the calibration's own disagreement at
   the start threshold) is above the target with 90% confidence: to the lowest margin stratum
@@ -64,7 +65,10 @@ log = logging.getLogger(__name__)
 _MIN_SAMPLES = 30  # shadow samples above the threshold before the error mode raises it
 # ... and in the window before a target accuracy moves dearer: its estimate weighs several
 # stages (and a scale on a small disagreement), so a first window's few samples say little.
-_MIN_SAMPLES_FRONTIER = 100
+# A row that leaves the sampled stages nothing (the teacher answers it all) says nothing of
+# how live traffic compares with the calibration: one row cheaper is probed after this many
+# steps, and the window says at once if it does not hold.
+_PROBE_AFTER = 60
 _TOLERANCE = 0.25  # a target accuracy moves dearer on a disagreement over its target by this
 _PLAIN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # a version usable as it is in a key (file name)
 _LOWER_AFTER = 10  # steps in a row within the bound before it comes down (a probe)
@@ -202,7 +206,9 @@ class Controller:
             if self._row_seen is not None and serving != self._row_seen:
                 self.window.clear_stages()
             self._row_seen = serving
+            self.window.row = repr(serving)
         else:
+            self.window.row = ""
             self.metrics.live_cost(self.cascade, None)
         local = self.window.roll()
         version = self.window.version
@@ -219,6 +225,10 @@ class Controller:
             # Around a rollout, a worker still on the other version: its traffic says nothing
             # of the student this one serves.
             if not other.version or other.version == self.window.version:
+                if other.row != self.window.row:
+                    # Around a move, a worker that has not seen it yet: its per-stage counts
+                    # are the old row's (its margins and the student's strata still count).
+                    other.drop_stages()
                 merged.merge(other)
         self.merged = merged
         threshold = self.threshold_for(policy)
@@ -376,19 +386,28 @@ class Controller:
             return None, "filling the window", None, target, within
         start = _stratum(threshold, self.strata)
         live = self._stages_estimate(merged, start, self.config.confidence)
+        d_here, d_target = 1.0 - calibrated, 1.0 - target
+        if rows[here].teacher_rate > 0.999 or d_here < 1e-6:
+            if not self.window.stratified:
+                return None, "no shadow samples (CASCADE_SHADOW__FRACTION)", None, target, within
+            # Nothing here to measure live traffic against the calibration by.
+            why = "the row in force leaves nothing to compare: the teacher answers it all"
+            within += 1
+            if here > 0 and within >= _PROBE_AFTER:
+                return rows[here - 1], why + "; one row cheaper, a probe", None, target, 0
+            return rows[here], why, None, target, within
         if not live.known:
             return None, "no shadow samples yet", None, target, within
-        # Disagreement, live against calibrated on the row in force: how much harder the live
-        # traffic is (at the teacher-only row there is nothing to scale: 1).
-        d_here, d_target = 1.0 - calibrated, 1.0 - target
 
+        # Disagreement, live against calibrated on the row in force: how much harder the live
+        # traffic is.
         def scale(agree: float) -> float:
-            return (1.0 - agree) / d_here if d_here > 1e-9 else 1.0
+            return (1.0 - agree) / d_here
 
         def disagreement(i: int) -> float:
             return 1.0 - agreements[i]
 
-        # Quick in the safe direction, as the error mode: a one-sided 90% bound says the live
+        # Quick in the safe direction, as the error mode: a one-sided bound says the live
         # agreement is under the target; the cheapest dearer row that the scale says fits.
         # Hysteresis: the row a target resolves to is the cheapest reaching it, often just
         # at it, and a window holds a few hundred samples (a disagreement of 2% is known to
@@ -397,7 +416,7 @@ class Controller:
         # quarter over the target's (a shift to Fashion-MNIST's hard classes doubles it).
         quick = self._stages_estimate(merged, start, 0.9)
         over = 1.0 - (1.0 - quick.upper) / (1.0 + _TOLERANCE)
-        if live.samples >= _MIN_SAMPLES_FRONTIER and over < target:
+        if live.samples >= _MIN_SAMPLES and over < target:
             s = scale(live.value)
             dearer = [i for i in range(here + 1, len(rows)) if disagreement(i) * s <= d_target]
             want = dearer[0] if dearer else len(rows) - 1

@@ -171,10 +171,13 @@ def stages_agreement(
         x = np.asarray(x, float)
         return x[1:-1] if x.size == stage_answered.size else np.zeros(k)
 
+    # The tiers first: an unsampled stratum borrows the agreement of the nearest sampled one
+    # below it (`impute`), and a tier placed after the student's strata would borrow its surest
+    # answers' (an unsampled tier just after a row move would read near 1).
     est = agreement(
-        np.concatenate([a, tiers]),
-        np.concatenate([s, per_tier(stage_shadowed)]),
-        np.concatenate([d, per_tier(stage_disagreed)]),
+        np.concatenate([tiers, a]),
+        np.concatenate([per_tier(stage_shadowed), s]),
+        np.concatenate([per_tier(stage_disagreed), d]),
         confidence,
         finite,
     )

@@ -506,9 +506,10 @@ class BatchPath:
                     self._settle(f, settled)
                     self._settled(f, settled, waiting)
                     if probs is not None and self.shadow is not None:
-                        # After the answers: the tier's own, for its live agreement.
+                        # After the answers: the rows the tier's answer stays with (sure, or
+                        # not sent on: busy, circuit open, deadline), for its live agreement.
                         mine = np.zeros(len(a.outcome), dtype=bool)
-                        mine[rows[~unsure]] = True
+                        mine[np.setdiff1d(rows, onward, assume_unique=True)] = True
                         self._offer(f.version, f.batch, f.margins, mine, a.probs, a.stage)
                     return
             except Exception as bug:

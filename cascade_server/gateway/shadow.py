@@ -41,6 +41,7 @@ class _Sample:
     margins: np.ndarray
     classes: np.ndarray  # the answers given (the student's, or a tier's)
     stages: np.ndarray  # the stage that gave each (0: the student)
+    version: str  # the student version that answered (its window only counts its own)
     # For the capture (when on): the canonical inputs, the student's probabilities, versions.
     tensors: dict[str, np.ndarray] | None = None
     probs: np.ndarray | None = None
@@ -119,6 +120,7 @@ class Shadow:
             margins[picked],
             probs[picked].argmax(1),
             np.zeros(picked.size, np.int64) if stages is None else stages[picked].astype(np.int64),
+            version.version,
         )
         if self.capture is not None:
             sample.tensors, sample.probs = tensors, probs[picked]
@@ -162,7 +164,11 @@ class Shadow:
         """Up to `batch` queued samples as one call."""
         parts = [self._queue.popleft()]
         size = parts[0].margins.size
-        while self._queue and size + self._queue[0].margins.size <= self.config.batch:
+        while (
+            self._queue
+            and size + self._queue[0].margins.size <= self.config.batch
+            and self._queue[0].version == parts[0].version
+        ):
             parts.append(self._queue.popleft())
             size += parts[-1].margins.size
         self._queued -= size
@@ -174,6 +180,7 @@ class Shadow:
             np.concatenate([p.margins for p in parts]),
             np.concatenate([p.classes for p in parts]),
             np.concatenate([p.stages for p in parts]),
+            parts[0].version,
         )
         first = parts[0]
         if first.tensors is not None and all(
@@ -215,6 +222,7 @@ class Shadow:
                     "shadow",
                     *sample.versions,
                 )
-        self.window.shadowed(sample.margins, agrees, sample.stages)
+        if sample.version == self.window.version:  # not a retired version's, after a swap
+            self.window.shadowed(sample.margins, agrees, sample.stages)
         self.metrics.shadowed(self.cascade, "agree", int(agrees.sum()))
         self.metrics.shadowed(self.cascade, "disagree", int((~agrees).sum()))

@@ -66,6 +66,9 @@ class Summary:
     stage_disagreed: np.ndarray = field(default_factory=lambda: np.zeros(0))
     workers: int = 1
     version: str = ""  # the student version observed ("" when merged or unknown)
+    # The frontier row its per-stage counts and tallies were counted on ("" outside the
+    # frontier modes): around a move, another worker's window may still be the old row's.
+    row: str = ""
     # The shadow tallies (and the answers they weigh) over the longer evidence horizon
     # (ControllerConfig.evidence_items): what a threshold comes back on. None: not kept.
     evidence: Evidence | None = None
@@ -132,6 +135,7 @@ class Summary:
                 "stage_shadowed": self.stage_shadowed.tolist(),
                 "stage_disagreed": self.stage_disagreed.tolist(),
                 "evidence": None if self.evidence is None else self.evidence.to_dict(),
+                "row": self.row,
             }
         )
 
@@ -163,7 +167,14 @@ class Summary:
             np.asarray(data.get("stage_disagreed", []), float).ravel(),
             version=str(data.get("version", "")),
             evidence=None if evidence is None else Evidence.from_dict(evidence, strata),
+            row=str(data.get("row", "")),
         )
+
+    def drop_stages(self) -> None:
+        """Without its per-stage counts and tallies (they were counted on another row)."""
+        self.stages = self.stage_shadowed = self.stage_disagreed = np.zeros(0)
+        if self.evidence is not None:
+            self.evidence.stage_shadowed = self.evidence.stage_disagreed = np.zeros(0)
 
 
 @dataclass
@@ -192,7 +203,10 @@ class Evidence:
         return {k: getattr(self, k).tolist() for k in _EVIDENCE}
 
     @classmethod
-    def from_dict(cls, data: dict, strata: int) -> Evidence:
+    def from_dict(cls, data: object, strata: int) -> Evidence:
+        if not isinstance(data, dict):
+            raise ValueError("evidence is not an object")
+
         def counts(key: str) -> np.ndarray:
             values = np.asarray(data.get(key, []), float).ravel()
             return values if values.shape == (strata,) else np.zeros(strata)
@@ -237,6 +251,7 @@ class Window:
         self.bucket_items = max(config.window_items // config.buckets, 1)
         self.bucket_s = config.window_s / config.buckets
         self.version = ""
+        self.row = ""  # the frontier row counted on (set by the controller)
         self.stage_count = 2
         self._buckets: list[_Bucket] = []
         self._pending_margins: list[np.ndarray] = []
@@ -251,6 +266,7 @@ class Window:
         """A new student version: what the old one was seen doing says nothing of it.
         `stages`: how many answer (the student, its tiers, the teacher)."""
         self.version = version
+        self.row = ""
         self.stage_count = stages
         self._buckets = []
         self._pending_margins = []
@@ -354,6 +370,7 @@ class Window:
                 window.evidence.merge(bucket.summary)
         window.workers = 1
         window.version = self.version
+        window.row = self.row
         return window
 
     def _newest(self, items: int, seconds: float, limit: int, now: float) -> list[_Bucket]:

@@ -618,3 +618,80 @@ def test_the_evidence_horizon_keeps_shadow_tallies_beyond_the_window():
     assert merged.evidence is not None and merged.evidence.shadowed.tolist() == [0, 400]
     window.stratified = False  # shadows off: only the window is kept
     assert window.roll(now=20.0).evidence is None
+
+
+def test_a_window_counted_on_another_row_gives_no_per_stage_counts(tmp_path):
+    """Around a move, a worker that has not seen it yet still publishes the old row's counts:
+    the merge keeps its window but not its per-stage counts and tallies."""
+    from cascade_server.gateway.window import Summary
+
+    frontier, pol = _frontier_and_budget_policy(budget=0.35, start_row=0)
+    c = controller(tmp_path, min_items=100)
+    c.reset("v1", stages=3)
+    other = Summary.empty(c.config.relative_accuracy, 10)
+    other.items, other.version, other.row = 500.0, "v1", "an older row"
+    other.stages = np.array([400.0, 50.0, 50.0])
+    other.stage_shadowed = np.array([80.0, 10.0, 10.0])
+    c.store.backend.publish(c.live_group, "worker-behind", other.to_bytes(), 60.0)
+
+    async def main():
+        c.threshold_for(pol)
+        c.window.answered_by(np.array([100, 0, 0]))
+        await c.step(pol, CAL, frontier=frontier, costs=COSTS)
+
+    asyncio.run(main())
+    assert c.merged.workers == 2 and c.merged.items == 500.0  # its window is merged ...
+    assert c.merged.stages.tolist() == [100, 0, 0]  # ... not its per-stage counts
+    assert c.merged.stage_shadowed.size == 0
+
+
+def _teacher_only_hold(tmp_path, steps, stratified):
+    from cascade_server.bundle import Frontier, FrontierRow
+
+    rows = (
+        FrontierRow(
+            thresholds=(0.5,),
+            answered=(0.5, 0.5),
+            cascade_accuracy=0.9,
+            expected_cost=0.55,
+            teacher_agreement=0.97,
+        ),
+        FrontierRow(
+            thresholds=(1.0,),
+            answered=(0.0, 1.0),
+            cascade_accuracy=0.95,
+            expected_cost=1.05,
+            teacher_agreement=1.0,
+        ),
+    )
+    frontier = Frontier(split="val", n=1000, rows=rows)
+    pol = policy(mode="target_accuracy", threshold=1.0, target_delegation_rate=None)
+    pol = pol.model_copy(update={"target_accuracy": 0.95})
+    c = controller(tmp_path, min_items=100)
+    c.reset("v1", stages=2)
+    c.window.stratified = stratified
+    served = []
+
+    async def main():
+        for _ in range(steps):
+            c.threshold_for(pol)
+            c.window.answered_by(np.array([0, 300]))  # the teacher answers everything
+            await asyncio.sleep(0.01)
+            await c.step(pol, CAL, frontier=frontier, costs=(0.05, 1.0))
+            served.append(c.threshold_for(pol))
+
+    asyncio.run(main())
+    return served
+
+
+def test_a_row_the_teacher_answers_alone_is_probed_one_row_cheaper_now_and_then(tmp_path):
+    """No stage but the teacher answers there, so no sample says how live traffic compares
+    with the calibration: after sixty steps the controller tries one row cheaper (where the
+    window will show it at once if it does not hold) instead of staying forever."""
+    served = _teacher_only_hold(tmp_path, 70, stratified=True)
+    assert served[:59] == [1.0] * 59
+    assert served[-1] == 0.5
+
+
+def test_without_shadow_samples_a_target_accuracy_is_never_probed(tmp_path):
+    assert set(_teacher_only_hold(tmp_path, 70, stratified=False)) == {1.0}

@@ -155,3 +155,23 @@ def test_the_stages_estimate_reads_the_student_only_from_the_threshold_up():
         answered, shadowed, disagreed, 1, np.array([100.0, 100.0]), np.zeros(0), np.zeros(0)
     )
     assert est.value == pytest.approx(1.0)
+
+
+def test_an_unsampled_tier_does_not_borrow_the_students_surest_agreement():
+    """Just after a row move the tier's tallies are empty: its share is unknown (the interval
+    widens), and its point value is not the student's highest stratum's."""
+    answered = np.array([100.0, 100.0])
+    shadowed = np.array([50.0, 50.0])
+    disagreed = np.array([10.0, 0.0])  # 80% and 100% agreement
+    est = stages_agreement(
+        answered,
+        shadowed,
+        disagreed,
+        0,
+        np.array([200.0, 200.0, 0.0]),  # student, tier, teacher
+        np.zeros(3),
+        np.zeros(3),
+    )
+    # The tier borrows the nearest sampled stratum above it: the student's least sure.
+    assert est.value == pytest.approx(0.5 * 0.9 + 0.5 * 0.8)
+    assert est.lower <= 0.45 and est.upper >= 0.95  # half the answers anywhere in [0, 1]
