@@ -546,7 +546,11 @@ class ControlStore:
         """`fn(*args)` on a thread; 503 if it has not answered within the bound (the backend's
         own timeouts end it soon after; the caller is told the outcome is unknown)."""
         try:
-            return await asyncio.wait_for(asyncio.to_thread(fn, *args), self.timeout_s * 1.5)
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a cancellation
+            # that arrives as the thread's result does, and a controller step cancelled at
+            # shutdown then ran on (its loop never ended: the shutdown hung).
+            async with asyncio.timeout(self.timeout_s * 1.5):
+                return await asyncio.to_thread(fn, *args)
         except TimeoutError:
             raise ServiceUnavailable(
                 f"the control store ({self.backend.name}) did not answer within "

@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
+_RECANCEL_S = 0.5  # how long `Periodic.stop` waits before cancelling again
 
 
 class BurstLog:
@@ -66,8 +67,12 @@ class Periodic:
         self.start()
 
     async def stop(self) -> None:
+        """Cancels the loop and waits for it to end. A cancellation a step swallows (its own
+        code, or a library's race) is repeated: the loop ends, and shutdown never hangs on it."""
         self._stopping = True
         task, self._task = self._task, None
-        if task is not None:
+        while task is not None and not task.done():
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait([task], timeout=_RECANCEL_S)
+        if task is not None and not task.cancelled():
+            task.exception()  # retrieved: a step's failure was logged by the loop already

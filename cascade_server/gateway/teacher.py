@@ -74,12 +74,8 @@ class TritonTeacher:
         if self._client is None:
             return False
         try:
-            return bool(
-                await asyncio.wait_for(
-                    self._client.is_model_ready(self.name, self.version),
-                    self.readiness_timeout_s,
-                )
-            )
+            async with asyncio.timeout(self.readiness_timeout_s):  # not wait_for (stores.py)
+                return bool(await self._client.is_model_ready(self.name, self.version))
         except Exception as exc:  # any failure to answer means "not ready"
             log.debug("teacher readiness check failed: %s", exc)
             return False
