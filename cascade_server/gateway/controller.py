@@ -62,9 +62,7 @@ from .stores import ControlStore
 from .window import Evidence, Summary, Window
 
 log = logging.getLogger(__name__)
-_MIN_SAMPLES = 30  # shadow samples above the threshold before the error mode raises it
-# ... and in the window before a target accuracy moves dearer: its estimate weighs several
-# stages (and a scale on a small disagreement), so a first window's few samples say little.
+_MIN_SAMPLES = 30  # shadow samples before the error mode, or a target accuracy, moves dearer
 # A row that leaves the sampled stages nothing (the teacher answers it all) says nothing of
 # how live traffic compares with the calibration: one row cheaper is probed after this many
 # steps, and the window says at once if it does not hold.
@@ -88,7 +86,7 @@ class ControllerState(BaseModel):
     tiers: tuple[float, ...] | None = None  # frontier modes: the tiers' thresholds of its row
     live_cost: float | None = None  # cost_budget: per item, over the window
     # target_accuracy: the cascade's live agreement with the teacher, and the agreement it is
-    # held at (the calibration's at the row the target resolved to).
+    # held at (the calibration's at the target accuracy, between the frontier's rows).
     live_agreement: float | None = None
     target_agreement: float | None = None
 
@@ -385,7 +383,9 @@ class Controller:
         if answered.size < 2 or answered.sum() < self.config.min_items:
             return None, "filling the window", None, target, within
         start = _stratum(threshold, self.strata)
-        live = self._stages_estimate(merged, start, self.config.confidence)
+        # The window's estimate, as `_estimate` made it this step (on these per-stage counts,
+        # from the same threshold).
+        live = self.cascade_estimate
         d_here, d_target = 1.0 - calibrated, 1.0 - target
         if rows[here].teacher_rate > 0.999 or d_here < 1e-6:
             if not self.window.stratified:
@@ -445,10 +445,15 @@ class Controller:
         return rows[here], why, live.value, target, within
 
     def _stages_estimate(
-        self, merged: Summary, start: int, confidence: float, evidence: bool = False
+        self,
+        merged: Summary,
+        start: int,
+        confidence: float,
+        evidence: bool = False,
+        stages: np.ndarray | None = None,
     ) -> Estimate:
         """The cascade's live agreement: on the window's tallies, or (`evidence`) on the
-        evidence horizon's, weighed by the window's shares of the answers."""
+        evidence horizon's, weighed by the window's shares of the answers (or `stages`)."""
         tallies: Summary | Evidence = merged
         if evidence:
             if merged.evidence is None:
@@ -459,7 +464,7 @@ class Controller:
             tallies.shadowed,
             tallies.disagreed,
             start,
-            merged.stages,
+            merged.stages if stages is None else stages,
             tallies.stage_shadowed,
             tallies.stage_disagreed,
             confidence,
@@ -481,15 +486,8 @@ class Controller:
             # Not counted per stage (a two-stage cascade outside the frontier modes): the
             # student's and the teacher's answers, over every stratum.
             stages, start = np.array([merged.student_answered, merged.teacher_answered]), 0
-        self.cascade_estimate = stages_agreement(
-            merged.answered,
-            merged.shadowed,
-            merged.disagreed,
-            start,
-            stages,
-            merged.stage_shadowed,
-            merged.stage_disagreed,
-            self.config.confidence,
+        self.cascade_estimate = self._stages_estimate(
+            merged, start, self.config.confidence, stages=stages
         )
 
     def _desired(

@@ -314,9 +314,8 @@ class BatchPath:
         delegated = decision.delegate if routed is None else decision.delegate[routed]
         self._observe("routed", margins, int(delegated.sum()), n_forced)
         kept_here: np.ndarray = settled & ~BY_TEACHER[routes.outcome]
-        by_student = kept_here
-        if answer.stage is not None:  # a tier's answer is not the student's
-            by_student = kept_here & (answer.stage == 0)
+        # A tier's answer is not the student's.
+        by_student = kept_here if answer.stage is None else kept_here & (answer.stage == 0)
         self._observe("answered", decision.margins[by_student], 0)
         return kept_here
 

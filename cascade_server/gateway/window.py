@@ -171,7 +171,7 @@ class Summary:
         )
 
     def drop_stages(self) -> None:
-        """Without its per-stage counts and tallies (they were counted on another row)."""
+        """Without its per-stage counts and tallies: they are another frontier row's."""
         self.stages = self.stage_shadowed = self.stage_disagreed = np.zeros(0)
         if self.evidence is not None:
             self.evidence.stage_shadowed = self.evidence.stage_disagreed = np.zeros(0)
@@ -305,9 +305,7 @@ class Window:
         tallies by margin stratum stay: a stratum's agreement does not depend on the
         threshold.)"""
         for summary in [*(b.summary for b in self._buckets), self._pending]:
-            summary.stages = np.zeros(0)
-            summary.stage_shadowed = np.zeros(0)
-            summary.stage_disagreed = np.zeros(0)
+            summary.drop_stages()
 
     def shadowed(
         self, margins: np.ndarray, agrees: np.ndarray, stages: np.ndarray | None = None
@@ -348,9 +346,6 @@ class Window:
                 _Bucket(now, Summary.empty(self.config.relative_accuracy, self.strata))
             )
         self._buckets[-1].summary.merge(pending)
-        # The newest buckets that together hold window_items items (at least one bucket), none
-        # older than window_s: a bucket fills per roll, so at high traffic one bucket can hold
-        # a whole second's items and counting buckets alone would stretch the window.
         config = self.config
         window = Summary.empty(config.relative_accuracy, self.strata)
         short = self._newest(config.window_items, config.window_s, config.buckets, now)

@@ -244,12 +244,8 @@ def test_the_controller_holds_a_cost_budget_along_the_frontier(demo, tmp_path):
     """A frontier whose dear row claims a cost live traffic does not have (every item through
     the tier and to the teacher, calibrated at 0.3): under a budget of 0.5 the live cost is
     ~1.5, and the controller moves every stage's threshold to the cheaper row at once."""
-    import asyncio
 
     from cascade_server.bundle import Frontier, FrontierRow
-
-    from .conftest import serving_in_process
-    from .test_live_control import eventually
 
     cheap = FrontierRow(
         thresholds=(0.0, 0.0), answered=(1.0, 0.0, 0.0), cascade_accuracy=0.9, expected_cost=0.05
@@ -259,36 +255,9 @@ def test_the_controller_holds_a_cost_budget_along_the_frontier(demo, tmp_path):
     )
     frontier = Frontier(split="val", n=100, rows=(cheap, dear))
     bundle = three_stage_bundle(demo, tmp_path, frontier=frontier)
-    payloads = [{"image": b64(png_bytes(demo.images[i]))} for i in range(300)]
-
-    async def main():
-        settings = Settings(
-            bundles=[bundle.path],
-            state_dir=tmp_path / "state",
-            admin_token=TOKEN,
-            controller={"interval_s": 0.05, "min_items": 100},
-        )
-        app = create_app(settings, teacher_factory=lambda s, b: FakeTeacher())
-        async with serving_in_process(app) as client:
-            r = await client.put("/admin/threshold", json={"cost_budget": 0.5}, headers=AUTH)
-            assert r.status_code == 200, r.text
-            start = r.json()
-            before = [
-                (await client.post("/predict", json=p)).json()["answered_by"] for p in payloads[:5]
-            ]
-            await asyncio.gather(*(client.post("/predict", json=p) for p in payloads))
-
-            async def moved():
-                state = (await client.get("/admin/threshold", headers=AUTH)).json()
-                return state if state["tier_thresholds_in_force"] == [0.0] else None
-
-            state = await eventually(moved)
-            after = [
-                (await client.post("/predict", json=p)).json()["answered_by"] for p in payloads[:5]
-            ]
-            return start, before, state, after, (await client.get("/metrics")).text
-
-    start, before, state, after, text = asyncio.run(main())
+    start, before, state, after, text = _hold_on_frontier(
+        demo, bundle, tmp_path, FakeTeacher(), {"cost_budget": 0.5}, moved_to=[0.0]
+    )
     assert start["threshold"] == 1.0 and start["tier_thresholds"] == [1.0]  # the dear row
     assert set(before) == {"teacher"}
     assert state is not None, "the controller did not move to the cheaper row"
@@ -308,12 +277,9 @@ def test_the_controller_holds_a_target_accuracy_on_the_tiers_live_agreement(demo
     with the tier's answers about one time in ten: the tier's shadow samples say so, and the
     controller moves every stage's threshold to the dearer row (the teacher answers) at once.
     The student answers nothing on that row: the evidence is the tier's samples alone."""
-    import asyncio
 
     from cascade_server.bundle import Frontier, FrontierRow
 
-    from .conftest import serving_in_process
-    from .test_live_control import eventually
     from .test_predict import metric_in
 
     by_tier = FrontierRow(
@@ -332,39 +298,16 @@ def test_the_controller_holds_a_target_accuracy_on_the_tiers_live_agreement(demo
     )
     frontier = Frontier(split="val", n=100, rows=(by_tier, dear))
     bundle = three_stage_bundle(demo, tmp_path, frontier=frontier)
-    payloads = [{"image": b64(png_bytes(demo.images[i]))} for i in range(300)]
-    teacher = FakeTeacher(answer=3)
-
-    async def main():
-        settings = Settings(
-            bundles=[bundle.path],
-            state_dir=tmp_path / "state",
-            admin_token=TOKEN,
-            controller={"interval_s": 0.05, "min_items": 100},
-            shadow={"fraction": 1.0},
-        )
-        app = create_app(settings, teacher_factory=lambda s, b: teacher)
-        async with serving_in_process(app) as client:
-            r = await client.put("/admin/threshold", json={"target_accuracy": 0.9}, headers=AUTH)
-            assert r.status_code == 200, r.text
-            start = r.json()
-            before = [
-                (await client.post("/predict", json=p)).json()["answered_by"] for p in payloads[:5]
-            ]
-            for i in range(0, len(payloads), 30):  # a few batches, so shadows have room
-                await asyncio.gather(*(client.post("/predict", json=p) for p in payloads[i:][:30]))
-
-            async def moved():
-                state = (await client.get("/admin/threshold", headers=AUTH)).json()
-                return state if state["tier_thresholds_in_force"] == [1.0] else None
-
-            state = await eventually(moved)
-            after = [
-                (await client.post("/predict", json=p)).json()["answered_by"] for p in payloads[:5]
-            ]
-            return start, before, state, after, (await client.get("/metrics")).text
-
-    start, before, state, after, text = asyncio.run(main())
+    start, before, state, after, text = _hold_on_frontier(
+        demo,
+        bundle,
+        tmp_path,
+        FakeTeacher(answer=3),
+        {"target_accuracy": 0.9},
+        moved_to=[1.0],
+        shadow={"fraction": 1.0},
+        chunk=30,  # a few batches, so shadows have room
+    )
     assert start["tier_thresholds"] == [0.0]  # the tier's row
     assert set(before) == {"cnn"}
     assert state is not None, "the controller did not move to the dearer row"
@@ -399,3 +342,52 @@ def test_frontier_targets_refuse_threshold_bounds(demo, tmp_path):
             assert "take neither" in r.json()["error"]["message"]
         r = client.put("/admin/threshold", json={"target_accuracy": 0.8}, headers=AUTH)
         assert r.status_code == 200, r.text
+
+
+def _hold_on_frontier(demo, bundle, tmp_path, teacher, policy, moved_to, shadow=None, chunk=300):
+    """A real app (controller every 50 ms) holding `policy` on 300 demo images sent `chunk` at
+    a time: (the admin's answer to the policy, who answered 5 images before, the admin state
+    once the tiers' thresholds in force are `moved_to` or None, who answered them after, the
+    metrics scraped)."""
+    import asyncio
+
+    from .conftest import serving_in_process
+    from .test_live_control import eventually
+
+    payloads = [{"image": b64(png_bytes(demo.images[i]))} for i in range(300)]
+    extra = {} if shadow is None else {"shadow": shadow}
+
+    async def main():
+        settings = Settings(
+            bundles=[bundle.path],
+            state_dir=tmp_path / "state",
+            admin_token=TOKEN,
+            controller={"interval_s": 0.05, "min_items": 100},
+            **extra,
+        )
+        app = create_app(settings, teacher_factory=lambda s, b: teacher)
+        async with serving_in_process(app) as client:
+
+            async def answered_by():
+                return [
+                    (await client.post("/predict", json=p)).json()["answered_by"]
+                    for p in payloads[:5]
+                ]
+
+            r = await client.put("/admin/threshold", json=policy, headers=AUTH)
+            assert r.status_code == 200, r.text
+            before = await answered_by()
+            for i in range(0, len(payloads), chunk):
+                await asyncio.gather(
+                    *(client.post("/predict", json=p) for p in payloads[i : i + chunk])
+                )
+
+            async def moved():
+                state = (await client.get("/admin/threshold", headers=AUTH)).json()
+                return state if state["tier_thresholds_in_force"] == moved_to else None
+
+            state = await eventually(moved)
+            after = await answered_by()
+            return r.json(), before, state, after, (await client.get("/metrics")).text
+
+    return asyncio.run(main())
