@@ -274,6 +274,7 @@ def main() -> int:
         "the best of the three-stage cascade, on its validation frontier)",
     )
     p.add_argument("--shadow", type=float, default=0.2, help="--accuracy-hold's shadow share")
+    p.add_argument("--out", type=Path, default=None, help="the holds' JSON (default: by mode)")
     p.add_argument(
         "--mid-width",
         type=int,
@@ -357,7 +358,7 @@ def main() -> int:
                 args.shift_items,
                 env,
             )
-        path = ROOT / "benchmarks" / "results" / f"stages-{args.dataset}-{name}.json"
+        path = args.out or ROOT / "benchmarks" / "results" / f"stages-{args.dataset}-{name}.json"
         path.write_text(json.dumps(held, indent=2) + "\n")
         log(f"wrote {path}")
         return 0

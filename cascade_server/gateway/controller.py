@@ -207,6 +207,7 @@ class Controller:
             self.window.row = repr(serving)
         else:
             self.window.row = ""
+        if policy.mode != "cost_budget":
             self.metrics.live_cost(self.cascade, None)
         local = self.window.roll()
         version = self.window.version
@@ -373,8 +374,8 @@ class Controller:
         agreements = [float(r.teacher_agreement or 0.0) for r in rows]
         # The target in the terms seen live: the agreement with the teacher the calibration
         # shows at the target accuracy, between the rows around it (accuracy rises strictly
-        # along the frontier). The row it resolved to reaches at least that: its headroom
-        # keeps a row calibrated just at the target from being judged on noise.
+        # along the frontier; agreement mostly does, not always, so the row the target
+        # resolved to usually, not always, reaches it).
         target = float(
             np.interp(policy.target_accuracy, [r.cascade_accuracy for r in rows], agreements)
         )
@@ -386,8 +387,9 @@ class Controller:
         # The window's estimate, as `_estimate` made it this step (on these per-stage counts,
         # from the same threshold).
         live = self.cascade_estimate
-        d_here, d_target = 1.0 - calibrated, 1.0 - target
-        if rows[here].teacher_rate > 0.999 or d_here < 1e-6:
+        # A row that disagreed on none of the calibration split's n items: under 1/n.
+        d_here, d_target = max(1.0 - calibrated, 1.0 / frontier.n), 1.0 - target
+        if rows[here].teacher_rate > 0.999:
             if not self.window.stratified:
                 return None, "no shadow samples (CASCADE_SHADOW__FRACTION)", None, target, within
             # Nothing here to measure live traffic against the calibration by.
